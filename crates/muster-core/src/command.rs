@@ -1,0 +1,132 @@
+//! Commands: the payload of every Raft entry, and what applying one answers.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Health, Instance, InstanceKey, InstanceSpec, LeaseId, Revision};
+use crate::validate::ValidationError;
+
+/// A state change, proposed by the leader and applied identically on every replica.
+///
+/// Each command carries the leader's clock (`now_ms`) when time matters, so `apply`
+/// never reads a clock itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Register or update one instance.
+    Register {
+        /// The instance to register.
+        spec: InstanceSpec,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Remove one instance.
+    Deregister {
+        /// The instance to remove.
+        key: InstanceKey,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Grant a lease. `lease_id` 0 lets the state machine assign the next free id.
+    GrantLease {
+        /// Requested id, or 0.
+        lease_id: LeaseId,
+        /// Time to live in milliseconds.
+        ttl_ms: u64,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Revoke a lease and remove every instance attached to it.
+    RevokeLease {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Expire leases whose deadline passed on the leader; removes their instances.
+    ExpireLeases {
+        /// Leases to expire; unknown ones are skipped.
+        lease_ids: Vec<LeaseId>,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Record the remaining TTL of leases, so a new leader does not restart their
+    /// clocks from the full TTL. `None` clears a previous checkpoint (the lease is
+    /// being kept alive again).
+    CheckpointLeases {
+        /// `(lease, remaining ms or None)`.
+        remaining: Vec<(LeaseId, Option<u64>)>,
+    },
+    /// Change the health of one instance.
+    SetHealth {
+        /// The instance.
+        key: InstanceKey,
+        /// Its new health.
+        health: Health,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+}
+
+/// Why a command changed nothing. A rejection is an answer, not a failure: every
+/// replica rejects the same command the same way.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The command's input is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The lease does not exist (never granted, expired or revoked).
+    #[error("lease {0} not found")]
+    LeaseNotFound(LeaseId),
+    /// A lease with this id already exists.
+    #[error("lease {0} already exists")]
+    LeaseExists(LeaseId),
+    /// The instance is not registered.
+    #[error("instance {0} not found")]
+    InstanceNotFound(InstanceKey),
+}
+
+/// What a command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The instance as now stored.
+    Registered(Arc<Instance>),
+    /// The instance was removed.
+    Deregistered,
+    /// A lease was granted.
+    LeaseGranted {
+        /// Its id.
+        lease_id: LeaseId,
+        /// Its TTL in milliseconds.
+        ttl_ms: u64,
+    },
+    /// A lease was revoked and its instances removed.
+    LeaseRevoked {
+        /// Instances removed.
+        removed: u32,
+    },
+    /// Leases expired and their instances were removed.
+    LeasesExpired {
+        /// Leases that existed and were expired.
+        expired: Vec<LeaseId>,
+        /// Instances removed.
+        removed: u32,
+    },
+    /// Checkpoints recorded.
+    Checkpointed,
+    /// The instance's health changed (or already was that).
+    HealthSet(Arc<Instance>),
+    /// Nothing changed, and why.
+    Rejected(Rejection),
+    /// A Raft-internal entry (blank or membership) with no registry change.
+    Nothing,
+}
+
+/// The answer to one applied entry: the outcome and the revision after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult {
+    /// The registry's revision once this entry was applied.
+    pub revision: Revision,
+    /// What happened.
+    pub outcome: Outcome,
+}

@@ -1,0 +1,568 @@
+//! The registry state, its deterministic `apply`, and the read index.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::command::{ApplyResult, Command, Outcome, Rejection};
+use crate::event::{DeleteReason, Event, EventKind};
+use crate::filter::{DiscoverFilter, WatchFilter};
+use crate::types::{
+    Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey,
+    DEFAULT_WEIGHT,
+};
+use crate::validate;
+
+#[derive(Clone, Debug, Default)]
+struct ServiceEntry {
+    instances: BTreeMap<String, Arc<Instance>>,
+    mod_revision: Revision,
+}
+
+/// The whole registry: instances indexed by service, leases, and the revision.
+///
+/// Reads take `&self` and return shared `Arc<Instance>`s, so a read copies no
+/// instance data.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    revision: Revision,
+    next_lease_id: LeaseId,
+    services: BTreeMap<ServiceKey, ServiceEntry>,
+    leases: BTreeMap<LeaseId, Lease>,
+    lease_members: BTreeMap<LeaseId, BTreeSet<InstanceKey>>,
+    instance_count: usize,
+}
+
+/// Everything one `apply` did, for the storage layer and the watch hub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The answer for the proposer.
+    pub result: ApplyResult,
+    /// Change events, in revision order.
+    pub events: Vec<Event>,
+    /// Leases created, changed or removed (storage rewrites or deletes them).
+    pub leases_changed: Vec<LeaseId>,
+}
+
+/// A serializable image of the registry (snapshots, state transfer).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrySnapshot {
+    /// Revision of the image.
+    pub revision: Revision,
+    /// Next lease id the registry would assign.
+    pub next_lease_id: LeaseId,
+    /// Every instance, in key order.
+    pub instances: Vec<Instance>,
+    /// Every lease, in id order.
+    pub leases: Vec<Lease>,
+}
+
+/// One line of a service listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// Number of instances.
+    pub instances: u32,
+    /// Instances passing.
+    pub passing: u32,
+    /// Instances warning.
+    pub warning: u32,
+    /// Instances critical.
+    pub critical: u32,
+    /// Revision of the last change to this service.
+    pub mod_revision: Revision,
+}
+
+impl Registry {
+    /// An empty registry at revision 0.
+    pub fn new() -> Self {
+        Registry {
+            next_lease_id: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// Number of instances.
+    pub fn instance_count(&self) -> usize {
+        self.instance_count
+    }
+
+    /// Number of services with at least one instance.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Number of leases.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// One lease.
+    pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    /// Every lease, in id order.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    /// Keys of the instances attached to a lease.
+    pub fn lease_instances(&self, id: LeaseId) -> Vec<InstanceKey> {
+        self.lease_members
+            .get(&id)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// One instance.
+    pub fn instance(&self, key: &InstanceKey) -> Option<&Arc<Instance>> {
+        self.services
+            .get(&key.service_key())
+            .and_then(|s| s.instances.get(&key.instance_id))
+    }
+
+    /// Instances of one service that pass `filter`, in instance id order.
+    pub fn discover(&self, service: &ServiceKey, filter: &DiscoverFilter) -> Vec<Arc<Instance>> {
+        self.services
+            .get(service)
+            .map(|s| {
+                s.instances
+                    .values()
+                    .filter(|i| filter.matches(i))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The revision of the last change to one service (0 if it never existed or is
+    /// now empty).
+    pub fn service_revision(&self, service: &ServiceKey) -> Revision {
+        self.services.get(service).map_or(0, |s| s.mod_revision)
+    }
+
+    /// Every service in a namespace (or all namespaces), with instance counts.
+    pub fn services(&self, namespace: Option<&str>) -> Vec<ServiceSummary> {
+        self.services
+            .iter()
+            .filter(|(k, _)| namespace.is_none_or(|n| n == k.namespace))
+            .map(|(k, s)| {
+                let count =
+                    |h: Health| s.instances.values().filter(|i| i.health == h).count() as u32;
+                ServiceSummary {
+                    namespace: k.namespace.clone(),
+                    service: k.service.clone(),
+                    instances: s.instances.len() as u32,
+                    passing: count(Health::Passing),
+                    warning: count(Health::Warning),
+                    critical: count(Health::Critical),
+                    mod_revision: s.mod_revision,
+                }
+            })
+            .collect()
+    }
+
+    /// Every instance that passes a watch filter (a `Reset` snapshot), in key order.
+    pub fn matching(&self, filter: &WatchFilter) -> Vec<Arc<Instance>> {
+        self.services
+            .iter()
+            .filter(|(k, _)| filter.matches_service(&k.namespace, &k.service))
+            .flat_map(|(_, s)| s.instances.values().cloned())
+            .collect()
+    }
+
+    /// Applies one command. Deterministic: the same state and command give the same
+    /// result on every replica. A command that cannot be carried out is rejected in
+    /// the result and changes nothing.
+    pub fn apply(&mut self, command: &Command) -> Applied {
+        let mut events = Vec::new();
+        let mut leases_changed = Vec::new();
+        let outcome = match self.apply_inner(command, &mut events, &mut leases_changed) {
+            Ok(outcome) => outcome,
+            Err(rejection) => {
+                debug_assert!(events.is_empty());
+                Outcome::Rejected(rejection)
+            }
+        };
+        Applied {
+            result: ApplyResult {
+                revision: self.revision,
+                outcome,
+            },
+            events,
+            leases_changed,
+        }
+    }
+
+    /// The answer for a Raft entry that carries no command (blank or membership).
+    pub fn nothing(&self) -> ApplyResult {
+        ApplyResult {
+            revision: self.revision,
+            outcome: Outcome::Nothing,
+        }
+    }
+
+    fn apply_inner(
+        &mut self,
+        command: &Command,
+        events: &mut Vec<Event>,
+        leases_changed: &mut Vec<LeaseId>,
+    ) -> Result<Outcome, Rejection> {
+        match command {
+            Command::Register { spec, now_ms } => {
+                validate::instance_spec(spec)?;
+                if let Some(lease) = spec.lease_id {
+                    if !self.leases.contains_key(&lease) {
+                        return Err(Rejection::LeaseNotFound(lease));
+                    }
+                }
+                let instance = self.put_instance(spec, *now_ms, events);
+                Ok(Outcome::Registered(instance))
+            }
+            Command::Deregister { key, .. } => {
+                validate::instance_key(key)?;
+                if self.instance(key).is_none() {
+                    return Err(Rejection::InstanceNotFound(key.clone()));
+                }
+                self.remove_instance(key, DeleteReason::Deregistered, events);
+                Ok(Outcome::Deregistered)
+            }
+            Command::GrantLease {
+                lease_id,
+                ttl_ms,
+                now_ms,
+            } => {
+                validate::ttl_ms(*ttl_ms)?;
+                let id = if *lease_id == 0 {
+                    while self.leases.contains_key(&self.next_lease_id) {
+                        self.next_lease_id += 1;
+                    }
+                    self.next_lease_id
+                } else if self.leases.contains_key(lease_id) {
+                    return Err(Rejection::LeaseExists(*lease_id));
+                } else {
+                    *lease_id
+                };
+                self.next_lease_id = self.next_lease_id.max(id.saturating_add(1));
+                self.leases.insert(
+                    id,
+                    Lease {
+                        id,
+                        ttl_ms: *ttl_ms,
+                        granted_at_ms: *now_ms,
+                        checkpoint_remaining_ms: None,
+                    },
+                );
+                leases_changed.push(id);
+                Ok(Outcome::LeaseGranted {
+                    lease_id: id,
+                    ttl_ms: *ttl_ms,
+                })
+            }
+            Command::RevokeLease { lease_id, .. } => {
+                if !self.leases.contains_key(lease_id) {
+                    return Err(Rejection::LeaseNotFound(*lease_id));
+                }
+                let removed = self.drop_lease(*lease_id, DeleteReason::LeaseRevoked, events);
+                leases_changed.push(*lease_id);
+                Ok(Outcome::LeaseRevoked { removed })
+            }
+            Command::ExpireLeases { lease_ids, .. } => {
+                let mut expired = Vec::new();
+                let mut removed = 0;
+                for id in lease_ids {
+                    if self.leases.contains_key(id) {
+                        removed += self.drop_lease(*id, DeleteReason::LeaseExpired, events);
+                        leases_changed.push(*id);
+                        expired.push(*id);
+                    }
+                }
+                Ok(Outcome::LeasesExpired { expired, removed })
+            }
+            Command::CheckpointLeases { remaining } => {
+                for (id, left) in remaining {
+                    if let Some(lease) = self.leases.get_mut(id) {
+                        lease.checkpoint_remaining_ms = left.map(|l| l.min(lease.ttl_ms));
+                        leases_changed.push(*id);
+                    }
+                }
+                Ok(Outcome::Checkpointed)
+            }
+            Command::SetHealth {
+                key,
+                health,
+                now_ms,
+            } => {
+                validate::instance_key(key)?;
+                let Some(current) = self.instance(key).cloned() else {
+                    return Err(Rejection::InstanceNotFound(key.clone()));
+                };
+                if current.health == *health {
+                    return Ok(Outcome::HealthSet(current));
+                }
+                let mut updated = (*current).clone();
+                updated.health = *health;
+                updated.updated_at_ms = *now_ms;
+                let instance = self.store_instance(updated, events);
+                Ok(Outcome::HealthSet(instance))
+            }
+        }
+    }
+
+    fn put_instance(
+        &mut self,
+        spec: &InstanceSpec,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Arc<Instance> {
+        let key = spec.key();
+        let previous = self.instance(&key).cloned();
+        if let Some(prev) = &previous {
+            if prev.lease_id != spec.lease_id {
+                if let Some(old) = prev.lease_id {
+                    self.detach(old, &key);
+                }
+            }
+        }
+        if let Some(lease) = spec.lease_id {
+            self.lease_members
+                .entry(lease)
+                .or_default()
+                .insert(key.clone());
+        }
+        let instance = Instance {
+            namespace: key.namespace.clone(),
+            service: key.service.clone(),
+            instance_id: key.instance_id.clone(),
+            address: spec.address.clone(),
+            port: spec.port,
+            ports: spec.ports.clone(),
+            tags: spec.tags.clone(),
+            metadata: spec.metadata.clone(),
+            weight: if spec.weight == 0 {
+                DEFAULT_WEIGHT
+            } else {
+                spec.weight
+            },
+            zone: spec.zone.clone(),
+            health: spec.health,
+            lease_id: spec.lease_id,
+            create_revision: previous.as_ref().map_or(0, |p| p.create_revision),
+            mod_revision: 0,
+            registered_at_ms: previous.as_ref().map_or(now_ms, |p| p.registered_at_ms),
+            updated_at_ms: now_ms,
+        };
+        self.store_instance(instance, events)
+    }
+
+    /// Stamps `instance` with the next revision, stores it and emits its `Put`.
+    fn store_instance(&mut self, mut instance: Instance, events: &mut Vec<Event>) -> Arc<Instance> {
+        self.revision += 1;
+        instance.mod_revision = self.revision;
+        if instance.create_revision == 0 {
+            instance.create_revision = self.revision;
+        }
+        let instance = Arc::new(instance);
+        let entry = self
+            .services
+            .entry(ServiceKey {
+                namespace: instance.namespace.clone(),
+                service: instance.service.clone(),
+            })
+            .or_default();
+        entry.mod_revision = self.revision;
+        if entry
+            .instances
+            .insert(instance.instance_id.clone(), instance.clone())
+            .is_none()
+        {
+            self.instance_count += 1;
+        }
+        events.push(Event {
+            revision: self.revision,
+            kind: EventKind::Put(instance.clone()),
+        });
+        instance
+    }
+
+    fn remove_instance(
+        &mut self,
+        key: &InstanceKey,
+        reason: DeleteReason,
+        events: &mut Vec<Event>,
+    ) {
+        let service_key = key.service_key();
+        let Some(entry) = self.services.get_mut(&service_key) else {
+            return;
+        };
+        let Some(removed) = entry.instances.remove(&key.instance_id) else {
+            return;
+        };
+        self.revision += 1;
+        self.instance_count -= 1;
+        entry.mod_revision = self.revision;
+        if entry.instances.is_empty() {
+            self.services.remove(&service_key);
+        }
+        if let Some(lease) = removed.lease_id {
+            self.detach(lease, key);
+        }
+        events.push(Event {
+            revision: self.revision,
+            kind: EventKind::Delete {
+                key: key.clone(),
+                reason,
+            },
+        });
+    }
+
+    fn detach(&mut self, lease: LeaseId, key: &InstanceKey) {
+        if let Some(members) = self.lease_members.get_mut(&lease) {
+            members.remove(key);
+            if members.is_empty() {
+                self.lease_members.remove(&lease);
+            }
+        }
+    }
+
+    fn drop_lease(&mut self, id: LeaseId, reason: DeleteReason, events: &mut Vec<Event>) -> u32 {
+        self.leases.remove(&id);
+        let members = self.lease_members.remove(&id).unwrap_or_default();
+        let removed = members.len() as u32;
+        for key in &members {
+            self.remove_instance(key, reason, events);
+        }
+        removed
+    }
+
+    /// A serializable image of the whole registry.
+    pub fn to_snapshot(&self) -> RegistrySnapshot {
+        RegistrySnapshot {
+            revision: self.revision,
+            next_lease_id: self.next_lease_id,
+            instances: self
+                .services
+                .values()
+                .flat_map(|s| s.instances.values().map(|i| (**i).clone()))
+                .collect(),
+            leases: self.leases.values().cloned().collect(),
+        }
+    }
+
+    /// Rebuilds a registry from an image.
+    pub fn from_snapshot(snapshot: RegistrySnapshot) -> Self {
+        let mut registry = Registry {
+            revision: snapshot.revision,
+            next_lease_id: snapshot.next_lease_id.max(1),
+            ..Default::default()
+        };
+        for lease in snapshot.leases {
+            registry.leases.insert(lease.id, lease);
+        }
+        for instance in snapshot.instances {
+            registry.load_instance(instance);
+        }
+        registry
+    }
+
+    /// Inserts a stored instance as is (no revision change, no event); used when
+    /// loading state from disk.
+    pub fn load_instance(&mut self, instance: Instance) {
+        let key = instance.key();
+        if let Some(lease) = instance.lease_id {
+            self.lease_members
+                .entry(lease)
+                .or_default()
+                .insert(key.clone());
+        }
+        let entry = self.services.entry(key.service_key()).or_default();
+        entry.mod_revision = entry.mod_revision.max(instance.mod_revision);
+        if entry
+            .instances
+            .insert(key.instance_id, Arc::new(instance))
+            .is_none()
+        {
+            self.instance_count += 1;
+        }
+    }
+
+    /// Inserts a stored lease as is; used when loading state from disk.
+    pub fn load_lease(&mut self, lease: Lease) {
+        self.leases.insert(lease.id, lease);
+    }
+
+    /// Sets the revision and next lease id; used when loading state from disk.
+    pub fn load_counters(&mut self, revision: Revision, next_lease_id: LeaseId) {
+        self.revision = revision;
+        self.next_lease_id = next_lease_id.max(1);
+    }
+
+    /// The next lease id the registry would assign.
+    pub fn next_lease_id(&self) -> LeaseId {
+        self.next_lease_id
+    }
+
+    /// A SHA-256 digest of the whole state, equal on replicas that applied the same
+    /// log. Hex encoded.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        let mut feed = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        feed(&self.revision.to_le_bytes());
+        feed(&self.next_lease_id.to_le_bytes());
+        for s in self.services.values() {
+            for i in s.instances.values() {
+                feed(i.namespace.as_bytes());
+                feed(i.service.as_bytes());
+                feed(i.instance_id.as_bytes());
+                feed(i.address.as_bytes());
+                feed(&i.port.to_le_bytes());
+                for (name, port) in &i.ports {
+                    feed(name.as_bytes());
+                    feed(&port.to_le_bytes());
+                }
+                feed(b"tags");
+                for t in &i.tags {
+                    feed(t.as_bytes());
+                }
+                feed(b"meta");
+                for (k, v) in &i.metadata {
+                    feed(k.as_bytes());
+                    feed(v.as_bytes());
+                }
+                feed(&i.weight.to_le_bytes());
+                feed(i.zone.as_bytes());
+                feed(i.health.as_str().as_bytes());
+                feed(&i.lease_id.unwrap_or(0).to_le_bytes());
+                feed(&i.create_revision.to_le_bytes());
+                feed(&i.mod_revision.to_le_bytes());
+                feed(&i.registered_at_ms.to_le_bytes());
+                feed(&i.updated_at_ms.to_le_bytes());
+            }
+        }
+        for l in self.leases.values() {
+            feed(&l.id.to_le_bytes());
+            feed(&l.ttl_ms.to_le_bytes());
+            feed(&l.granted_at_ms.to_le_bytes());
+            feed(
+                &l.checkpoint_remaining_ms
+                    .map_or(u64::MAX, |r| r)
+                    .to_le_bytes(),
+            );
+        }
+        hex::encode(h.finalize())
+    }
+}
