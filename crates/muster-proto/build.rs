@@ -6,10 +6,7 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [
-        root.join("muster/v1/registry.proto"),
-        root.join("muster/v1/raft.proto"),
-    ];
+    let files = [root.join("muster/v1/registry.proto"), root.join("muster/v1/raft.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -13,10 +13,14 @@ use crate::validate::ValidationError;
 /// never reads a clock itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Register or update one instance.
+    /// Register or update one instance. With `grant_ttl_ms`, first grant a new lease
+    /// of that TTL and attach the instance to it, all in this one entry.
     Register {
         /// The instance to register.
         spec: InstanceSpec,
+        /// Grant a fresh lease with this TTL for the instance (spec.lease_id must be
+        /// unset).
+        grant_ttl_ms: Option<u64>,
         /// Leader time (ms since the Unix epoch).
         now_ms: u64,
     },
@@ -89,7 +93,7 @@ pub enum Rejection {
 /// What a command did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// The instance as now stored.
+    /// The instance as now stored (with the lease it was given, if one was granted).
     Registered(Arc<Instance>),
     /// The instance was removed.
     Deregistered,

@@ -35,8 +35,7 @@ pub struct WatchFilter {
 impl WatchFilter {
     /// Whether an event about `(namespace, service)` passes.
     pub fn matches_service(&self, namespace: &str, service: &str) -> bool {
-        self.namespace.as_deref().is_none_or(|n| n == namespace)
-            && self.service.as_deref().is_none_or(|s| s == service)
+        self.namespace.as_deref().is_none_or(|n| n == namespace) && self.service.as_deref().is_none_or(|s| s == service)
     }
 
     /// Whether `event` passes.

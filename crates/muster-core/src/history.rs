@@ -105,10 +105,7 @@ mod tests {
         let Replay::Events(events) = h.replay_from(3) else {
             panic!("expected events")
         };
-        assert_eq!(
-            events.iter().map(|e| e.revision).collect::<Vec<_>>(),
-            [3, 4, 5]
-        );
+        assert_eq!(events.iter().map(|e| e.revision).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(h.replay_from(6), Replay::Events(vec![]));
     }
 

@@ -9,10 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::command::{ApplyResult, Command, Outcome, Rejection};
 use crate::event::{DeleteReason, Event, EventKind};
 use crate::filter::{DiscoverFilter, WatchFilter};
-use crate::types::{
-    Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey,
-    DEFAULT_WEIGHT,
-};
+use crate::types::{Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey, DEFAULT_WEIGHT};
 use crate::validate;
 
 #[derive(Clone, Debug, Default)]
@@ -136,13 +133,7 @@ impl Registry {
     pub fn discover(&self, service: &ServiceKey, filter: &DiscoverFilter) -> Vec<Arc<Instance>> {
         self.services
             .get(service)
-            .map(|s| {
-                s.instances
-                    .values()
-                    .filter(|i| filter.matches(i))
-                    .cloned()
-                    .collect()
-            })
+            .map(|s| s.instances.values().filter(|i| filter.matches(i)).cloned().collect())
             .unwrap_or_default()
     }
 
@@ -158,8 +149,7 @@ impl Registry {
             .iter()
             .filter(|(k, _)| namespace.is_none_or(|n| n == k.namespace))
             .map(|(k, s)| {
-                let count =
-                    |h: Health| s.instances.values().filter(|i| i.health == h).count() as u32;
+                let count = |h: Health| s.instances.values().filter(|i| i.health == h).count() as u32;
                 ServiceSummary {
                     namespace: k.namespace.clone(),
                     service: k.service.clone(),
@@ -220,15 +210,33 @@ impl Registry {
         leases_changed: &mut Vec<LeaseId>,
     ) -> Result<Outcome, Rejection> {
         match command {
-            Command::Register { spec, now_ms } => {
+            Command::Register {
+                spec,
+                grant_ttl_ms,
+                now_ms,
+            } => {
                 validate::instance_spec(spec)?;
                 if let Some(lease) = spec.lease_id {
                     if !self.leases.contains_key(&lease) {
                         return Err(Rejection::LeaseNotFound(lease));
                     }
                 }
-                let instance = self.put_instance(spec, *now_ms, events);
-                Ok(Outcome::Registered(instance))
+                let Some(ttl_ms) = grant_ttl_ms else {
+                    return Ok(Outcome::Registered(self.put_instance(spec, *now_ms, events)));
+                };
+                if spec.lease_id.is_some() {
+                    return Err(validate::ValidationError::new(
+                        "lease_id",
+                        "must be unset when a TTL asks for a new lease",
+                    )
+                    .into());
+                }
+                validate::ttl_ms(*ttl_ms)?;
+                let lease_id = self.grant(0, *ttl_ms, *now_ms)?;
+                leases_changed.push(lease_id);
+                let mut spec = spec.clone();
+                spec.lease_id = Some(lease_id);
+                Ok(Outcome::Registered(self.put_instance(&spec, *now_ms, events)))
             }
             Command::Deregister { key, .. } => {
                 validate::instance_key(key)?;
@@ -244,26 +252,7 @@ impl Registry {
                 now_ms,
             } => {
                 validate::ttl_ms(*ttl_ms)?;
-                let id = if *lease_id == 0 {
-                    while self.leases.contains_key(&self.next_lease_id) {
-                        self.next_lease_id += 1;
-                    }
-                    self.next_lease_id
-                } else if self.leases.contains_key(lease_id) {
-                    return Err(Rejection::LeaseExists(*lease_id));
-                } else {
-                    *lease_id
-                };
-                self.next_lease_id = self.next_lease_id.max(id.saturating_add(1));
-                self.leases.insert(
-                    id,
-                    Lease {
-                        id,
-                        ttl_ms: *ttl_ms,
-                        granted_at_ms: *now_ms,
-                        checkpoint_remaining_ms: None,
-                    },
-                );
+                let id = self.grant(*lease_id, *ttl_ms, *now_ms)?;
                 leases_changed.push(id);
                 Ok(Outcome::LeaseGranted {
                     lease_id: id,
@@ -299,11 +288,7 @@ impl Registry {
                 }
                 Ok(Outcome::Checkpointed)
             }
-            Command::SetHealth {
-                key,
-                health,
-                now_ms,
-            } => {
+            Command::SetHealth { key, health, now_ms } => {
                 validate::instance_key(key)?;
                 let Some(current) = self.instance(key).cloned() else {
                     return Err(Rejection::InstanceNotFound(key.clone()));
@@ -320,12 +305,32 @@ impl Registry {
         }
     }
 
-    fn put_instance(
-        &mut self,
-        spec: &InstanceSpec,
-        now_ms: u64,
-        events: &mut Vec<Event>,
-    ) -> Arc<Instance> {
+    /// Grants a lease with `requested` id (0: the next free one).
+    fn grant(&mut self, requested: LeaseId, ttl_ms: u64, now_ms: u64) -> Result<LeaseId, Rejection> {
+        let id = if requested == 0 {
+            while self.leases.contains_key(&self.next_lease_id) {
+                self.next_lease_id += 1;
+            }
+            self.next_lease_id
+        } else if self.leases.contains_key(&requested) {
+            return Err(Rejection::LeaseExists(requested));
+        } else {
+            requested
+        };
+        self.next_lease_id = self.next_lease_id.max(id.saturating_add(1));
+        self.leases.insert(
+            id,
+            Lease {
+                id,
+                ttl_ms,
+                granted_at_ms: now_ms,
+                checkpoint_remaining_ms: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn put_instance(&mut self, spec: &InstanceSpec, now_ms: u64, events: &mut Vec<Event>) -> Arc<Instance> {
         let key = spec.key();
         let previous = self.instance(&key).cloned();
         if let Some(prev) = &previous {
@@ -336,10 +341,7 @@ impl Registry {
             }
         }
         if let Some(lease) = spec.lease_id {
-            self.lease_members
-                .entry(lease)
-                .or_default()
-                .insert(key.clone());
+            self.lease_members.entry(lease).or_default().insert(key.clone());
         }
         let instance = Instance {
             namespace: key.namespace.clone(),
@@ -350,11 +352,7 @@ impl Registry {
             ports: spec.ports.clone(),
             tags: spec.tags.clone(),
             metadata: spec.metadata.clone(),
-            weight: if spec.weight == 0 {
-                DEFAULT_WEIGHT
-            } else {
-                spec.weight
-            },
+            weight: if spec.weight == 0 { DEFAULT_WEIGHT } else { spec.weight },
             zone: spec.zone.clone(),
             health: spec.health,
             lease_id: spec.lease_id,
@@ -396,12 +394,7 @@ impl Registry {
         instance
     }
 
-    fn remove_instance(
-        &mut self,
-        key: &InstanceKey,
-        reason: DeleteReason,
-        events: &mut Vec<Event>,
-    ) {
+    fn remove_instance(&mut self, key: &InstanceKey, reason: DeleteReason, events: &mut Vec<Event>) {
         let service_key = key.service_key();
         let Some(entry) = self.services.get_mut(&service_key) else {
             return;
@@ -481,18 +474,11 @@ impl Registry {
     pub fn load_instance(&mut self, instance: Instance) {
         let key = instance.key();
         if let Some(lease) = instance.lease_id {
-            self.lease_members
-                .entry(lease)
-                .or_default()
-                .insert(key.clone());
+            self.lease_members.entry(lease).or_default().insert(key.clone());
         }
         let entry = self.services.entry(key.service_key()).or_default();
         entry.mod_revision = entry.mod_revision.max(instance.mod_revision);
-        if entry
-            .instances
-            .insert(key.instance_id, Arc::new(instance))
-            .is_none()
-        {
+        if entry.instances.insert(key.instance_id, Arc::new(instance)).is_none() {
             self.instance_count += 1;
         }
     }
@@ -557,11 +543,7 @@ impl Registry {
             feed(&l.id.to_le_bytes());
             feed(&l.ttl_ms.to_le_bytes());
             feed(&l.granted_at_ms.to_le_bytes());
-            feed(
-                &l.checkpoint_remaining_ms
-                    .map_or(u64::MAX, |r| r)
-                    .to_le_bytes(),
-            );
+            feed(&l.checkpoint_remaining_ms.map_or(u64::MAX, |r| r).to_le_bytes());
         }
         hex::encode(h.finalize())
     }

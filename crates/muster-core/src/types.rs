@@ -18,9 +18,7 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_WEIGHT: u32 = 100;
 
 /// Health of an instance, as reported by its checks or its owner.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Health {
     /// Serving normally.
     #[default]
@@ -109,11 +107,7 @@ impl InstanceKey {
 
 impl fmt::Display for InstanceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}/{}",
-            self.namespace, self.service, self.instance_id
-        )
+        write!(f, "{}/{}/{}", self.namespace, self.service, self.instance_id)
     }
 }
 

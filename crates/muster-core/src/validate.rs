@@ -59,10 +59,7 @@ pub fn dns_label(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.len() > MAX_NAME_LEN {
         return Err(ValidationError::new(
             field,
-            format!(
-                "must be at most {MAX_NAME_LEN} characters, got {}",
-                value.len()
-            ),
+            format!("must be at most {MAX_NAME_LEN} characters, got {}", value.len()),
         ));
     }
     if let Some(c) = value
@@ -75,10 +72,7 @@ pub fn dns_label(field: &str, value: &str) -> Result<(), ValidationError> {
         ));
     }
     if value.starts_with('-') || value.ends_with('-') {
-        return Err(ValidationError::new(
-            field,
-            "must not start or end with '-'",
-        ));
+        return Err(ValidationError::new(field, "must not start or end with '-'"));
     }
     Ok(())
 }
@@ -101,10 +95,7 @@ pub fn instance_id(value: &str) -> Result<(), ValidationError> {
     if value.len() > MAX_INSTANCE_ID_LEN {
         return Err(ValidationError::new(
             FIELD,
-            format!(
-                "must be at most {MAX_INSTANCE_ID_LEN} characters, got {}",
-                value.len()
-            ),
+            format!("must be at most {MAX_INSTANCE_ID_LEN} characters, got {}", value.len()),
         ));
     }
     if let Some(c) = value
@@ -135,15 +126,13 @@ pub fn address(value: &str) -> Result<(), ValidationError> {
     if value.len() > MAX_ADDRESS_LEN {
         return Err(ValidationError::new(
             FIELD,
-            format!(
-                "must be at most {MAX_ADDRESS_LEN} characters, got {}",
-                value.len()
-            ),
+            format!("must be at most {MAX_ADDRESS_LEN} characters, got {}", value.len()),
         ));
     }
-    if let Some(c) = value.chars().find(|c| {
-        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '[' | ']' | '%'))
-    }) {
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '[' | ']' | '%')))
+    {
         return Err(ValidationError::new(
             FIELD,
             format!("must be a host name or IP address, found {c:?}"),
@@ -183,10 +172,7 @@ pub fn tags(tags: &[String]) -> Result<(), ValidationError> {
             ));
         }
         if tag.chars().any(char::is_control) {
-            return Err(ValidationError::new(
-                field,
-                "must not contain control characters",
-            ));
+            return Err(ValidationError::new(field, "must not contain control characters"));
         }
     }
     Ok(())
@@ -237,10 +223,7 @@ pub fn named_ports(ports: &BTreeMap<String, u16>) -> Result<(), ValidationError>
     if ports.len() > MAX_NAMED_PORTS {
         return Err(ValidationError::new(
             "ports",
-            format!(
-                "at most {MAX_NAMED_PORTS} named ports are allowed, got {}",
-                ports.len()
-            ),
+            format!("at most {MAX_NAMED_PORTS} named ports are allowed, got {}", ports.len()),
         ));
     }
     for (name, value) in ports {
@@ -336,10 +319,7 @@ mod tests {
     #[test]
     fn refuses_names_longer_than_a_dns_label() {
         assert!(dns_label("service", &"a".repeat(63)).is_ok());
-        assert_eq!(
-            dns_label("service", &"a".repeat(64)).unwrap_err().field,
-            "service"
-        );
+        assert_eq!(dns_label("service", &"a".repeat(64)).unwrap_err().field, "service");
     }
 
     #[test]

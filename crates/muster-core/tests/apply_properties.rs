@@ -3,9 +3,7 @@
 use std::collections::BTreeSet;
 
 use muster_core::registry::Applied;
-use muster_core::{
-    Command, Event, EventKind, Health, InstanceKey, InstanceSpec, Outcome, Registry,
-};
+use muster_core::{Command, Event, EventKind, Health, InstanceKey, InstanceSpec, Outcome, Registry};
 use proptest::prelude::*;
 
 fn spec_strategy() -> impl Strategy<Value = InstanceSpec> {
@@ -35,7 +33,11 @@ fn key_strategy() -> impl Strategy<Value = InstanceKey> {
 fn command_strategy() -> impl Strategy<Value = Command> {
     let now = 1_000u64..2_000_000;
     prop_oneof![
-        4 => (spec_strategy(), now.clone()).prop_map(|(spec, now_ms)| Command::Register { spec, now_ms }),
+        4 => (spec_strategy(), now.clone()).prop_map(|(spec, now_ms)| Command::Register { spec, grant_ttl_ms: None, now_ms }),
+        1 => (spec_strategy(), now.clone()).prop_map(|(mut spec, now_ms)| {
+            spec.lease_id = None;
+            Command::Register { spec, grant_ttl_ms: Some(5_000), now_ms }
+        }),
         2 => (key_strategy(), now.clone()).prop_map(|(key, now_ms)| Command::Deregister { key, now_ms }),
         2 => (0u64..6, prop::sample::select(vec![500u64, 5_000, 60_000]), now.clone())
             .prop_map(|(lease_id, ttl_ms, now_ms)| Command::GrantLease { lease_id, ttl_ms, now_ms }),
@@ -133,6 +135,7 @@ fn registering_under_an_unknown_lease_is_rejected_and_changes_nothing() {
             lease_id: Some(7),
             ..Default::default()
         },
+        grant_ttl_ms: None,
         now_ms: 1,
     });
     assert!(matches!(
@@ -166,19 +169,18 @@ fn reregistering_keeps_create_revision_and_moves_lease_membership() {
     };
     r.apply(&Command::Register {
         spec: spec(1),
+        grant_ttl_ms: None,
         now_ms: 2,
     });
     let applied = r.apply(&Command::Register {
         spec: spec(2),
+        grant_ttl_ms: None,
         now_ms: 3,
     });
     let Outcome::Registered(i) = applied.result.outcome else {
         panic!()
     };
-    assert_eq!(
-        (i.create_revision, i.mod_revision, i.registered_at_ms),
-        (1, 2, 2)
-    );
+    assert_eq!((i.create_revision, i.mod_revision, i.registered_at_ms), (1, 2, 2));
     assert!(r.lease_instances(1).is_empty());
     assert_eq!(r.lease_instances(2).len(), 1);
 }

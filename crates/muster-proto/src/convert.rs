@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 
 use muster_core::validate::{self, ValidationError};
-use muster_core::{
-    DeleteReason, Event, EventKind, Health, Instance, InstanceKey, InstanceSpec, ServiceSummary,
-};
+use muster_core::{DeleteReason, Event, EventKind, Health, Instance, InstanceKey, InstanceSpec, ServiceSummary};
 
 use crate::v1 as pb;
 
@@ -26,10 +24,7 @@ pub fn health_from_pb(field: &str, value: i32) -> Result<Health, ValidationError
         Ok(pb::Health::Unspecified) | Ok(pb::Health::Passing) => Ok(Health::Passing),
         Ok(pb::Health::Warning) => Ok(Health::Warning),
         Ok(pb::Health::Critical) => Ok(Health::Critical),
-        Err(_) => Err(ValidationError::new(
-            field,
-            format!("unknown health value {value}"),
-        )),
+        Err(_) => Err(ValidationError::new(field, format!("unknown health value {value}"))),
     }
 }
 
@@ -58,11 +53,7 @@ impl From<&Instance> for pb::Instance {
             instance_id: i.instance_id.clone(),
             address: i.address.clone(),
             port: u32::from(i.port),
-            ports: i
-                .ports
-                .iter()
-                .map(|(k, v)| (k.clone(), u32::from(*v)))
-                .collect(),
+            ports: i.ports.iter().map(|(k, v)| (k.clone(), u32::from(*v))).collect(),
             tags: i.tags.clone(),
             metadata: i.metadata.clone().into_iter().collect(),
             weight: i.weight,
@@ -104,11 +95,7 @@ pub fn spec_from_pb(i: pb::Instance) -> Result<InstanceSpec, ValidationError> {
 }
 
 /// Turns an instance reference into a validated key.
-pub fn key_from_parts(
-    namespace: &str,
-    service: &str,
-    instance_id: &str,
-) -> Result<InstanceKey, ValidationError> {
+pub fn key_from_parts(namespace: &str, service: &str, instance_id: &str) -> Result<InstanceKey, ValidationError> {
     let key = InstanceKey::new(namespace, service, instance_id);
     validate::instance_key(&key)?;
     Ok(key)

@@ -14,7 +14,6 @@ pub mod v1 {
 }
 
 /// The encoded file descriptor set of every Muster proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/muster_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/muster_descriptor.bin"));
 
 pub mod convert;

@@ -1,1 +1,25 @@
-//! placeholder
+//! The Muster node runtime: openraft wired to Muster's storage, the client gRPC API,
+//! the peer network, the lease keeper, the watch hub and HTTP.
+//!
+//! ```text
+//! Node::start(config, listeners) -> NodeHandle     (NodeHandle::shutdown to stop)
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod grpc;
+pub mod http;
+pub mod identity;
+pub mod join;
+pub mod leases;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod peer;
+pub mod watch;
+
+pub use config::{ConfigError, LeaseSettings, NodeConfig, RaftTiming, WatchSettings};
+pub use error::ApiError;
+pub use node::{Listeners, Node, NodeCore, NodeError, NodeHandle};

@@ -1,0 +1,466 @@
+//! The client gRPC API: `muster.v1.Registry`, `muster.v1.Cluster`, gRPC health and
+//! reflection. Handlers are thin: convert (validating), call the node core, convert
+//! back. Errors map to status codes in `error.rs`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use muster_core::{Command, DiscoverFilter, Outcome, ServiceKey, WatchFilter};
+use muster_proto::convert;
+use muster_proto::v1 as pb;
+use muster_proto::v1::cluster_server::{Cluster, ClusterServer};
+use muster_proto::v1::registry_server::{Registry, RegistryServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use crate::error::ApiError;
+use crate::forward::MembershipChange;
+use crate::node::{incoming, NodeCore};
+
+/// Most leases one keep-alive stream may renew per second before it is slowed.
+const KEEPALIVE_BATCH: usize = 256;
+
+/// Serves the client API on `listener` until the node shuts down.
+pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
+    let max = core.config.max_message_bytes;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<RegistryServer<RegistryApi>>().await;
+    health_reporter.set_serving::<ClusterServer<ClusterApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let registry = RegistryServer::new(RegistryApi { core: core.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let cluster = ClusterServer::new(ClusterApi { core: core.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .concurrency_limit_per_connection(1024);
+    let router = builder
+        .add_service(health_service)
+        .add_service(registry)
+        .add_service(cluster);
+    let result = match reflection {
+        Ok(reflection) => {
+            router
+                .add_service(reflection)
+                .serve_with_incoming_shutdown(incoming(listener), core.shutdown.clone().cancelled_owned())
+                .await
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "gRPC reflection unavailable");
+            router
+                .serve_with_incoming_shutdown(incoming(listener), core.shutdown.clone().cancelled_owned())
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "client gRPC server failed");
+    }
+}
+
+fn header(core: &NodeCore) -> pb::ResponseHeader {
+    let view = core.view();
+    pb::ResponseHeader {
+        revision: view.revision,
+        node_id: view.node_id,
+        leader_known: view.leader_id.is_some(),
+        leader_id: view.leader_id.unwrap_or(0),
+        ms_since_leader_contact: view.ms_since_leader_contact,
+    }
+}
+
+/// Applies a read mode before a local read.
+pub async fn read_barrier(core: &NodeCore, mode: i32, min_revision: u64) -> Result<(), ApiError> {
+    match pb::ReadMode::try_from(mode) {
+        Ok(pb::ReadMode::Linearizable) => core.linearizable_barrier().await,
+        Ok(pb::ReadMode::MinRevision) | Ok(pb::ReadMode::Local) => {
+            if min_revision > 0 {
+                core.wait_for_revision(min_revision).await
+            } else {
+                Ok(())
+            }
+        }
+        Err(_) => Err(ApiError::Invalid(muster_core::ValidationError::new(
+            "mode",
+            format!("unknown read mode {mode}"),
+        ))),
+    }
+}
+
+/// `muster.v1.Registry`.
+pub struct RegistryApi {
+    core: Arc<NodeCore>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryApi {
+    #[instrument(skip_all, fields(service, instance))]
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let instance = req
+            .instance
+            .ok_or_else(|| ApiError::Invalid(muster_core::ValidationError::new("instance", "is required")))?;
+        let spec = convert::spec_from_pb(instance).map_err(ApiError::Invalid)?;
+        tracing::Span::current().record("service", spec.service.as_str());
+        tracing::Span::current().record("instance", spec.instance_id.as_str());
+        let grant_ttl_ms = if req.ttl_ms > 0 {
+            muster_core::validate::ttl_ms(req.ttl_ms).map_err(ApiError::Invalid)?;
+            Some(req.ttl_ms)
+        } else {
+            None
+        };
+        let result = self
+            .core
+            .propose(Command::Register {
+                spec,
+                grant_ttl_ms,
+                now_ms: NodeCore::now_ms(),
+            })
+            .await?;
+        let Outcome::Registered(instance) = result.outcome else {
+            return Err(ApiError::Internal("unexpected outcome".into()).into());
+        };
+        let mut h = header(&self.core);
+        h.revision = h.revision.max(result.revision);
+        Ok(Response::new(pb::RegisterResponse {
+            header: Some(h),
+            lease_id: instance.lease_id.unwrap_or(0),
+            instance: Some(pb::Instance::from(&*instance)),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let req = request.into_inner();
+        let key = convert::key_from_parts(&req.namespace, &req.service, &req.instance_id).map_err(ApiError::Invalid)?;
+        let result = self
+            .core
+            .propose(Command::Deregister {
+                key,
+                now_ms: NodeCore::now_ms(),
+            })
+            .await?;
+        let mut h = header(&self.core);
+        h.revision = h.revision.max(result.revision);
+        Ok(Response::new(pb::DeregisterResponse { header: Some(h) }))
+    }
+
+    #[instrument(skip_all)]
+    async fn grant_lease(
+        &self,
+        request: Request<pb::GrantLeaseRequest>,
+    ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
+        let req = request.into_inner();
+        muster_core::validate::ttl_ms(req.ttl_ms).map_err(ApiError::Invalid)?;
+        let result = self
+            .core
+            .propose(Command::GrantLease {
+                lease_id: req.lease_id,
+                ttl_ms: req.ttl_ms,
+                now_ms: NodeCore::now_ms(),
+            })
+            .await?;
+        let Outcome::LeaseGranted { lease_id, ttl_ms } = result.outcome else {
+            return Err(ApiError::Internal("unexpected outcome".into()).into());
+        };
+        let mut h = header(&self.core);
+        h.revision = h.revision.max(result.revision);
+        Ok(Response::new(pb::GrantLeaseResponse {
+            header: Some(h),
+            lease_id,
+            ttl_ms,
+        }))
+    }
+
+    type KeepAliveStream = BoxStream<pb::KeepAliveResponse>;
+
+    #[instrument(skip_all)]
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let core = self.core.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_BATCH);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = core.shutdown.cancelled() => return,
+                    next = inbound.next() => next,
+                };
+                let Some(Ok(req)) = next else { return };
+                let reply = match core.keep_alive(vec![req.lease_id]).await {
+                    Ok(answers) => Ok(pb::KeepAliveResponse {
+                        lease_id: req.lease_id,
+                        ttl_ms: answers.first().map_or(0, |(_, ttl)| *ttl),
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all)]
+    async fn revoke_lease(
+        &self,
+        request: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
+        let req = request.into_inner();
+        muster_core::validate::lease_id(req.lease_id).map_err(ApiError::Invalid)?;
+        let result = self
+            .core
+            .propose(Command::RevokeLease {
+                lease_id: req.lease_id,
+                now_ms: NodeCore::now_ms(),
+            })
+            .await?;
+        let removed = match result.outcome {
+            Outcome::LeaseRevoked { removed } => removed,
+            _ => 0,
+        };
+        let mut h = header(&self.core);
+        h.revision = h.revision.max(result.revision);
+        Ok(Response::new(pb::RevokeLeaseResponse {
+            header: Some(h),
+            removed,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn set_health(
+        &self,
+        request: Request<pb::SetHealthRequest>,
+    ) -> Result<Response<pb::SetHealthResponse>, Status> {
+        let req = request.into_inner();
+        let key = convert::key_from_parts(&req.namespace, &req.service, &req.instance_id).map_err(ApiError::Invalid)?;
+        let health = convert::health_from_pb("health", req.health).map_err(ApiError::Invalid)?;
+        let result = self
+            .core
+            .propose(Command::SetHealth {
+                key,
+                health,
+                now_ms: NodeCore::now_ms(),
+            })
+            .await?;
+        let Outcome::HealthSet(instance) = result.outcome else {
+            return Err(ApiError::Internal("unexpected outcome".into()).into());
+        };
+        let mut h = header(&self.core);
+        h.revision = h.revision.max(result.revision);
+        Ok(Response::new(pb::SetHealthResponse {
+            header: Some(h),
+            instance: Some(pb::Instance::from(&*instance)),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn discover(&self, request: Request<pb::DiscoverRequest>) -> Result<Response<pb::DiscoverResponse>, Status> {
+        let req = request.into_inner();
+        muster_core::validate::namespace(&req.namespace).map_err(ApiError::Invalid)?;
+        muster_core::validate::dns_label("service", &req.service).map_err(ApiError::Invalid)?;
+        let health = convert::health_filter_from_pb(&req.health).map_err(ApiError::Invalid)?;
+        read_barrier(&self.core, req.mode, req.min_revision).await?;
+        let filter = DiscoverFilter {
+            tags: req.tags,
+            zone: (!req.zone.is_empty()).then_some(req.zone),
+            health,
+        };
+        let key = ServiceKey::new(&req.namespace, &req.service);
+        let (instances, service_revision, revision) = {
+            let registry = self.core.shared.read();
+            let found = registry.discover(&key, &filter);
+            let instances: Vec<pb::Instance> = found.iter().map(|i| pb::Instance::from(&**i)).collect();
+            (instances, registry.service_revision(&key), registry.revision())
+        };
+        let mut h = header(&self.core);
+        h.revision = revision;
+        Ok(Response::new(pb::DiscoverResponse {
+            header: Some(h),
+            instances,
+            service_revision,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let req = request.into_inner();
+        muster_core::validate::namespace(&req.namespace).map_err(ApiError::Invalid)?;
+        read_barrier(&self.core, req.mode, req.min_revision).await?;
+        let (services, revision) = {
+            let registry = self.core.shared.read();
+            let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+            let services: Vec<pb::ServiceSummary> =
+                registry.services(ns).iter().map(pb::ServiceSummary::from).collect();
+            (services, registry.revision())
+        };
+        let mut h = header(&self.core);
+        h.revision = revision;
+        Ok(Response::new(pb::ListServicesResponse {
+            header: Some(h),
+            services,
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    #[instrument(skip_all)]
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        muster_core::validate::namespace(&req.namespace).map_err(ApiError::Invalid)?;
+        if !req.service.is_empty() {
+            muster_core::validate::dns_label("service", &req.service).map_err(ApiError::Invalid)?;
+        }
+        let filter = WatchFilter {
+            namespace: (!req.namespace.is_empty()).then_some(req.namespace),
+            service: (!req.service.is_empty()).then_some(req.service),
+        };
+        let rx = crate::watch::start_watcher(
+            self.core.hub.clone(),
+            self.core.shared.clone(),
+            filter,
+            req.start_revision,
+            self.core.shutdown.clone(),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+/// `muster.v1.Cluster`.
+pub struct ClusterApi {
+    core: Arc<NodeCore>,
+}
+
+fn members(core: &NodeCore) -> (Vec<pb::Member>, u64) {
+    let m = core.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let matched = m.replication.clone().unwrap_or_default();
+    let members = membership
+        .nodes()
+        .map(|(id, node)| pb::Member {
+            node_id: *id,
+            peer_addr: node.addr.clone(),
+            voter: voters.contains(id),
+            leader: m.current_leader == Some(*id),
+            matched_index: matched.get(id).and_then(|l| l.map(|l| l.index)).unwrap_or(0),
+        })
+        .collect();
+    (members, m.current_leader.unwrap_or(0))
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterApi {
+    #[instrument(skip_all)]
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let m = self.core.raft.metrics().borrow().clone();
+        let view = self.core.view();
+        let (digest, instances, leases, revision) = {
+            let registry = self.core.shared.read();
+            (
+                registry.digest(),
+                registry.instance_count(),
+                registry.lease_count(),
+                registry.revision(),
+            )
+        };
+        let role = match m.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.core.id,
+            role: role.into(),
+            term: m.current_term,
+            leader_known: m.current_leader.is_some(),
+            leader_id: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            revision,
+            digest,
+            ms_since_leader_contact: view.ms_since_leader_contact,
+            instances: instances as u64,
+            leases: leases as u64,
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn members(&self, _request: Request<pb::MembersRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+        let (members, leader_id) = members(&self.core);
+        Ok(Response::new(pb::MembersResponse { members, leader_id }))
+    }
+
+    #[instrument(skip_all)]
+    async fn add_learner(
+        &self,
+        request: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let req = request.into_inner();
+        if req.peer_addr.is_empty() {
+            return Err(ApiError::Invalid(muster_core::ValidationError::new("peer_addr", "must not be empty")).into());
+        }
+        let index = self
+            .core
+            .change_membership(MembershipChange::AddLearner {
+                id: req.node_id,
+                addr: req.peer_addr,
+            })
+            .await?;
+        Ok(Response::new(pb::MembershipResponse {
+            members: members(&self.core).0,
+            log_index: index,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
+        let index = self
+            .core
+            .change_membership(MembershipChange::Promote(request.into_inner().node_id))
+            .await?;
+        Ok(Response::new(pb::MembershipResponse {
+            members: members(&self.core).0,
+            log_index: index,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let index = self
+            .core
+            .change_membership(MembershipChange::Remove(request.into_inner().node_id))
+            .await?;
+        Ok(Response::new(pb::MembershipResponse {
+            members: members(&self.core).0,
+            log_index: index,
+        }))
+    }
+}

@@ -1,0 +1,203 @@
+//! The peer network: openraft RPCs and forwarded requests over gRPC on the peer port.
+//! One cached channel per peer (tonic channels multiplex and reconnect by themselves).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use muster_proto::v1::peer::raft_peer_client::RaftPeerClient;
+use muster_proto::v1::peer::PeerMessage;
+use muster_store::{NodeId, TypeConfig};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::forward::{ForwardRequest, ForwardResponse};
+
+/// Largest peer message (snapshot chunks, append batches).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Cached channels to peers, shared by Raft replication and request forwarding.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+/// A peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer could not be reached (connection refused, reset, timeout).
+    #[error("peer {addr} unreachable: {message}")]
+    Unreachable {
+        /// Peer address.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
+    /// The message could not be encoded or decoded.
+    #[error("peer message codec: {0}")]
+    Codec(#[from] bincode::Error),
+}
+
+impl PeerChannels {
+    /// A gRPC client for the peer at `addr` (`host:port`), reusing its channel.
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| PeerError::Unreachable {
+                        addr: addr.to_string(),
+                        message: e.to_string(),
+                    })?
+                    .connect_timeout(Duration::from_millis(500))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5));
+                let channel = endpoint.connect_lazy();
+                channels.insert(addr.to_string(), channel.clone());
+                channel
+            }
+        };
+        Ok(RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
+    }
+
+    /// Sends a forwarded request to the peer at `addr`.
+    pub async fn forward(
+        &self,
+        addr: &str,
+        request: &ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardResponse, PeerError> {
+        let mut client = self.client(addr)?;
+        let data = bincode::serialize(request)?;
+        let mut req = tonic::Request::new(PeerMessage { data });
+        req.set_timeout(timeout);
+        let resp = client.forward(req).await.map_err(|s| PeerError::Unreachable {
+            addr: addr.to_string(),
+            message: s.message().to_string(),
+        })?;
+        Ok(bincode::deserialize(&resp.into_inner().data)?)
+    }
+}
+
+/// Builds a connection per Raft target.
+pub struct NetworkFactory {
+    channels: PeerChannels,
+}
+
+impl NetworkFactory {
+    /// A factory sharing `channels`.
+    pub fn new(channels: PeerChannels) -> Self {
+        NetworkFactory { channels }
+    }
+}
+
+/// openraft's connection to one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    channels: PeerChannels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+}
+
+/// Which peer RPC to call.
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self
+            .channels
+            .client(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut request = tonic::Request::new(PeerMessage { data });
+        request.set_timeout(option.hard_ttl());
+        let result = match rpc {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+        };
+        let response = result.map_err(|status| {
+            let err = PeerError::Unreachable {
+                addr: self.addr.clone(),
+                message: status.message().to_string(),
+            };
+            match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    RPCError::Unreachable(Unreachable::new(&err))
+                }
+                _ => RPCError::Network(NetworkError::new(&err)),
+            }
+        })?;
+        let decoded: Result<Resp, RaftError<NodeId, E>> =
+            bincode::deserialize(&response.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        decoded.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(Rpc::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(Rpc::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}

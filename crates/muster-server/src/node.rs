@@ -1,0 +1,559 @@
+//! A running node: storage, Raft, the servers on their listeners, and the background
+//! tasks, started together and stopped in order.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use muster_core::{ApplyResult, Command, LeaseId, Outcome, Revision};
+use muster_store::{LogOptions, SegmentLog, SharedState, StateMachineStore, TypeConfig};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+use crate::error::ApiError;
+use crate::forward::{ForwardRequest, ForwardResponse, MembershipChange};
+use crate::leases::LeaseKeeper;
+use crate::metrics::Metrics;
+use crate::network::{NetworkFactory, PeerChannels};
+use crate::watch::WatchHub;
+
+/// How long a write waits for a leader before answering UNAVAILABLE.
+const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a read waits for `min_revision` or a read index.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The three listeners a node serves on, bound before the node starts (so tests can
+/// bind port 0 and learn the addresses first).
+pub struct Listeners {
+    /// Client gRPC API.
+    pub grpc: TcpListener,
+    /// Peer Raft traffic.
+    pub peer: TcpListener,
+    /// HTTP.
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    pub async fn bind(config: &NodeConfig) -> std::io::Result<Self> {
+        Self::bind_addrs(config.grpc_addr, config.peer_addr, config.http_addr).await
+    }
+
+    /// Binds three addresses.
+    pub async fn bind_addrs(grpc: SocketAddr, peer: SocketAddr, http: SocketAddr) -> std::io::Result<Self> {
+        Ok(Listeners {
+            grpc: TcpListener::bind(grpc).await?,
+            peer: TcpListener::bind(peer).await?,
+            http: TcpListener::bind(http).await?,
+        })
+    }
+}
+
+/// Starting a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory could not be used.
+    #[error("data directory {path}: {message}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// Storage failed to open.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Raft failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// A listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Accepted connections from `listener` with Nagle's algorithm off (tonic applies
+/// its own TCP settings only to listeners it binds itself).
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// Everything the API handlers and background tasks share.
+pub struct NodeCore {
+    /// This node's id.
+    pub id: u64,
+    /// The configuration it runs with.
+    pub config: NodeConfig,
+    /// The Raft instance.
+    pub raft: Raft<TypeConfig>,
+    /// The registry as applied on this node.
+    pub shared: Arc<SharedState>,
+    /// The watch hub.
+    pub hub: Arc<WatchHub>,
+    /// The lease keeper (active on the leader).
+    pub leases: LeaseKeeper,
+    /// Channels to peers.
+    pub channels: PeerChannels,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the node stops.
+    pub shutdown: CancellationToken,
+    started: Instant,
+    last_leader_contact_ms: AtomicU64,
+}
+
+/// Where a node stands, attached to every answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// Applied revision.
+    pub revision: Revision,
+    /// This node.
+    pub node_id: u64,
+    /// The leader, if known.
+    pub leader_id: Option<u64>,
+    /// Milliseconds since this node last heard from the leader.
+    pub ms_since_leader_contact: u64,
+}
+
+impl NodeCore {
+    /// Records that the leader just reached this node (called by the peer service).
+    pub fn touch_leader_contact(&self) {
+        self.last_leader_contact_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The leader's id and peer address, as this node knows them.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
+        Some((leader, addr))
+    }
+
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// Where this node stands now.
+    pub fn view(&self) -> NodeView {
+        let m = self.raft.metrics().borrow().clone();
+        let ms_since_leader_contact = if m.current_leader == Some(self.id) {
+            m.millis_since_quorum_ack.unwrap_or(0)
+        } else {
+            let last = self.last_leader_contact_ms.load(Ordering::Relaxed);
+            (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+        };
+        NodeView {
+            revision: self.shared.current_revision(),
+            node_id: self.id,
+            leader_id: m.current_leader,
+            ms_since_leader_contact,
+        }
+    }
+
+    /// Leader time for a command: milliseconds since the Unix epoch.
+    pub fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Proposes a command through Raft, forwarding it to the leader when this node is
+    /// not. A rejected command comes back as its `ApiError`.
+    pub async fn propose(&self, command: Command) -> Result<ApplyResult, ApiError> {
+        let result = self.propose_raw(command).await?;
+        match result.outcome {
+            Outcome::Rejected(r) => Err(r.into()),
+            _ => Ok(result),
+        }
+    }
+
+    async fn propose_raw(&self, command: Command) -> Result<ApplyResult, ApiError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            match self.raft.client_write(command.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(node) = f.leader_node {
+                        self.metrics.forwarded_writes.inc();
+                        match self
+                            .forward_to(&node.addr, &ForwardRequest::Write(Box::new(command.clone())))
+                            .await
+                        {
+                            Ok(ForwardResponse::Written(r)) => return Ok(r),
+                            Ok(ForwardResponse::Failed(e)) => return Err(e),
+                            Ok(_) | Err(_) => {}
+                        }
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(ApiError::Internal(e.to_string()))
+                }
+                Err(RaftError::Fatal(_)) => return Err(ApiError::ShuttingDown),
+            }
+            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Err(ApiError::NoLeader {
+                    reason: "no leader elected or reachable within 5s".into(),
+                    retry_after_ms: 500,
+                });
+            }
+            self.wait_for_leader_change().await;
+        }
+    }
+
+    /// Waits briefly for the Raft metrics to change (a new leader), at most 100 ms.
+    async fn wait_for_leader_change(&self) {
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    async fn forward_to(&self, addr: &str, request: &ForwardRequest) -> Result<ForwardResponse, ApiError> {
+        self.channels
+            .forward(addr, request, WRITE_DEADLINE)
+            .await
+            .map_err(|e| ApiError::NoLeader {
+                reason: e.to_string(),
+                retry_after_ms: 200,
+            })
+    }
+
+    /// Renews leases on the leader (here, or forwarded). Answers each lease's TTL, 0
+    /// when the lease no longer exists.
+    pub async fn keep_alive(&self, ids: Vec<LeaseId>) -> Result<Vec<(LeaseId, u64)>, ApiError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            if let Some(answer) = self.leases.keep_alive_local(self, &ids) {
+                return Ok(answer);
+            }
+            if let Some((leader, addr)) = self.leader() {
+                if leader != self.id {
+                    match self.forward_to(&addr, &ForwardRequest::KeepAlive(ids.clone())).await {
+                        Ok(ForwardResponse::KeptAlive(answer)) => return Ok(answer),
+                        Ok(ForwardResponse::Failed(e)) => return Err(e),
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            }
+            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Err(ApiError::NoLeader {
+                    reason: "no leader to renew leases with".into(),
+                    retry_after_ms: 500,
+                });
+            }
+            self.wait_for_leader_change().await;
+        }
+    }
+
+    /// Waits until this node has applied `revision`.
+    pub async fn wait_for_revision(&self, revision: Revision) -> Result<(), ApiError> {
+        let mut rx = self.shared.revision();
+        let reached = tokio::time::timeout(READ_DEADLINE, async {
+            rx.wait_for(|r| *r >= revision).await.map(|_| ())
+        })
+        .await;
+        match reached {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ApiError::ShuttingDown),
+            Err(_) => Err(ApiError::Timeout(format!(
+                "min_revision {revision} not reached within {}s (node is at {})",
+                READ_DEADLINE.as_secs(),
+                self.shared.current_revision()
+            ))),
+        }
+    }
+
+    /// Makes the next local read linearizable: confirms leadership through a quorum
+    /// (here or on the leader) and waits until this node has applied the read index.
+    pub async fn linearizable_barrier(&self) -> Result<(), ApiError> {
+        let deadline = Instant::now() + READ_DEADLINE;
+        let index = loop {
+            match self.read_index_local().await {
+                Ok(index) => break index,
+                Err(None) => {}
+                Err(Some(e)) => return Err(e),
+            }
+            if let Some((leader, addr)) = self.leader() {
+                if leader != self.id {
+                    match self.forward_to(&addr, &ForwardRequest::ReadIndex).await {
+                        Ok(ForwardResponse::ReadIndex(index)) => break index,
+                        Ok(ForwardResponse::Failed(e)) => return Err(e),
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            }
+            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Err(ApiError::NoLeader {
+                    reason: "no leader to confirm a linearizable read".into(),
+                    retry_after_ms: 500,
+                });
+            }
+            self.wait_for_leader_change().await;
+        };
+        let waited = self
+            .raft
+            .wait(Some(READ_DEADLINE))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await;
+        waited.map(|_| ()).map_err(|e| ApiError::Timeout(e.to_string()))
+    }
+
+    /// The read index when this node is the leader; `Err(None)` when it is not.
+    pub async fn read_index_local(&self) -> Result<u64, Option<ApiError>> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(None),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(Some(ApiError::NoLeader {
+                reason: e.to_string(),
+                retry_after_ms: 500,
+            })),
+            Err(RaftError::Fatal(_)) => Err(Some(ApiError::ShuttingDown)),
+        }
+    }
+
+    /// Runs a membership change on the leader (here, or forwarded).
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<u64, ApiError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.is_leader() {
+                match self.change_membership_local(&change).await {
+                    Err(None) => {}
+                    Ok(index) => return Ok(index),
+                    Err(Some(e)) => return Err(e),
+                }
+            } else if let Some((_, addr)) = self.leader() {
+                match self
+                    .forward_to(&addr, &ForwardRequest::Membership(change.clone()))
+                    .await
+                {
+                    Ok(ForwardResponse::MembershipChanged(i)) => return Ok(i),
+                    Ok(ForwardResponse::Failed(e)) => return Err(e),
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Err(ApiError::NoLeader {
+                    reason: "no leader for a membership change".into(),
+                    retry_after_ms: 1000,
+                });
+            }
+            self.wait_for_leader_change().await;
+        }
+    }
+
+    /// A membership change on this node as leader; `Err(None)` when it is not.
+    pub async fn change_membership_local(&self, change: &MembershipChange) -> Result<u64, Option<ApiError>> {
+        let result = match change {
+            MembershipChange::AddLearner { id, addr } => {
+                muster_core::validate::address(addr.split(':').next().unwrap_or(""))
+                    .map_err(|e| Some(ApiError::Invalid(e)))?;
+                if *id == 0 {
+                    return Err(Some(ApiError::Invalid(muster_core::ValidationError::new(
+                        "node_id",
+                        "node ids start at 1",
+                    ))));
+                }
+                self.raft.add_learner(*id, BasicNode::new(addr.clone()), true).await
+            }
+            MembershipChange::Promote(id) => {
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds([*id].into()), false)
+                    .await
+            }
+            MembershipChange::Remove(id) => {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                let is_voter = m.membership().voter_ids().any(|v| v == *id);
+                if is_voter {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveVoters([*id].into()), false)
+                        .await
+                } else {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveNodes([*id].into()), false)
+                        .await
+                }
+            }
+        };
+        match result {
+            Ok(resp) => Ok(resp.log_id.index),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Some(ApiError::Membership(e.to_string())))
+            }
+            Err(RaftError::Fatal(_)) => Err(Some(ApiError::ShuttingDown)),
+        }
+    }
+}
+
+/// A running node. Dropping it does not stop the node; call [`NodeHandle::shutdown`].
+pub struct NodeHandle {
+    core: Arc<NodeCore>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// The shared core (tests, embedding).
+    pub fn core(&self) -> &Arc<NodeCore> {
+        &self.core
+    }
+
+    /// Stops the node: stops accepting requests, ends watch streams, stops Raft and
+    /// waits (up to 10 s) for the tasks.
+    pub async fn shutdown(self) {
+        tracing::info!(node = self.core.id, "shutting down");
+        self.core.shutdown.cancel();
+        let grace = Duration::from_secs(10);
+        let _ = tokio::time::timeout(grace, async {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        })
+        .await;
+        if let Err(e) = self.core.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        tracing::info!(node = self.core.id, "stopped");
+    }
+}
+
+/// Node start-up.
+pub struct Node;
+
+impl Node {
+    /// Opens storage, starts Raft, serves the listeners and the background tasks, and
+    /// bootstraps or joins the cluster as configured.
+    pub async fn start(config: NodeConfig, listeners: Listeners) -> Result<NodeHandle, NodeError> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|e| NodeError::DataDir {
+            path: data_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        crate::identity::check_or_record(&config)?;
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(WatchHub::new(config.watch.clone(), metrics.clone()));
+        let log = SegmentLog::<TypeConfig>::open(&data_dir.join("raft"), LogOptions::default())
+            .map_err(|e| NodeError::Storage(e.to_string()))?;
+        let state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
+            .map_err(|e| NodeError::Storage(e.to_string()))?;
+        let shared = state_machine.shared();
+        let raft_config = openraft::Config {
+            cluster_name: "muster".into(),
+            heartbeat_interval: config.raft.heartbeat.as_millis() as u64,
+            election_timeout_min: config.raft.election_min.as_millis() as u64,
+            election_timeout_max: config.raft.election_max.as_millis() as u64,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every),
+            max_in_snapshot_log_to_keep: config.raft.keep_behind_snapshot,
+            purge_batch_size: 256,
+            max_payload_entries: 512,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let channels = PeerChannels::default();
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            NetworkFactory::new(channels.clone()),
+            log,
+            state_machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let core = Arc::new(NodeCore {
+            id: config.id,
+            leases: LeaseKeeper::new(config.leases.clone(), metrics.clone()),
+            config,
+            raft,
+            shared,
+            hub,
+            channels,
+            metrics,
+            shutdown: CancellationToken::new(),
+            started: Instant::now(),
+            last_leader_contact_ms: AtomicU64::new(0),
+        });
+
+        let tasks = vec![
+            tokio::spawn(crate::peer::serve(core.clone(), listeners.peer)),
+            tokio::spawn(crate::grpc::serve(core.clone(), listeners.grpc)),
+            tokio::spawn(crate::http::serve(core.clone(), listeners.http)),
+            tokio::spawn(crate::leases::run(core.clone())),
+            tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),
+        ];
+
+        bootstrap(&core).await?;
+        tracing::info!(
+            node = core.id,
+            grpc = %core.config.grpc_addr,
+            peer = %core.config.advertised_peer_addr(),
+            http = %core.config.http_addr,
+            revision = core.shared.current_revision(),
+            "node started"
+        );
+        Ok(NodeHandle { core, tasks })
+    }
+}
+
+async fn bootstrap(core: &Arc<NodeCore>) -> Result<(), NodeError> {
+    if !core.config.initial_cluster.is_empty() {
+        let initialized = core
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        if !initialized {
+            let members: BTreeMap<u64, BasicNode> = core
+                .config
+                .initial_cluster
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+                .collect();
+            // Every member is started with the same list; whichever initializes
+            // first wins and the others learn the same membership from it.
+            if let Err(e) = core.raft.initialize(members).await {
+                tracing::debug!(error = %e, "initialize skipped");
+            }
+        }
+    }
+    if let Some(join) = core.config.join.clone() {
+        let core = core.clone();
+        tokio::spawn(async move { crate::join::join_cluster(core, join).await });
+    }
+    Ok(())
+}
+
+impl NodeCore {
+    /// Proposes a command only if this node leads; never forwards. Used for the
+    /// leader's own decisions (lease expiry), which a former leader must not push to
+    /// its successor.
+    pub async fn propose_on_leader(&self, command: Command) -> Result<ApplyResult, ApiError> {
+        match self.raft.client_write(command).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ApiError::NoLeader {
+                reason: "no longer the leader".into(),
+                retry_after_ms: 0,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ApiError::Internal(e.to_string()))
+            }
+            Err(RaftError::Fatal(_)) => Err(ApiError::ShuttingDown),
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The peer service on the peer port: Raft RPCs from other nodes and requests that
+//! followers forward to the leader.
+
+use std::sync::Arc;
+
+use muster_proto::v1::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
+use muster_proto::v1::peer::PeerMessage;
+use muster_store::TypeConfig;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::forward::{ForwardRequest, ForwardResponse};
+use crate::network::MAX_PEER_MESSAGE_BYTES;
+use crate::node::{incoming, NodeCore};
+
+/// Serves the peer API on `listener` until the node shuts down.
+pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
+    let service = RaftPeerServer::new(PeerApi { core: core.clone() })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming(listener), core.shutdown.clone().cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "peer gRPC server failed");
+    }
+}
+
+struct PeerApi {
+    core: Arc<NodeCore>,
+}
+
+fn decode<T: DeserializeOwned>(req: Request<PeerMessage>) -> Result<T, Status> {
+    bincode::deserialize(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<PeerMessage>, Status> {
+    bincode::serialize(value)
+        .map(|data| Response::new(PeerMessage { data }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerApi {
+    async fn append_entries(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
+        let result = self.core.raft.append_entries(req).await;
+        if let Ok(resp) = &result {
+            if resp.is_success() {
+                self.core.touch_leader_contact();
+            }
+        }
+        encode(&result)
+    }
+
+    async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let req: VoteRequest<u64> = decode(request)?;
+        encode(&self.core.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = decode(request)?;
+        let result = self.core.raft.install_snapshot(req).await;
+        if result.is_ok() {
+            self.core.touch_leader_contact();
+        }
+        encode(&result)
+    }
+
+    async fn forward(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let req: ForwardRequest = decode(request)?;
+        let core = &self.core;
+        let response = match req {
+            ForwardRequest::Write(command) => match core.propose_on_leader(*command).await {
+                Ok(result) => ForwardResponse::Written(result),
+                Err(ApiError::NoLeader { .. }) => ForwardResponse::NotLeader,
+                Err(e) => ForwardResponse::Failed(e),
+            },
+            ForwardRequest::KeepAlive(ids) => match core.leases.keep_alive_local(core, &ids) {
+                Some(answer) => ForwardResponse::KeptAlive(answer),
+                None => ForwardResponse::NotLeader,
+            },
+            ForwardRequest::ReadIndex => match core.read_index_local().await {
+                Ok(index) => ForwardResponse::ReadIndex(index),
+                Err(None) => ForwardResponse::NotLeader,
+                Err(Some(e)) => ForwardResponse::Failed(e),
+            },
+            ForwardRequest::Membership(change) => match core.change_membership_local(&change).await {
+                Ok(index) => ForwardResponse::MembershipChanged(index),
+                Err(None) => ForwardResponse::NotLeader,
+                Err(Some(e)) => ForwardResponse::Failed(e),
+            },
+        };
+        encode(&response)
+    }
+}

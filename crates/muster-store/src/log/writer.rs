@@ -1,0 +1,338 @@
+//! The single writer thread: every file change of the log goes through it, in order.
+//!
+//! One thread owning all writes gives two things at once. Order: Raft requires that a vote
+//! saved after an append is not durable before the append, and a queue executed front to back
+//! guarantees that. Group commit: the thread takes every operation already queued, writes
+//! all appended records, and covers them with one `fdatasync` before it calls their
+//! callbacks, so N concurrent appends cost one disk flush instead of N.
+//!
+//! The front end ([`super::SegmentLog`]) decides everything (record bytes, which segment,
+//! which offset, what to delete); the thread only executes. It never parses a record.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::meta::{sync_dir, write_meta_file};
+use super::record::segment_path;
+
+/// Called once with the outcome of an operation, after it is durable (or failed).
+pub(crate) type Completion = Box<dyn FnOnce(io::Result<()>) + Send + 'static>;
+
+/// Bytes to write into one segment at one offset.
+pub(crate) struct Chunk {
+    /// First index of the target segment (its file name).
+    pub(crate) segment: u64,
+    /// The segment is new: create (or empty) the file before writing.
+    pub(crate) create: bool,
+    /// Where in the file the bytes go; always the segment's current end.
+    pub(crate) offset: u64,
+    /// Framed records.
+    pub(crate) data: Vec<u8>,
+}
+
+/// One unit of work for the writer thread.
+pub(crate) enum Op {
+    /// Write records; `done` runs after the group fdatasync that covers them.
+    Append { chunks: Vec<Chunk>, done: Completion },
+    /// Delete whole segments (given newest first), then cut one segment to a length.
+    Truncate {
+        delete: Vec<u64>,
+        cut: Option<(u64, u64)>,
+        done: Completion,
+    },
+    /// Replace the metadata file, then delete whole segments (oldest first).
+    Purge {
+        meta: Vec<u8>,
+        delete: Vec<u64>,
+        done: Completion,
+    },
+    /// Replace the metadata file (vote change).
+    SaveMeta { meta: Vec<u8>, done: Completion },
+    /// Metadata whose only change is the committed log id: written lazily, see
+    /// [`super::LogOptions::committed_flush_interval`].
+    SaveCommitted { meta: Vec<u8> },
+}
+
+/// Counters the writer keeps; read through [`super::SegmentLog::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) append_batches: AtomicU64,
+    pub(crate) data_syncs: AtomicU64,
+    pub(crate) meta_writes: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+}
+
+/// State owned by the writer thread.
+pub(crate) struct Writer {
+    dir: PathBuf,
+    /// The segment currently written to, kept open between batches.
+    active: Option<(u64, File)>,
+    /// `active` has writes not yet covered by an fdatasync.
+    active_dirty: bool,
+    /// A segment was created and the directory not yet fsynced.
+    dir_dirty: bool,
+    /// Callbacks of appends written but not yet synced.
+    pending: Vec<Completion>,
+    /// Metadata waiting to be written because only `committed` changed.
+    lazy_meta: Option<Vec<u8>>,
+    last_meta_write: Instant,
+    committed_interval: Duration,
+    /// Set by the first I/O error. After it the state of the files is unknown (a failed
+    /// fsync may have dropped dirty pages), so every later operation fails too rather than
+    /// acknowledging writes on top of a hole.
+    failed: Option<(io::ErrorKind, String)>,
+    counters: Arc<Counters>,
+}
+
+impl Writer {
+    pub(crate) fn new(dir: PathBuf, committed_interval: Duration, counters: Arc<Counters>) -> Self {
+        Self {
+            dir,
+            active: None,
+            active_dirty: false,
+            dir_dirty: false,
+            pending: Vec::new(),
+            lazy_meta: None,
+            last_meta_write: Instant::now(),
+            committed_interval,
+            failed: None,
+            counters,
+        }
+    }
+
+    /// The thread body: runs until every sender is dropped, then flushes what is left.
+    pub(crate) fn run(mut self, rx: Receiver<Op>) {
+        loop {
+            let first = match self.lazy_meta_due_in() {
+                None => match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                },
+                Some(wait) => match rx.recv_timeout(wait) {
+                    Ok(op) => op,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.write_lazy_meta();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            // Group commit: take everything that queued up while the last flush ran.
+            let mut batch = vec![first];
+            batch.extend(rx.try_iter());
+            for op in batch {
+                self.execute(op);
+            }
+            self.flush_pending();
+            if self.lazy_meta_due_in() == Some(Duration::ZERO) {
+                self.write_lazy_meta();
+            }
+        }
+        self.flush_pending();
+        self.write_lazy_meta();
+    }
+
+    /// How long until pending lazy metadata must be written; `None` when there is none.
+    fn lazy_meta_due_in(&self) -> Option<Duration> {
+        self.lazy_meta.as_ref()?;
+        Some(self.committed_interval.saturating_sub(self.last_meta_write.elapsed()))
+    }
+
+    fn execute(&mut self, op: Op) {
+        match op {
+            Op::Append { chunks, done } => {
+                self.counters.append_batches.fetch_add(1, Ordering::Relaxed);
+                if let Some(err) = self.failure() {
+                    done(Err(err));
+                    return;
+                }
+                self.pending.push(done);
+                for chunk in chunks {
+                    if let Err(e) = self.write_chunk(&chunk) {
+                        self.fail(&e);
+                        self.flush_pending();
+                        return;
+                    }
+                }
+            }
+            Op::Truncate { delete, cut, done } => {
+                self.barrier_then(done, |w| w.truncate(&delete, cut));
+            }
+            Op::Purge { meta, delete, done } => {
+                self.barrier_then(done, |w| {
+                    w.write_meta(&meta)?;
+                    w.delete_segments(&delete)
+                });
+            }
+            Op::SaveMeta { meta, done } => {
+                self.barrier_then(done, |w| w.write_meta(&meta));
+            }
+            Op::SaveCommitted { meta } => {
+                if self.failed.is_none() {
+                    self.lazy_meta = Some(meta);
+                }
+            }
+        }
+    }
+
+    /// Runs a non-append operation after every earlier append is durable, then reports.
+    fn barrier_then(&mut self, done: Completion, f: impl FnOnce(&mut Self) -> io::Result<()>) {
+        self.flush_pending();
+        if let Some(err) = self.failure() {
+            done(Err(err));
+            return;
+        }
+        let res = f(self);
+        if let Err(e) = &res {
+            self.fail(e);
+        }
+        done(res);
+    }
+
+    fn write_chunk(&mut self, chunk: &Chunk) -> io::Result<()> {
+        let file = self.segment_file(chunk.segment, chunk.create)?;
+        file.seek(SeekFrom::Start(chunk.offset))?;
+        file.write_all(&chunk.data)?;
+        self.active_dirty = true;
+        self.counters
+            .bytes_written
+            .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The open file of `segment`, switching the active segment when needed.
+    fn segment_file(&mut self, segment: u64, create: bool) -> io::Result<&mut File> {
+        let reuse = matches!(&self.active, Some((s, _)) if *s == segment) && !create;
+        if !reuse {
+            // Leaving a segment: its data must be durable before the group's callbacks run,
+            // and only the active segment is synced at the end of the group.
+            self.sync_active()?;
+            self.active = None;
+            let path = segment_path(&self.dir, segment);
+            let file = if create {
+                self.dir_dirty = true;
+                OpenOptions::new().write(true).create(true).truncate(true).open(&path)?
+            } else {
+                OpenOptions::new().write(true).open(&path)?
+            };
+            self.active = Some((segment, file));
+        }
+        match &mut self.active {
+            Some((_, file)) => Ok(file),
+            None => Err(io::Error::other("no active segment")),
+        }
+    }
+
+    fn sync_active(&mut self) -> io::Result<()> {
+        if self.active_dirty {
+            if let Some((_, file)) = &self.active {
+                file.sync_data()?;
+                self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            self.active_dirty = false;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The group commit: one fdatasync for every append written since the last one, then
+    /// their callbacks, in order.
+    fn flush_pending(&mut self) {
+        if self.failed.is_none() {
+            if let Err(e) = self.sync_active() {
+                self.fail(&e);
+            }
+        }
+        let failure = self.failed.clone();
+        for done in self.pending.drain(..) {
+            match &failure {
+                None => done(Ok(())),
+                Some((kind, msg)) => done(Err(io::Error::new(*kind, msg.clone()))),
+            }
+        }
+    }
+
+    fn truncate(&mut self, delete: &[u64], cut: Option<(u64, u64)>) -> io::Result<()> {
+        // Newest segments go first, so a crash half way leaves a log that is a prefix of the
+        // old one, never one with a hole in the middle.
+        self.delete_segments(delete)?;
+        if let Some((segment, len)) = cut {
+            let reuse = matches!(&self.active, Some((s, _)) if *s == segment);
+            if !reuse {
+                self.active = None;
+                let file = OpenOptions::new().write(true).open(segment_path(&self.dir, segment))?;
+                self.active = Some((segment, file));
+            }
+            if let Some((_, file)) = &self.active {
+                file.set_len(len)?;
+                file.sync_data()?;
+                self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_segments(&mut self, segments: &[u64]) -> io::Result<()> {
+        if segments.is_empty() {
+            return Ok(());
+        }
+        for &segment in segments {
+            if matches!(&self.active, Some((s, _)) if *s == segment) {
+                self.active = None;
+                self.active_dirty = false;
+            }
+            remove_if_exists(&segment_path(&self.dir, segment))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    fn write_meta(&mut self, bytes: &[u8]) -> io::Result<()> {
+        write_meta_file(&self.dir, bytes)?;
+        // Whatever committed id was waiting is older than (or equal to) this one.
+        self.lazy_meta = None;
+        self.last_meta_write = Instant::now();
+        self.counters.meta_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_lazy_meta(&mut self) {
+        let Some(meta) = self.lazy_meta.take() else {
+            return;
+        };
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.write_meta(&meta) {
+            self.fail(&e);
+        }
+    }
+
+    fn fail(&mut self, e: &io::Error) {
+        if self.failed.is_none() {
+            tracing::error!(dir = %self.dir.display(), error = %e, "raft log write failed; refusing further writes");
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+    }
+
+    fn failure(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|(kind, msg)| io::Error::new(*kind, format!("log writer failed earlier: {msg}")))
+    }
+}
+
+/// Removes a file, treating "already gone" as done (a crashed purge may have removed it).
+pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

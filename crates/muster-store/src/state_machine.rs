@@ -1,0 +1,418 @@
+//! The registry state machine: the in-memory [`Registry`] that serves reads, kept in
+//! step with a sled database on disk, and snapshots written to fsynced files.
+//!
+//! Each `apply` call writes the instances and leases it changed, `last_applied`,
+//! the membership and the counters in one sled batch, so the database always holds
+//! a consistent point. sled is not fsynced per batch: after a crash it may be behind,
+//! and openraft re-applies the committed entries above its `last_applied` from the
+//! fsynced log. Snapshots, which allow that log to be purged, are fsynced files, and
+//! on open a snapshot newer than sled is loaded into it.
+
+use std::fs;
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use muster_core::registry::Applied;
+use muster_core::{Event, EventKind, Instance, InstanceKey, Lease, Registry, RegistrySnapshot, Revision};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::types::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const SNAPSHOT_FILE: &str = "current.snap";
+const KEY_LAST_APPLIED: &[u8] = b"m/last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"m/membership";
+const KEY_COUNTERS: &[u8] = b"m/counters";
+const PREFIX_INSTANCE: &[u8] = b"i/";
+const PREFIX_LEASE: &[u8] = b"l/";
+
+/// Receives the events of every apply, in revision order, while the registry's write
+/// lock is held (so a reader that takes the read lock sees a state consistent with
+/// the events delivered so far).
+pub trait EventSink: Send + Sync + 'static {
+    /// Events just applied, and the revision after them.
+    fn publish(&self, events: &[Event], revision: Revision);
+    /// The whole state was replaced (startup, snapshot install): history before
+    /// `revision` is gone.
+    fn reset(&self, revision: Revision);
+}
+
+/// What the rest of the node reads: the registry and its applied revision.
+pub struct SharedState {
+    registry: RwLock<Registry>,
+    revision: watch::Sender<Revision>,
+    sink: Arc<dyn EventSink>,
+}
+
+impl SharedState {
+    /// Read access to the registry. Hold it briefly: applies wait for it.
+    pub fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The applied revision, and a way to wait for it to reach a value.
+    pub fn revision(&self) -> watch::Receiver<Revision> {
+        self.revision.subscribe()
+    }
+
+    /// The applied revision now.
+    pub fn current_revision(&self) -> Revision {
+        *self.revision.borrow()
+    }
+}
+
+/// The snapshot file: metadata and the registry image.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The openraft state machine backed by sled.
+pub struct StateMachineStore {
+    shared: Arc<SharedState>,
+    db: sled::Db,
+    snapshot_dir: PathBuf,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// Builds snapshots from a point-in-time image of the registry.
+pub struct SnapshotBuilder {
+    image: RegistrySnapshot,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot_dir: PathBuf,
+}
+
+/// A state machine storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// sled failed.
+    #[error("state database: {0}")]
+    Db(#[from] sled::Error),
+    /// A stored value could not be encoded or decoded.
+    #[error("state encoding: {0}")]
+    Codec(#[from] bincode::Error),
+    /// A file operation failed.
+    #[error("state file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<StateError> for StorageError {
+    fn from(e: StateError) -> Self {
+        sm_err(ErrorVerb::Write, e)
+    }
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageError::from_io_error(ErrorSubject::StateMachine, verb, std::io::Error::other(e.to_string()))
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageError::from_io_error(ErrorSubject::Snapshot(None), verb, std::io::Error::other(e.to_string()))
+}
+
+fn instance_key_bytes(key: &InstanceKey) -> Vec<u8> {
+    let mut k = PREFIX_INSTANCE.to_vec();
+    k.extend_from_slice(key.namespace.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.service.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.instance_id.as_bytes());
+    k
+}
+
+fn lease_key_bytes(id: u64) -> Vec<u8> {
+    let mut k = PREFIX_LEASE.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Writes `bytes` to `dir/name` durably: temp file, fsync, rename, fsync the directory.
+pub fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))?;
+    fs::File::open(dir)?.sync_all()
+}
+
+impl StateMachineStore {
+    /// Opens (or creates) the state machine under `dir`, loading the registry into
+    /// memory. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64, sink: Arc<dyn EventSink>) -> Result<Self, StateError> {
+        let snapshot_dir = dir.join("snapshots");
+        fs::create_dir_all(&snapshot_dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("state"))
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let (revision, _) = watch::channel(0);
+        let mut store = StateMachineStore {
+            shared: Arc::new(SharedState {
+                registry: RwLock::new(Registry::new()),
+                revision,
+                sink,
+            }),
+            db,
+            snapshot_dir,
+            last_applied: None,
+            membership: StoredMembership::default(),
+        };
+        store.load_from_db()?;
+        if let Some(file) = store.read_snapshot_file()? {
+            if file.meta.last_log_id > store.last_applied {
+                tracing::info!(
+                    snapshot = ?file.meta.last_log_id,
+                    applied = ?store.last_applied,
+                    "state on disk is behind the snapshot; loading the snapshot"
+                );
+                store.replace_state(&file.meta, &file.data)?;
+            }
+        }
+        let revision = store.shared.read().revision();
+        store.shared.revision.send_replace(revision);
+        store.shared.sink.reset(revision);
+        Ok(store)
+    }
+
+    /// The state the rest of the node reads.
+    pub fn shared(&self) -> Arc<SharedState> {
+        self.shared.clone()
+    }
+
+    fn load_from_db(&mut self) -> Result<(), StateError> {
+        let mut registry = Registry::new();
+        for item in self.db.scan_prefix(PREFIX_LEASE) {
+            let (_, v) = item?;
+            let lease: Lease = bincode::deserialize(&v)?;
+            registry.load_lease(lease);
+        }
+        for item in self.db.scan_prefix(PREFIX_INSTANCE) {
+            let (_, v) = item?;
+            let instance: Instance = bincode::deserialize(&v)?;
+            registry.load_instance(instance);
+        }
+        if let Some(v) = self.db.get(KEY_COUNTERS)? {
+            let (revision, next_lease): (u64, u64) = bincode::deserialize(&v)?;
+            registry.load_counters(revision, next_lease);
+        }
+        if let Some(v) = self.db.get(KEY_LAST_APPLIED)? {
+            self.last_applied = bincode::deserialize(&v)?;
+        }
+        if let Some(v) = self.db.get(KEY_MEMBERSHIP)? {
+            self.membership = bincode::deserialize(&v)?;
+        }
+        *self.shared.registry.write().unwrap_or_else(|p| p.into_inner()) = registry;
+        Ok(())
+    }
+
+    fn read_snapshot_file(&self) -> Result<Option<SnapshotFile>, StateError> {
+        let path = self.snapshot_dir.join(SNAPSHOT_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let file: SnapshotFile = bincode::deserialize(&bytes)?;
+        Ok(Some(file))
+    }
+
+    /// Replaces the whole state with a snapshot image, in memory and in sled.
+    fn replace_state(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StateError> {
+        let image: RegistrySnapshot = bincode::deserialize(data)?;
+        let mut batch = sled::Batch::default();
+        for item in self.db.iter().keys() {
+            batch.remove(item?);
+        }
+        for instance in &image.instances {
+            let bytes = bincode::serialize(instance)?;
+            batch.insert(instance_key_bytes(&instance.key()), bytes);
+        }
+        for lease in &image.leases {
+            let bytes = bincode::serialize(lease)?;
+            batch.insert(lease_key_bytes(lease.id), bytes);
+        }
+        let revision = image.revision;
+        let counters = (image.revision, image.next_lease_id);
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.put_meta(&mut batch, counters)?;
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        let mut registry = self.shared.registry.write().unwrap_or_else(|p| p.into_inner());
+        *registry = Registry::from_snapshot(image);
+        self.shared.revision.send_replace(revision);
+        self.shared.sink.reset(revision);
+        Ok(())
+    }
+
+    fn put_meta(&self, batch: &mut sled::Batch, counters: (u64, u64)) -> Result<(), StateError> {
+        let enc = |v: &dyn erased::Ser| v.bytes().map_err(StateError::from);
+        batch.insert(KEY_LAST_APPLIED, enc(&self.last_applied)?);
+        batch.insert(KEY_MEMBERSHIP, enc(&self.membership)?);
+        batch.insert(KEY_COUNTERS, enc(&counters)?);
+        Ok(())
+    }
+
+    fn persist(batch: &mut sled::Batch, applied: &Applied, registry: &Registry) -> Result<(), StateError> {
+        for event in &applied.events {
+            match &event.kind {
+                EventKind::Put(instance) => {
+                    let bytes = bincode::serialize(&**instance)?;
+                    batch.insert(instance_key_bytes(&instance.key()), bytes);
+                }
+                EventKind::Delete { key, .. } => batch.remove(instance_key_bytes(key)),
+            }
+        }
+        for id in &applied.leases_changed {
+            match registry.lease(*id) {
+                Some(lease) => {
+                    let bytes = bincode::serialize(lease)?;
+                    batch.insert(lease_key_bytes(*id), bytes);
+                }
+                None => batch.remove(lease_key_bytes(*id)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tiny object-safe serialization helper for the metadata values.
+mod erased {
+    pub trait Ser {
+        fn bytes(&self) -> Result<Vec<u8>, bincode::Error>;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn bytes(&self) -> Result<Vec<u8>, bincode::Error> {
+            bincode::serialize(self)
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let data = bincode::serialize(&self.image).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let snapshot_id = match self.last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, self.image.revision),
+            None => format!("0-0-{}", self.image.revision),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data,
+        };
+        let bytes = bincode::serialize(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let dir = self.snapshot_dir.clone();
+        tokio::task::spawn_blocking(move || write_file_durably(&dir, SNAPSHOT_FILE, &bytes))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = file.data.len(), "snapshot written");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(file.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<muster_core::ApplyResult>, StorageError>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut events = Vec::new();
+        let shared = self.shared.clone();
+        let mut registry = shared.registry.write().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(registry.nothing()),
+                EntryPayload::Normal(command) => {
+                    let applied = registry.apply(&command);
+                    Self::persist(&mut batch, &applied, &registry)?;
+                    events.extend(applied.events);
+                    results.push(applied.result);
+                }
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    results.push(registry.nothing());
+                }
+            }
+        }
+        let revision = registry.revision();
+        self.put_meta(&mut batch, (revision, registry.next_lease_id()))?;
+        self.db.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        if !events.is_empty() {
+            shared.sink.publish(&events, revision);
+        }
+        drop(registry);
+        shared.revision.send_replace(revision);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Flush sled first: the log below this snapshot may be purged once it exists.
+        if let Err(e) = self.db.flush_async().await {
+            tracing::warn!(error = %e, "flushing the state database before a snapshot failed");
+        }
+        SnapshotBuilder {
+            image: self.shared.read().to_snapshot(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data,
+        };
+        let bytes = bincode::serialize(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let dir = self.snapshot_dir.clone();
+        tokio::task::spawn_blocking(move || write_file_durably(&dir, SNAPSHOT_FILE, &bytes))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.replace_state(meta, &file.data)?;
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.read_snapshot_file()?.map(|file| Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(file.data)),
+        }))
+    }
+}

@@ -1,0 +1,476 @@
+//! Three real nodes in one test process (real sockets, fsynced logs and sled on disk):
+//! replication, read modes, watches, leases and leader loss.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use muster_proto::v1 as pb;
+use muster_proto::v1::registry_client::RegistryClient;
+use muster_testkit::{init_tracing, TestCluster};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+fn instance(service: &str, id: &str, port: u32) -> pb::Instance {
+    pb::Instance {
+        service: service.into(),
+        instance_id: id.into(),
+        address: "10.0.0.1".into(),
+        port,
+        tags: vec!["v1".into()],
+        ..Default::default()
+    }
+}
+
+async fn register(
+    client: &mut RegistryClient<Channel>,
+    inst: pb::Instance,
+    ttl_ms: u64,
+) -> Result<pb::RegisterResponse> {
+    Ok(client
+        .register(pb::RegisterRequest {
+            instance: Some(inst),
+            ttl_ms,
+        })
+        .await?
+        .into_inner())
+}
+
+async fn discover(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    mode: pb::ReadMode,
+    min_revision: u64,
+) -> Result<pb::DiscoverResponse> {
+    Ok(client
+        .discover(pb::DiscoverRequest {
+            service: service.into(),
+            mode: mode as i32,
+            min_revision,
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+fn ids(resp: &pb::DiscoverResponse) -> BTreeSet<String> {
+    resp.instances.iter().map(|i| i.instance_id.clone()).collect()
+}
+
+fn revision(header: &Option<pb::ResponseHeader>) -> u64 {
+    header.as_ref().map_or(0, |h| h.revision)
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes.
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await.unwrap_or(false) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registration_on_a_follower_is_read_on_every_node() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let follower = cluster.follower().await?;
+    let mut client = cluster.registry(follower).await?;
+    let resp = register(&mut client, instance("web", "web-1", 8080), 0).await?;
+    let rev = revision(&resp.header);
+    assert!(rev > 0);
+    for id in cluster.running() {
+        let mut c = cluster.registry(id).await?;
+        let found = discover(&mut c, "web", pb::ReadMode::MinRevision, rev).await?;
+        assert_eq!(ids(&found), BTreeSet::from(["web-1".to_string()]), "node {id}");
+        let h = found.header.unwrap();
+        assert!(h.revision >= rev);
+        assert!(h.leader_known);
+        assert_eq!(found.instances[0].port, 8080);
+        // The default local read sees it too once applied.
+        eventually(Duration::from_secs(5), "local read", || {
+            let mut c = c.clone();
+            async move { Ok(discover(&mut c, "web", pb::ReadMode::Local, 0).await?.instances.len() == 1) }
+        })
+        .await?;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn min_revision_reads_your_writes_on_another_node() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    let mut writer = cluster.registry(leader).await?;
+    let mut reader = cluster.registry(follower).await?;
+    for n in 0..20 {
+        let resp = register(&mut writer, instance("api", &format!("api-{n}"), 9000 + n), 0).await?;
+        let found = discover(&mut reader, "api", pb::ReadMode::MinRevision, revision(&resp.header)).await?;
+        assert!(
+            ids(&found).contains(&format!("api-{n}")),
+            "write {n} not visible on the follower"
+        );
+        let lin = discover(&mut reader, "api", pb::ReadMode::Linearizable, 0).await?;
+        assert_eq!(lin.instances.len(), n as usize + 1, "linearizable read after write {n}");
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_input_is_refused_naming_the_field_and_the_node_keeps_serving() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let mut client = cluster.registry(1).await?;
+    let err = register(&mut client, instance("Bad_Name", "x", 80), 0)
+        .await
+        .unwrap_err();
+    let status = err.downcast::<tonic::Status>()?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("service"), "{}", status.message());
+    let err = register(&mut client, instance("web", "x", 70_000), 0)
+        .await
+        .unwrap_err();
+    assert!(err.downcast::<tonic::Status>()?.message().contains("port"));
+    let err = client
+        .keep_alive(tokio_stream::iter(vec![pb::KeepAliveRequest { lease_id: 424242 }]))
+        .await?
+        .into_inner()
+        .next()
+        .await
+        .unwrap()?;
+    assert_eq!(err.ttl_ms, 0, "an unknown lease reports ttl 0");
+    let status = client
+        .revoke_lease(pb::RevokeLeaseRequest { lease_id: 424242 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let mut big = instance("web", "big", 80);
+    big.metadata.insert("blob".into(), "x".repeat(5 * 1024 * 1024));
+    let status = client
+        .register(pb::RegisterRequest {
+            instance: Some(big),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+        ),
+        "{status:?}"
+    );
+    // Still serving.
+    register(&mut client, instance("web", "ok", 80), 0).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+fn event_of(resp: pb::WatchResponse) -> Option<pb::Event> {
+    match resp.response {
+        Some(pb::watch_response::Response::Event(e)) => Some(e),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_from_a_revision_replays_exactly_the_missed_events() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let mut client = cluster.registry(1).await?;
+    register(&mut client, instance("db", "a", 5432), 0).await?;
+    let b = register(&mut client, instance("db", "b", 5432), 0).await?;
+    register(&mut client, instance("other", "x", 1), 0).await?;
+    register(&mut client, instance("db", "c", 5432), 0).await?;
+    client
+        .deregister(pb::DeregisterRequest {
+            service: "db".into(),
+            instance_id: "b".into(),
+            ..Default::default()
+        })
+        .await?;
+    let from = revision(&b.header);
+    let follower = cluster.follower().await?;
+    let mut watcher = cluster.registry(follower).await?;
+    // The follower may still be applying: wait until it has everything.
+    discover(&mut watcher, "db", pb::ReadMode::MinRevision, from + 3).await?;
+    let mut stream = watcher
+        .watch(pb::WatchRequest {
+            service: "db".into(),
+            start_revision: from,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await?
+            .unwrap()?;
+        if let Some(e) = event_of(msg) {
+            let what = match e.kind.unwrap() {
+                pb::event::Kind::Put(i) => format!("put {}", i.instance_id),
+                pb::event::Kind::Delete(d) => format!("delete {}", d.key.unwrap().instance_id),
+            };
+            seen.push((e.revision, what));
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (from, "put b".to_string()),
+            (from + 2, "put c".to_string()),
+            (from + 3, "delete b".to_string())
+        ]
+    );
+    // Live events follow the replay.
+    register(&mut client, instance("db", "d", 5432), 0).await?;
+    let next = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await?
+            .unwrap()?;
+        if let Some(e) = event_of(msg) {
+            break e;
+        }
+    };
+    assert_eq!(next.revision, from + 4);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_that_falls_behind_gets_a_reset_and_ends_with_the_right_state() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start_with(3, |c| c.watch.queue = 16).await?;
+    let mut client = cluster.registry(1).await?;
+    let mut watcher = cluster.registry(2).await?;
+    let mut stream = watcher
+        .watch(pb::WatchRequest {
+            service: "busy".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // Write far more than the watcher's queue and the transport's buffers (~4 KiB
+    // per event) while it is not reading.
+    let mut last = 0;
+    for n in 0..800u32 {
+        let mut inst = instance("busy", &format!("b-{}", n % 120), 1000 + n);
+        inst.metadata.insert("pad".into(), "x".repeat(4000));
+        let resp = register(&mut client, inst, 0).await?;
+        last = revision(&resp.header);
+        if n % 7 == 0 {
+            let resp = client
+                .deregister(pb::DeregisterRequest {
+                    service: "busy".into(),
+                    instance_id: format!("b-{}", n % 120),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            last = revision(&resp.header);
+        }
+    }
+    let mut state: BTreeMap<String, u32> = BTreeMap::new();
+    let mut resets = 0;
+    let mut at = 0;
+    while at < last {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await?
+            .unwrap()?;
+        match msg.response.unwrap() {
+            pb::watch_response::Response::Event(e) => {
+                assert!(e.revision > at, "events arrive in revision order");
+                at = e.revision;
+                match e.kind.unwrap() {
+                    pb::event::Kind::Put(i) => {
+                        state.insert(i.instance_id, i.port);
+                    }
+                    pb::event::Kind::Delete(d) => {
+                        state.remove(&d.key.unwrap().instance_id);
+                    }
+                }
+            }
+            pb::watch_response::Response::Reset(r) => {
+                resets += 1;
+                at = r.revision;
+                state = r.instances.into_iter().map(|i| (i.instance_id, i.port)).collect();
+            }
+            pb::watch_response::Response::Progress(p) => at = at.max(p.revision),
+        }
+    }
+    assert!(resets >= 1, "the watcher fell behind, so it must have been reset");
+    let truth = discover(&mut watcher, "busy", pb::ReadMode::MinRevision, last).await?;
+    let expected: BTreeMap<String, u32> = truth.instances.into_iter().map(|i| (i.instance_id, i.port)).collect();
+    assert_eq!(state, expected);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_expire_when_keep_alives_stop() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let follower = cluster.follower().await?;
+    let mut client = cluster.registry(follower).await?;
+    let resp = register(&mut client, instance("ephemeral", "e-1", 80), 1_000).await?;
+    assert!(resp.lease_id > 0);
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            service: "ephemeral".into(),
+            start_revision: revision(&resp.header),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let reason = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await?
+            .unwrap()?;
+        if let Some(pb::Event {
+            kind: Some(pb::event::Kind::Delete(d)),
+            ..
+        }) = event_of(msg)
+        {
+            break d.reason;
+        }
+    };
+    assert_eq!(reason, pb::DeleteReason::LeaseExpired as i32);
+    for id in cluster.running() {
+        let mut c = cluster.registry(id).await?;
+        eventually(Duration::from_secs(5), "expiry applied everywhere", || {
+            let mut c = c.clone();
+            async move {
+                Ok(discover(&mut c, "ephemeral", pb::ReadMode::Local, 0)
+                    .await?
+                    .instances
+                    .is_empty())
+            }
+        })
+        .await?;
+        let _ = &mut c;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_kept_alive_do_not_expire_across_a_leader_change() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let survivor = cluster.follower().await?;
+    let mut client = cluster.registry(survivor).await?;
+    let resp = register(&mut client, instance("kept", "k-1", 80), 2_000).await?;
+    let lease = resp.lease_id;
+    let start = revision(&resp.header);
+    let stop = tokio_util_token();
+    let keeper = {
+        let mut c = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = async {
+                    let mut s = c
+                        .keep_alive(tokio_stream::iter(vec![pb::KeepAliveRequest { lease_id: lease }]))
+                        .await?
+                        .into_inner();
+                    Ok::<_, tonic::Status>(s.next().await.transpose()?.map(|r| r.ttl_ms))
+                }
+                .await;
+                match reply {
+                    Ok(Some(ttl)) => assert!(ttl > 0, "lease reported gone while kept alive"),
+                    _ => failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            failures
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cluster.stop(leader).await;
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    assert_ne!(new_leader, leader);
+    // Two full TTLs under the new leader.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    keeper.await?;
+    let found = discover(&mut client, "kept", pb::ReadMode::Linearizable, 0).await?;
+    assert_eq!(ids(&found), BTreeSet::from(["k-1".to_string()]));
+    // No delete event at all since registration.
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            service: "kept".into(),
+            start_revision: start + 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
+        assert!(event_of(msg?).is_none(), "no change to the kept instance");
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+fn tokio_util_token() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_leader_is_replaced_and_no_acknowledged_write_is_lost() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let survivor = cluster.follower().await?;
+    let client = cluster.registry(survivor).await?;
+    let writer = {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..150u32 {
+                let id = format!("w-{n}");
+                if register(&mut c, instance("ledger", &id, 80), 0).await.is_ok() {
+                    acked.push(id);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.stop(leader).await;
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    assert_ne!(new_leader, leader);
+    let acked = writer.await?;
+    assert!(
+        acked.len() > 100,
+        "writes resumed on the new leader ({} acked)",
+        acked.len()
+    );
+    cluster.restart(leader).await?;
+    cluster.wait_for_same_digest(Duration::from_secs(15)).await?;
+    for id in cluster.running() {
+        let mut c = cluster.registry(id).await?;
+        let found = ids(&discover(&mut c, "ledger", pb::ReadMode::Local, 0).await?);
+        for a in &acked {
+            assert!(found.contains(a), "acknowledged {a} missing on node {id}");
+        }
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
