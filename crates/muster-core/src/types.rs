@@ -215,8 +215,8 @@ pub struct Lease {
     pub granted_at_ms: u64,
     /// Remaining TTL recorded by the leader's last checkpoint, if it recorded one.
     ///
-    /// A new leader starts a lease whose checkpoint shows it starving (no keep-alives)
-    /// from this value instead of the full TTL, so a run of elections cannot keep a
+    /// A new leader starts a lease whose checkpoint shows it idle (not renewed during
+    /// the last leader's term) from this value instead of the full TTL, so a run of elections cannot keep a
     /// dead lease alive forever.
     pub checkpoint_remaining_ms: Option<u64>,
 }

@@ -3,13 +3,15 @@
 //! passes, the leader proposes `ExpireLeases`, rate-limited so an outage of
 //! keep-alives drains the registry gradually and visibly.
 //!
-//! A new leader starts every lease's clock afresh (now + TTL), so a leader change
-//! causes no expiry storm. Leases that were starving (no keep-alive for over half
-//! their TTL) are checkpointed with their remaining TTL, and a new leader resumes
-//! those from the checkpoint, so a run of elections cannot keep a dead lease alive
-//! forever (etcd issue 9888).
+//! A new leader starts the clock of every lease that was renewed under the previous
+//! leader afresh (now + TTL), so a leader change causes no expiry storm. A lease not
+//! renewed during the current term is checkpointed into the log with its remaining
+//! TTL (about once a second while it stays idle), and a new leader resumes such a
+//! lease from its checkpoint, so a run of elections cannot keep a dead lease alive
+//! forever (etcd issue 9888). Leases that are kept alive cost one checkpoint entry
+//! per election (to clear their checkpoint), not one per second.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,8 @@ struct KeeperState {
     /// The term in which this node leads and the deadlines are valid.
     term: Option<u64>,
     deadlines: HashMap<LeaseId, Instant>,
+    /// Leases renewed during this term (their checkpoints are cleared).
+    renewed: HashSet<LeaseId>,
     tokens: f64,
     last_refill: Instant,
     last_sync: Instant,
@@ -50,6 +54,7 @@ impl KeeperState {
     /// Adds leases the registry has and the keeper lacks; drops the ones gone.
     fn sync(&mut self, now: Instant, registry: &Registry) {
         self.deadlines.retain(|id, _| registry.lease(*id).is_some());
+        self.renewed.retain(|id| registry.lease(*id).is_some());
         for lease in registry.leases() {
             self.deadlines
                 .entry(lease.id)
@@ -69,6 +74,7 @@ impl LeaseKeeper {
             state: Mutex::new(KeeperState {
                 term: None,
                 deadlines: HashMap::new(),
+                renewed: HashSet::new(),
                 tokens: 0.0,
                 last_refill: now,
                 last_sync: now,
@@ -89,6 +95,7 @@ impl LeaseKeeper {
             return;
         }
         state.deadlines.clear();
+        state.renewed.clear();
         state.term = leader_term;
         if let Some(term) = leader_term {
             let now = Instant::now();
@@ -99,7 +106,7 @@ impl LeaseKeeper {
             tracing::info!(
                 term,
                 leases = state.deadlines.len(),
-                "lease keeper active: every lease gets its full TTL from now (checkpointed starving leases resume from their remaining TTL)"
+                "lease keeper active: leases renewed under the last leader get their full TTL from now; idle ones resume from their checkpoint"
             );
         }
     }
@@ -121,6 +128,7 @@ impl LeaseKeeper {
                 .map(|id| match registry.lease(*id) {
                     Some(lease) => {
                         state.deadlines.insert(*id, now + Duration::from_millis(lease.ttl_ms));
+                        state.renewed.insert(*id);
                         (*id, lease.ttl_ms)
                     }
                     None => (*id, 0),
@@ -199,8 +207,8 @@ impl LeaseKeeper {
                     continue;
                 };
                 let remaining = deadline.saturating_duration_since(now).as_millis() as u64;
-                let starving = remaining < lease.ttl_ms / 2;
-                let wanted = starving.then_some(remaining / 100 * 100);
+                let idle = !state.renewed.contains(&lease.id);
+                let wanted = idle.then_some(remaining / 100 * 100);
                 let changed = match (wanted, lease.checkpoint_remaining_ms) {
                     (None, None) => false,
                     (Some(w), Some(c)) => c.abs_diff(w) >= 500,

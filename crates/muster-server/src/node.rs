@@ -403,6 +403,7 @@ impl NodeCore {
 pub struct NodeHandle {
     core: Arc<NodeCore>,
     tasks: Vec<JoinHandle<()>>,
+    store_open: std::sync::Weak<()>,
 }
 
 impl NodeHandle {
@@ -425,6 +426,17 @@ impl NodeHandle {
         .await;
         if let Err(e) = self.core.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+        // openraft's state machine task ends shortly after; wait for it to close the
+        // database so the same directory can be opened again in this process.
+        let closed = tokio::time::timeout(grace, async {
+            while self.store_open.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!("state database still open after shutdown");
         }
         tracing::info!(node = self.core.id, "stopped");
     }
@@ -451,6 +463,7 @@ impl Node {
         let state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
         let shared = state_machine.shared();
+        let store_open = state_machine.open_marker();
         let raft_config = openraft::Config {
             cluster_name: "muster".into(),
             heartbeat_interval: config.raft.heartbeat.as_millis() as u64,
@@ -507,7 +520,11 @@ impl Node {
             revision = core.shared.current_revision(),
             "node started"
         );
-        Ok(NodeHandle { core, tasks })
+        Ok(NodeHandle {
+            core,
+            tasks,
+            store_open,
+        })
     }
 }
 

@@ -78,6 +78,8 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// Dropped with the store: lets the owner wait until the database is closed.
+    open_marker: Arc<()>,
 }
 
 /// Builds snapshots from a point-in-time image of the registry.
@@ -165,6 +167,7 @@ impl StateMachineStore {
             snapshot_dir,
             last_applied: None,
             membership: StoredMembership::default(),
+            open_marker: Arc::new(()),
         };
         store.load_from_db()?;
         if let Some(file) = store.read_snapshot_file()? {
@@ -181,6 +184,12 @@ impl StateMachineStore {
         store.shared.revision.send_replace(revision);
         store.shared.sink.reset(revision);
         Ok(store)
+    }
+
+    /// Upgradable while the store (and its sled database) is open; a node that
+    /// restarts in the same process waits for it to be released before reopening.
+    pub fn open_marker(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.open_marker)
     }
 
     /// The state the rest of the node reads.
