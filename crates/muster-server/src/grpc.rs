@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use muster_core::{Command, DiscoverFilter, Outcome, ServiceKey, WatchFilter};
+use muster_core::{Command, DiscoverFilter, Outcome, ServiceKey};
 use muster_proto::convert;
 use muster_proto::v1 as pb;
 use muster_proto::v1::cluster_server::{Cluster, ClusterServer};
@@ -35,9 +35,13 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
         .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1();
-    let registry = RegistryServer::new(RegistryApi { core: core.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let registry = crate::watch_route::RegistryService::new(
+        RegistryServer::new(RegistryApi { core: core.clone() })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        core.clone(),
+        max,
+    );
     let cluster = ClusterServer::new(ClusterApi { core: core.clone() })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -325,25 +329,15 @@ impl Registry for RegistryApi {
 
     type WatchStream = BoxStream<pb::WatchResponse>;
 
+    /// Reached only when this service is served without [`crate::watch_route`]'s
+    /// wrapper (which answers Watch with pre-encoded events); decodes them back.
     #[instrument(skip_all)]
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let req = request.into_inner();
-        muster_core::validate::namespace(&req.namespace).map_err(ApiError::Invalid)?;
-        if !req.service.is_empty() {
-            muster_core::validate::dns_label("service", &req.service).map_err(ApiError::Invalid)?;
-        }
-        let filter = WatchFilter {
-            namespace: (!req.namespace.is_empty()).then_some(req.namespace),
-            service: (!req.service.is_empty()).then_some(req.service),
-        };
-        let rx = crate::watch::start_watcher(
-            self.core.hub.clone(),
-            self.core.shared.clone(),
-            filter,
-            req.start_revision,
-            self.core.shutdown.clone(),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let rx = crate::watch_route::open_watch(&self.core, request.into_inner())?;
+        let stream = ReceiverStream::new(rx).map(|bytes| {
+            <pb::WatchResponse as prost::Message>::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -19,6 +19,7 @@ pub mod network;
 pub mod node;
 pub mod peer;
 pub mod watch;
+pub mod watch_route;
 
 pub use config::{ConfigError, LeaseSettings, NodeConfig, RaftTiming, WatchSettings};
 pub use error::ApiError;

@@ -8,10 +8,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use muster_core::history::Replay;
 use muster_core::{Event, Revision, WatchFilter, WatchHistory};
 use muster_proto::v1 as pb;
 use muster_store::{EventSink, SharedState};
+use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +27,8 @@ pub enum HubItem {
     Event {
         /// The event.
         event: Arc<Event>,
-        /// The event as sent to gRPC watchers.
-        message: Box<pb::WatchResponse>,
+        /// The event as a `muster.v1.WatchResponse`, encoded once for every watcher.
+        encoded: Bytes,
     },
     /// The state was replaced wholesale (snapshot install).
     Reset(Revision),
@@ -74,14 +76,9 @@ impl EventSink for WatchHub {
         for event in events {
             let event = Arc::new(event.clone());
             history.push(event.clone());
-            let message = pb::WatchResponse {
-                response: Some(pb::watch_response::Response::Event(pb::Event::from(&*event))),
-            };
+            let encoded = encode_event(&event);
             // No receivers is fine: nobody watches.
-            let _ = self.sender.send(Arc::new(HubItem::Event {
-                event,
-                message: Box::new(message),
-            }));
+            let _ = self.sender.send(Arc::new(HubItem::Event { event, encoded }));
         }
     }
 
@@ -91,10 +88,20 @@ impl EventSink for WatchHub {
     }
 }
 
-/// What a watcher receives: a protobuf message or a reset built from the state.
-pub type WatchItem = pb::WatchResponse;
+/// What a watcher receives: an encoded `muster.v1.WatchResponse`.
+pub type WatchItem = Bytes;
 
-fn reset_message(shared: &SharedState, filter: &WatchFilter) -> (Revision, pb::WatchResponse) {
+fn encode(message: &pb::WatchResponse) -> Bytes {
+    Bytes::from(message.encode_to_vec())
+}
+
+fn encode_event(event: &Event) -> Bytes {
+    encode(&pb::WatchResponse {
+        response: Some(pb::watch_response::Response::Event(pb::Event::from(event))),
+    })
+}
+
+fn reset_message(shared: &SharedState, filter: &WatchFilter) -> (Revision, Bytes) {
     let registry = shared.read();
     let revision = registry.revision();
     let instances = registry
@@ -104,9 +111,9 @@ fn reset_message(shared: &SharedState, filter: &WatchFilter) -> (Revision, pb::W
         .collect();
     (
         revision,
-        pb::WatchResponse {
+        encode(&pb::WatchResponse {
             response: Some(pb::watch_response::Response::Reset(pb::Reset { revision, instances })),
-        },
+        }),
     )
 }
 
@@ -140,9 +147,7 @@ pub fn start_watcher(
                     events
                         .iter()
                         .filter(|e| filter.matches(e))
-                        .map(|e| pb::WatchResponse {
-                            response: Some(pb::watch_response::Response::Event(pb::Event::from(&**e))),
-                        })
+                        .map(|e| encode_event(e))
                         .collect(),
                     current,
                 ),
@@ -175,9 +180,11 @@ pub fn start_watcher(
                 _ = shutdown.cancelled() => return,
                 _ = progress.tick() => {
                     if !sent_since_progress {
-                        let p = pb::WatchResponse {
-                            response: Some(pb::watch_response::Response::Progress(pb::Progress { revision: last.max(shared.current_revision()) })),
-                        };
+                        let p = encode(&pb::WatchResponse {
+                            response: Some(pb::watch_response::Response::Progress(pb::Progress {
+                                revision: last.max(shared.current_revision()),
+                            })),
+                        });
                         if out.send(p).await.is_err() {
                             return;
                         }
@@ -187,13 +194,13 @@ pub fn start_watcher(
                 item = live.recv() => {
                     match item {
                         Ok(item) => match &*item {
-                            HubItem::Event { event, message } => {
+                            HubItem::Event { event, encoded } => {
                                 if event.revision <= last {
                                     continue;
                                 }
                                 last = event.revision;
                                 if filter.matches(event) {
-                                    if out.send((**message).clone()).await.is_err() {
+                                    if out.send(encoded.clone()).await.is_err() {
                                         return;
                                     }
                                     metrics.watch_events_sent.inc();
