@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use muster_core::{Command, DiscoverFilter, Outcome, ServiceKey};
+use muster_core::DiscoverFilter;
 use muster_proto::convert;
 use muster_proto::v1 as pb;
 use muster_proto::v1::cluster_server::{Cluster, ClusterServer};
@@ -18,6 +18,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
+use crate::api::ReadConsistency;
 use crate::error::ApiError;
 use crate::forward::MembershipChange;
 use crate::node::{incoming, NodeCore};
@@ -72,10 +73,11 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     }
 }
 
-fn header(core: &NodeCore) -> pb::ResponseHeader {
+/// The header for an answer about `revision` (the write's, or the read's).
+fn header(core: &NodeCore, revision: u64) -> pb::ResponseHeader {
     let view = core.view();
     pb::ResponseHeader {
-        revision: view.revision,
+        revision: view.revision.max(revision),
         node_id: view.node_id,
         leader_known: view.leader_id.is_some(),
         leader_id: view.leader_id.unwrap_or(0),
@@ -83,17 +85,11 @@ fn header(core: &NodeCore) -> pb::ResponseHeader {
     }
 }
 
-/// Applies a read mode before a local read.
-pub async fn read_barrier(core: &NodeCore, mode: i32, min_revision: u64) -> Result<(), ApiError> {
+/// Reads a protobuf read mode.
+fn read_consistency(mode: i32, min_revision: u64) -> Result<ReadConsistency, ApiError> {
     match pb::ReadMode::try_from(mode) {
-        Ok(pb::ReadMode::Linearizable) => core.linearizable_barrier().await,
-        Ok(pb::ReadMode::MinRevision) | Ok(pb::ReadMode::Local) => {
-            if min_revision > 0 {
-                core.wait_for_revision(min_revision).await
-            } else {
-                Ok(())
-            }
-        }
+        Ok(pb::ReadMode::Linearizable) => Ok(ReadConsistency::Linearizable),
+        Ok(pb::ReadMode::MinRevision) | Ok(pb::ReadMode::Local) => Ok(ReadConsistency::MinRevision(min_revision)),
         Err(_) => Err(ApiError::Invalid(muster_core::ValidationError::new(
             "mode",
             format!("unknown read mode {mode}"),
@@ -119,29 +115,12 @@ impl Registry for RegistryApi {
         let spec = convert::spec_from_pb(instance).map_err(ApiError::Invalid)?;
         tracing::Span::current().record("service", spec.service.as_str());
         tracing::Span::current().record("instance", spec.instance_id.as_str());
-        let grant_ttl_ms = if req.ttl_ms > 0 {
-            muster_core::validate::ttl_ms(req.ttl_ms).map_err(ApiError::Invalid)?;
-            Some(req.ttl_ms)
-        } else {
-            None
-        };
-        let result = self
-            .core
-            .propose(Command::Register {
-                spec,
-                grant_ttl_ms,
-                now_ms: NodeCore::now_ms(),
-            })
-            .await?;
-        let Outcome::Registered(instance) = result.outcome else {
-            return Err(ApiError::Internal("unexpected outcome".into()).into());
-        };
-        let mut h = header(&self.core);
-        h.revision = h.revision.max(result.revision);
+        let grant_ttl_ms = (req.ttl_ms > 0).then_some(req.ttl_ms);
+        let done = self.core.register(spec, grant_ttl_ms).await?;
         Ok(Response::new(pb::RegisterResponse {
-            header: Some(h),
-            lease_id: instance.lease_id.unwrap_or(0),
-            instance: Some(pb::Instance::from(&*instance)),
+            header: Some(header(&self.core, done.revision)),
+            lease_id: done.instance.lease_id.unwrap_or(0),
+            instance: Some(pb::Instance::from(&*done.instance)),
         }))
     }
 
@@ -152,16 +131,10 @@ impl Registry for RegistryApi {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let req = request.into_inner();
         let key = convert::key_from_parts(&req.namespace, &req.service, &req.instance_id).map_err(ApiError::Invalid)?;
-        let result = self
-            .core
-            .propose(Command::Deregister {
-                key,
-                now_ms: NodeCore::now_ms(),
-            })
-            .await?;
-        let mut h = header(&self.core);
-        h.revision = h.revision.max(result.revision);
-        Ok(Response::new(pb::DeregisterResponse { header: Some(h) }))
+        let revision = self.core.deregister(key).await?;
+        Ok(Response::new(pb::DeregisterResponse {
+            header: Some(header(&self.core, revision)),
+        }))
     }
 
     #[instrument(skip_all)]
@@ -170,22 +143,9 @@ impl Registry for RegistryApi {
         request: Request<pb::GrantLeaseRequest>,
     ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
         let req = request.into_inner();
-        muster_core::validate::ttl_ms(req.ttl_ms).map_err(ApiError::Invalid)?;
-        let result = self
-            .core
-            .propose(Command::GrantLease {
-                lease_id: req.lease_id,
-                ttl_ms: req.ttl_ms,
-                now_ms: NodeCore::now_ms(),
-            })
-            .await?;
-        let Outcome::LeaseGranted { lease_id, ttl_ms } = result.outcome else {
-            return Err(ApiError::Internal("unexpected outcome".into()).into());
-        };
-        let mut h = header(&self.core);
-        h.revision = h.revision.max(result.revision);
+        let (lease_id, ttl_ms, revision) = self.core.grant_lease(req.lease_id, req.ttl_ms).await?;
         Ok(Response::new(pb::GrantLeaseResponse {
-            header: Some(h),
+            header: Some(header(&self.core, revision)),
             lease_id,
             ttl_ms,
         }))
@@ -228,23 +188,9 @@ impl Registry for RegistryApi {
         &self,
         request: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let req = request.into_inner();
-        muster_core::validate::lease_id(req.lease_id).map_err(ApiError::Invalid)?;
-        let result = self
-            .core
-            .propose(Command::RevokeLease {
-                lease_id: req.lease_id,
-                now_ms: NodeCore::now_ms(),
-            })
-            .await?;
-        let removed = match result.outcome {
-            Outcome::LeaseRevoked { removed } => removed,
-            _ => 0,
-        };
-        let mut h = header(&self.core);
-        h.revision = h.revision.max(result.revision);
+        let (removed, revision) = self.core.revoke_lease(request.into_inner().lease_id).await?;
         Ok(Response::new(pb::RevokeLeaseResponse {
-            header: Some(h),
+            header: Some(header(&self.core, revision)),
             removed,
         }))
     }
@@ -257,50 +203,29 @@ impl Registry for RegistryApi {
         let req = request.into_inner();
         let key = convert::key_from_parts(&req.namespace, &req.service, &req.instance_id).map_err(ApiError::Invalid)?;
         let health = convert::health_from_pb("health", req.health).map_err(ApiError::Invalid)?;
-        let result = self
-            .core
-            .propose(Command::SetHealth {
-                key,
-                health,
-                now_ms: NodeCore::now_ms(),
-            })
-            .await?;
-        let Outcome::HealthSet(instance) = result.outcome else {
-            return Err(ApiError::Internal("unexpected outcome".into()).into());
-        };
-        let mut h = header(&self.core);
-        h.revision = h.revision.max(result.revision);
+        let done = self.core.set_health(key, health).await?;
         Ok(Response::new(pb::SetHealthResponse {
-            header: Some(h),
-            instance: Some(pb::Instance::from(&*instance)),
+            header: Some(header(&self.core, done.revision)),
+            instance: Some(pb::Instance::from(&*done.instance)),
         }))
     }
 
     #[instrument(skip_all)]
     async fn discover(&self, request: Request<pb::DiscoverRequest>) -> Result<Response<pb::DiscoverResponse>, Status> {
         let req = request.into_inner();
-        muster_core::validate::namespace(&req.namespace).map_err(ApiError::Invalid)?;
-        muster_core::validate::dns_label("service", &req.service).map_err(ApiError::Invalid)?;
         let health = convert::health_filter_from_pb(&req.health).map_err(ApiError::Invalid)?;
-        read_barrier(&self.core, req.mode, req.min_revision).await?;
+        let consistency = read_consistency(req.mode, req.min_revision)?;
+        self.core.read_barrier(consistency).await?;
         let filter = DiscoverFilter {
             tags: req.tags,
             zone: (!req.zone.is_empty()).then_some(req.zone),
             health,
         };
-        let key = ServiceKey::new(&req.namespace, &req.service);
-        let (instances, service_revision, revision) = {
-            let registry = self.core.shared.read();
-            let found = registry.discover(&key, &filter);
-            let instances: Vec<pb::Instance> = found.iter().map(|i| pb::Instance::from(&**i)).collect();
-            (instances, registry.service_revision(&key), registry.revision())
-        };
-        let mut h = header(&self.core);
-        h.revision = revision;
+        let found = self.core.discover_local(&req.namespace, &req.service, &filter)?;
         Ok(Response::new(pb::DiscoverResponse {
-            header: Some(h),
-            instances,
-            service_revision,
+            header: Some(header(&self.core, found.revision)),
+            instances: found.instances.iter().map(|i| pb::Instance::from(&**i)).collect(),
+            service_revision: found.service_revision,
         }))
     }
 
@@ -310,20 +235,13 @@ impl Registry for RegistryApi {
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let req = request.into_inner();
-        muster_core::validate::namespace(&req.namespace).map_err(ApiError::Invalid)?;
-        read_barrier(&self.core, req.mode, req.min_revision).await?;
-        let (services, revision) = {
-            let registry = self.core.shared.read();
-            let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
-            let services: Vec<pb::ServiceSummary> =
-                registry.services(ns).iter().map(pb::ServiceSummary::from).collect();
-            (services, registry.revision())
-        };
-        let mut h = header(&self.core);
-        h.revision = revision;
+        let consistency = read_consistency(req.mode, req.min_revision)?;
+        self.core.read_barrier(consistency).await?;
+        let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+        let (services, revision) = self.core.services_local(ns)?;
         Ok(Response::new(pb::ListServicesResponse {
-            header: Some(h),
-            services,
+            header: Some(header(&self.core, revision)),
+            services: services.iter().map(pb::ServiceSummary::from).collect(),
         }))
     }
 

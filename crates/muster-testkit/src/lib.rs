@@ -2,6 +2,8 @@
 //! fsynced logs in temporary directories) that tests can stop and restart.
 #![forbid(unsafe_code)]
 
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
