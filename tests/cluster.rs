@@ -474,3 +474,66 @@ async fn a_stopped_leader_is_replaced_and_no_acknowledged_write_is_lost() -> Res
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_without_a_quorum_gets_unavailable_with_a_retry_hint() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let survivor = cluster.follower().await?;
+    for id in cluster.running() {
+        if id != survivor {
+            cluster.stop(id).await;
+        }
+    }
+    let _ = leader;
+    let mut client = cluster.registry(survivor).await?;
+    let err = register(&mut client, instance("web", "lonely", 80), 0)
+        .await
+        .unwrap_err();
+    let status = err.downcast::<tonic::Status>()?;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.metadata().get("retry-after-ms").is_some(), "retry hint present");
+    // Reads still answer from memory, saying the leader is gone or stale.
+    let found = discover(&mut client, "web", pb::ReadMode::Local, 0).await?;
+    let h = found.header.unwrap();
+    assert!(!h.leader_known || h.ms_since_leader_contact > 0);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_joins_as_a_learner_is_promoted_and_serves_the_same_state() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let mut client = cluster.registry(1).await?;
+    for n in 0..10 {
+        register(&mut client, instance("pre", &format!("p-{n}"), 80), 0).await?;
+    }
+    cluster.add_joining_node(4, 2).await?;
+    let mut admin = cluster.cluster(3).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let members = admin.members(pb::MembersRequest {}).await?.into_inner().members;
+        if members.iter().any(|m| m.node_id == 4) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node 4 never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin.promote(pb::PromoteRequest { node_id: 4 }).await?;
+    let members = admin.members(pb::MembersRequest {}).await?.into_inner().members;
+    assert!(members.iter().any(|m| m.node_id == 4 && m.voter), "{members:?}");
+    cluster.wait_for_same_digest(Duration::from_secs(15)).await?;
+    let mut c4 = cluster.registry(4).await?;
+    assert_eq!(
+        discover(&mut c4, "pre", pb::ReadMode::Local, 0).await?.instances.len(),
+        10
+    );
+    // Removing it again works too.
+    admin.remove_member(pb::RemoveMemberRequest { node_id: 4 }).await?;
+    let members = admin.members(pb::MembersRequest {}).await?.into_inner().members;
+    assert!(!members.iter().any(|m| m.node_id == 4));
+    cluster.shutdown().await;
+    Ok(())
+}
