@@ -1,7 +1,7 @@
 # Muster: a Raft-replicated service registry.
 CARGO ?= cargo
 
-.PHONY: dev build release test lint fmt chaos bench deny clean
+.PHONY: dev build release test lint fmt chaos bench bench-micro image compose-test clean
 
 ## Build and start a three-node cluster on loopback (Ctrl-C stops it).
 dev:
@@ -27,6 +27,26 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Muster vs etcd side by side (installs etcd-server if missing); writes BENCHMARKS.md.
+## One workload or system: make bench ARGS="--workload discover --system muster"
+bench:
+	@command -v etcd >/dev/null || (apt-get update -q && apt-get install -y -q etcd-server)
+	@command -v protoc >/dev/null || (apt-get update -q && apt-get install -y -q protobuf-compiler)
+	$(CARGO) build --release -p muster -p muster-bench
+	./target/release/muster-bench $(ARGS)
+
+## Criterion micro-benchmarks of the core (apply, index lookup).
+bench-micro:
+	$(CARGO) bench -p muster-core
+
+## The container image (FROM scratch, no registry needed).
+image:
+	deploy/image/build.sh
+
+## Three containers with docker-compose: register, fail over, partition, heal.
+compose-test:
+	deploy/compose-test.sh
 
 clean:
 	$(CARGO) clean

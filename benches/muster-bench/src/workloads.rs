@@ -1,0 +1,913 @@
+//! The workloads, each run on Muster and on etcd the same way.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use etcd_client::{GetOptions, PutOptions, WatchOptions};
+use hdrhistogram::Histogram;
+use muster_proto::v1 as pb;
+use muster_proto::v1::cluster_client::ClusterClient;
+use muster_proto::v1::registry_client::RegistryClient;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cluster::{cpu_time, rss_bytes, Cluster, Kind};
+use crate::load::{closed_loop, LoadResult};
+use crate::report::{num, ratio, Table};
+use crate::{start, Settings};
+
+const WARMUP: Duration = Duration::from_millis(500);
+/// Metadata padding so a Muster instance carries about as much as etcd's 256 B value.
+const PAD: usize = 200;
+
+fn name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Muster => "Muster",
+        Kind::Etcd => "etcd",
+    }
+}
+
+async fn channels(addr: &str, n: usize) -> Result<Vec<Channel>> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        out.push(
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+async fn etcd_clients(addr: &str, n: usize) -> Result<Vec<etcd_client::Client>> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        out.push(etcd_client::Client::connect([addr], None).await?);
+    }
+    Ok(out)
+}
+
+fn connections_for(clients: usize) -> usize {
+    clients.clamp(1, 8)
+}
+
+fn instance(service: &str, id: &str, lease_id: u64) -> pb::Instance {
+    pb::Instance {
+        service: service.into(),
+        instance_id: id.into(),
+        address: "10.0.0.1".into(),
+        port: 8080,
+        metadata: [("pad".to_string(), "x".repeat(PAD))].into(),
+        lease_id,
+        ..Default::default()
+    }
+}
+
+fn value() -> Vec<u8> {
+    vec![b'x'; 256]
+}
+
+/// One load point on one system: rate, latencies and server CPU per operation.
+struct Point {
+    result: LoadResult,
+    cpu_per_op_us: f64,
+}
+
+fn load_row(clients: usize, m: Option<&Point>, e: Option<&Point>) -> Vec<String> {
+    let f = |p: Option<&Point>, g: &dyn Fn(&Point) -> f64| p.map(g);
+    let rate = |p: &Point| p.result.rate();
+    let p50 = |p: &Point| p.result.ms(0.5);
+    let p99 = |p: &Point| p.result.ms(0.99);
+    let cpu = |p: &Point| p.cpu_per_op_us;
+    let cell = |v: Option<f64>| v.map_or("-".into(), num);
+    vec![
+        clients.to_string(),
+        cell(f(m, &rate)),
+        cell(f(e, &rate)),
+        ratio(f(m, &rate), f(e, &rate)),
+        cell(f(m, &p50)),
+        cell(f(e, &p50)),
+        cell(f(m, &p99)),
+        cell(f(e, &p99)),
+        cell(f(m, &cpu)),
+        cell(f(e, &cpu)),
+        m.map_or("-".into(), |p| p.result.errors.to_string()) + " / " + &e.map_or("-".into(), |p| p.result.errors.to_string()),
+    ]
+}
+
+const LOAD_COLUMNS: &[&str] = &[
+    "clients",
+    "Muster ops/s",
+    "etcd ops/s",
+    "ratio",
+    "Muster p50 ms",
+    "etcd p50 ms",
+    "Muster p99 ms",
+    "etcd p99 ms",
+    "Muster CPU µs/op",
+    "etcd CPU µs/op",
+    "errors M / e",
+];
+
+async fn measure<F, Fut>(cluster: &Cluster, clients: usize, duration: Duration, op: F) -> Point
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    // CPU is measured over the warm-up too; scale by the share of ops measured.
+    let cpu0 = cluster.total_cpu();
+    let t0 = Instant::now();
+    let result = closed_loop(clients, WARMUP, duration, op).await;
+    let cpu = cluster.total_cpu().saturating_sub(cpu0);
+    let wall = t0.elapsed().as_secs_f64();
+    let ops_total = result.ops as f64 * wall / duration.as_secs_f64();
+    Point {
+        cpu_per_op_us: cpu.as_secs_f64() * 1e6 / ops_total.max(1.0),
+        result,
+    }
+}
+
+/// The empty gRPC call on loopback (gRPC health check), the floor under every
+/// Muster read.
+pub async fn floor(bin: &Path, s: &Settings) -> Result<Table> {
+    let cluster = start(Kind::Muster, bin).await?;
+    let node = cluster.follower().await?;
+    let mut table = Table::new(
+        "Floor: an empty gRPC unary call",
+        "`grpc.health.v1.Health/Check` on a Muster follower over loopback: what the transport alone costs.",
+        &["clients", "calls/s", "p50 ms", "p99 ms"],
+    );
+    for &clients in &s.clients {
+        let chans = channels(&cluster.nodes[node].client, connections_for(clients)).await?;
+        let r = closed_loop(clients, WARMUP, s.duration, move |c, _| {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(chans[c % chans.len()].clone());
+            async move {
+                h.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        table.row(vec![clients.to_string(), num(r.rate()), num(r.ms(0.5)), num(r.ms(0.99))]);
+    }
+    Ok(table)
+}
+
+/// Register with a lease (Muster: one Register carrying the TTL; etcd: lease grant +
+/// put with the lease), on the leader.
+pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table> {
+    let mut points: HashMap<(Kind, usize), Point> = HashMap::new();
+    for &kind in kinds {
+        let cluster = start(kind, bin).await?;
+        let leader = cluster.leader().await?;
+        let addr = cluster.nodes[leader].client.clone();
+        for &clients in &s.clients {
+            cluster.compact().await?;
+            let n = connections_for(clients);
+            let point = match kind {
+                Kind::Muster => {
+                    let chans = channels(&addr, n).await?;
+                    measure(&cluster, clients, s.duration, move |c, seq| {
+                        let mut r = RegistryClient::new(chans[c % chans.len()].clone());
+                        async move {
+                            r.register(pb::RegisterRequest {
+                                instance: Some(instance("reg", &format!("c{clients}-{c}-{seq}"), 0)),
+                                ttl_ms: 600_000,
+                            })
+                            .await
+                            .is_ok()
+                        }
+                    })
+                    .await
+                }
+                Kind::Etcd => {
+                    let cs = etcd_clients(&addr, n).await?;
+                    measure(&cluster, clients, s.duration, move |c, seq| {
+                        let mut e = cs[c % cs.len()].clone();
+                        async move {
+                            let Ok(lease) = e.lease_grant(600, None).await else { return false };
+                            e.put(
+                                format!("/registry/reg/c{clients}-{c}-{seq}"),
+                                value(),
+                                Some(PutOptions::new().with_lease(lease.id())),
+                            )
+                            .await
+                            .is_ok()
+                        }
+                    })
+                    .await
+                }
+            };
+            eprintln!("  {} register {clients} clients: {:.0} ops/s", name(kind), point.result.rate());
+            points.insert((kind, clients), point);
+        }
+    }
+    let mut table = Table::new(
+        "Register with a lease",
+        "Muster: `Register` with `ttl_ms` (lease and instance in one Raft entry). etcd: `LeaseGrant` then `Put` with the lease. Sent to the leader; every write fsynced on a majority.",
+        LOAD_COLUMNS,
+    );
+    for &clients in &s.clients {
+        table.row(load_row(
+            clients,
+            points.get(&(Kind::Muster, clients)),
+            points.get(&(Kind::Etcd, clients)),
+        ));
+    }
+    Ok(table)
+}
+
+/// Discover a service of 10 instances from a follower.
+pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bool) -> Result<Table> {
+    let mut points: HashMap<(Kind, usize), Point> = HashMap::new();
+    for &kind in kinds {
+        let cluster = start(kind, bin).await?;
+        let leader = cluster.leader().await?;
+        let follower = cluster.follower().await?;
+        // Ten instances.
+        match kind {
+            Kind::Muster => {
+                let mut r = RegistryClient::new(channels(&cluster.nodes[leader].client, 1).await?.remove(0));
+                for i in 0..10 {
+                    r.register(pb::RegisterRequest {
+                        instance: Some(instance("disc", &format!("d-{i}"), 0)),
+                        ttl_ms: 0,
+                    })
+                    .await?;
+                }
+            }
+            Kind::Etcd => {
+                let mut e = etcd_clients(&cluster.nodes[leader].client, 1).await?.remove(0);
+                for i in 0..10 {
+                    e.put(format!("/registry/disc/d-{i}"), value(), None).await?;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let addr = cluster.nodes[follower].client.clone();
+        for &clients in &s.clients {
+            cluster.compact().await?;
+            let n = connections_for(clients);
+            let point = match kind {
+                Kind::Muster => {
+                    let chans = channels(&addr, n).await?;
+                    let mode = if linearizable {
+                        pb::ReadMode::Linearizable
+                    } else {
+                        pb::ReadMode::Local
+                    };
+                    measure(&cluster, clients, s.duration, move |c, _| {
+                        let mut r = RegistryClient::new(chans[c % chans.len()].clone());
+                        async move {
+                            matches!(
+                                r.discover(pb::DiscoverRequest {
+                                    service: "disc".into(),
+                                    mode: mode as i32,
+                                    ..Default::default()
+                                })
+                                .await,
+                                Ok(resp) if resp.get_ref().instances.len() == 10
+                            )
+                        }
+                    })
+                    .await
+                }
+                Kind::Etcd => {
+                    let cs = etcd_clients(&addr, n).await?;
+                    measure(&cluster, clients, s.duration, move |c, _| {
+                        let mut e = cs[c % cs.len()].clone();
+                        async move {
+                            let mut opts = GetOptions::new().with_prefix();
+                            if !linearizable {
+                                opts = opts.with_serializable();
+                            }
+                            matches!(e.get("/registry/disc/", Some(opts)).await, Ok(r) if r.kvs().len() == 10)
+                        }
+                    })
+                    .await
+                }
+            };
+            eprintln!("  {} discover {clients} clients: {:.0} ops/s", name(kind), point.result.rate());
+            points.insert((kind, clients), point);
+        }
+    }
+    let (title, note) = if linearizable {
+        (
+            "Discover, linearizable",
+            "Muster: `Discover` with `READ_MODE_LINEARIZABLE` on a follower (read index from the leader, then a local read). etcd: linearizable range get of the prefix on a follower.",
+        )
+    } else {
+        (
+            "Discover, local read",
+            "A service of 10 instances read from a follower. Muster: `Discover` (local, from memory). etcd: serializable range get of the prefix.",
+        )
+    };
+    let mut table = Table::new(title, note, LOAD_COLUMNS);
+    for &clients in &s.clients {
+        table.row(load_row(
+            clients,
+            points.get(&(Kind::Muster, clients)),
+            points.get(&(Kind::Etcd, clients)),
+        ));
+    }
+    Ok(table)
+}
+
+/// 10k instances on 1k leases, each lease kept alive once a second; the leader's CPU.
+pub async fn keepalive(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table> {
+    const LEASES: usize = 1_000;
+    const PER_LEASE: usize = 10;
+    let window = s.duration.max(Duration::from_secs(5)) * 2;
+    let mut table = Table::new(
+        "Keep-alive: 10k instances on 1k leases, one keep-alive per lease per second",
+        "Keep-alive streams spread over all three nodes. CPU is the share of one core used during the window.",
+        &["system", "leader CPU %", "all nodes CPU %", "keep-alives/s answered"],
+    );
+    for &kind in kinds {
+        let cluster = start(kind, bin).await?;
+        let leader = cluster.leader().await?;
+        let answered = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        match kind {
+            Kind::Muster => {
+                let mut r = RegistryClient::new(channels(&cluster.nodes[leader].client, 1).await?.remove(0));
+                let mut leases = Vec::new();
+                for l in 0..LEASES {
+                    let id = r
+                        .grant_lease(pb::GrantLeaseRequest {
+                            ttl_ms: 10_000,
+                            lease_id: 0,
+                        })
+                        .await?
+                        .into_inner()
+                        .lease_id;
+                    for i in 0..PER_LEASE {
+                        r.register(pb::RegisterRequest {
+                            instance: Some(instance("ka", &format!("k-{l}-{i}"), id)),
+                            ttl_ms: 0,
+                        })
+                        .await?;
+                    }
+                    leases.push(id);
+                }
+                // 20 streams, 50 leases each, spread over the nodes.
+                for (k, chunk) in leases.chunks(LEASES / 20).enumerate() {
+                    let addr = cluster.nodes[k % 3].client.clone();
+                    let chunk = chunk.to_vec();
+                    let (answered, stop) = (answered.clone(), stop.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let Ok(chan) = channels(&addr, 1).await else { return };
+                        let mut r = RegistryClient::new(chan[0].clone());
+                        let (tx, rx) = tokio::sync::mpsc::channel(chunk.len() * 2);
+                        let Ok(resp) = r.keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
+                            return;
+                        };
+                        let mut inbound = resp.into_inner();
+                        let counter = answered.clone();
+                        tokio::spawn(async move {
+                            while let Some(Ok(_)) = inbound.next().await {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        while !stop.load(Ordering::Relaxed) {
+                            tick.tick().await;
+                            for id in &chunk {
+                                if tx.send(pb::KeepAliveRequest { lease_id: *id }).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }));
+                }
+            }
+            Kind::Etcd => {
+                let mut e = etcd_clients(&cluster.nodes[leader].client, 1).await?.remove(0);
+                let mut leases = Vec::new();
+                for l in 0..LEASES {
+                    let id = e.lease_grant(10, None).await?.id();
+                    for i in 0..PER_LEASE {
+                        e.put(format!("/registry/ka/k-{l}-{i}"), value(), Some(PutOptions::new().with_lease(id)))
+                            .await?;
+                    }
+                    leases.push(id);
+                }
+                for (k, chunk) in leases.chunks(LEASES / 20).enumerate() {
+                    let addr = cluster.nodes[k % 3].client.clone();
+                    let chunk = chunk.to_vec();
+                    let (answered, stop) = (answered.clone(), stop.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let Ok(mut cs) = etcd_clients(&addr, 1).await else { return };
+                        let mut client = cs.remove(0);
+                        let mut keepers = Vec::new();
+                        for id in chunk {
+                            if let Ok(k) = client.lease_keep_alive(id).await {
+                                keepers.push(k);
+                            }
+                        }
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        while !stop.load(Ordering::Relaxed) {
+                            tick.tick().await;
+                            for (keeper, stream) in keepers.iter_mut() {
+                                if keeper.keep_alive().await.is_ok() && matches!(stream.message().await, Ok(Some(_))) {
+                                    answered.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = cluster.leader().await?;
+        let leader_pid = cluster.nodes[leader].pid().context("leader pid")?;
+        let (c0, all0, a0) = (cpu_time(leader_pid), cluster.total_cpu(), answered.load(Ordering::Relaxed));
+        tokio::time::sleep(window).await;
+        let (c1, all1, a1) = (cpu_time(leader_pid), cluster.total_cpu(), answered.load(Ordering::Relaxed));
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.abort();
+        }
+        let secs = window.as_secs_f64();
+        table.row(vec![
+            name(kind).into(),
+            num((c1 - c0).as_secs_f64() / secs * 100.0),
+            num((all1 - all0).as_secs_f64() / secs * 100.0),
+            num((a1 - a0) as f64 / secs),
+        ]);
+        eprintln!("  {} keep-alive done", name(kind));
+    }
+    Ok(table)
+}
+
+/// Watch fan-out: delivery latency from the start of each write to its arrival at
+/// every watcher, and events lost.
+pub async fn watch(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table> {
+    let mut table = Table::new(
+        "Watch fan-out",
+        "Delivery latency is measured from the moment each write is sent to the moment each watcher receives its event. Writes go to the leader at a fixed rate for the window.",
+        &["system", "streams", "nodes", "writes/s", "p50 ms", "p99 ms", "max ms", "events lost"],
+    );
+    let configs = [(1_000usize, 100u64, false), (10_000usize, 10u64, true)];
+    for &(streams, rate, one_node) in &configs {
+        for &kind in kinds {
+            let cluster = start(kind, bin).await?;
+            let leader = cluster.leader().await?;
+            let writes = (rate as f64 * s.duration.max(Duration::from_secs(5)).as_secs_f64()) as usize;
+            let base = Instant::now();
+            let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..writes).map(|_| AtomicU64::new(0)).collect());
+            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+            let received = Arc::new(AtomicU64::new(0));
+            let ready = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            let per_conn = 100;
+            let target_nodes: Vec<usize> = if one_node { vec![cluster.follower().await?] } else { vec![0, 1, 2] };
+            for conn in 0..streams.div_ceil(per_conn) {
+                let addr = cluster.nodes[target_nodes[conn % target_nodes.len()]].client.clone();
+                let count = per_conn.min(streams - conn * per_conn);
+                let (sent_at, hist, received, ready) = (sent_at.clone(), hist.clone(), received.clone(), ready.clone());
+                tasks.push(tokio::spawn(async move {
+                    watch_connection(kind, &addr, count, base, sent_at, hist, received, ready).await
+                }));
+            }
+            // Wait until every watcher is subscribed.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while (ready.load(Ordering::Relaxed) as usize) < streams && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // The writer.
+            let leader_addr = cluster.nodes[leader].client.clone();
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            match kind {
+                Kind::Muster => {
+                    let r = RegistryClient::new(channels(&leader_addr, 1).await?.remove(0));
+                    for seq in 0..writes {
+                        tick.tick().await;
+                        let mut r = r.clone();
+                        let sent_at = sent_at.clone();
+                        tokio::spawn(async move {
+                            sent_at[seq].store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            let _ = r
+                                .register(pb::RegisterRequest {
+                                    instance: Some(instance("wf", &format!("w-{seq}"), 0)),
+                                    ttl_ms: 0,
+                                })
+                                .await;
+                        });
+                    }
+                }
+                Kind::Etcd => {
+                    let e = etcd_clients(&leader_addr, 1).await?.remove(0);
+                    for seq in 0..writes {
+                        tick.tick().await;
+                        let mut e = e.clone();
+                        let sent_at = sent_at.clone();
+                        tokio::spawn(async move {
+                            sent_at[seq].store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            let _ = e.put(format!("/registry/wf/w-{seq}"), value(), None).await;
+                        });
+                    }
+                }
+            }
+            let expected = (writes * streams) as u64;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for t in tasks {
+                t.abort();
+            }
+            let h = hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let got = received.load(Ordering::Relaxed);
+            table.row(vec![
+                name(kind).into(),
+                streams.to_string(),
+                if one_node { "1".into() } else { "3".into() },
+                rate.to_string(),
+                num(h.value_at_quantile(0.5) as f64 / 1000.0),
+                num(h.value_at_quantile(0.99) as f64 / 1000.0),
+                num(h.max() as f64 / 1000.0),
+                expected.saturating_sub(got).to_string(),
+            ]);
+            eprintln!("  {} watch {streams} streams: {got}/{expected} events", name(kind));
+        }
+    }
+    Ok(table)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn watch_connection(
+    kind: Kind,
+    addr: &str,
+    count: usize,
+    base: Instant,
+    sent_at: Arc<Vec<AtomicU64>>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    received: Arc<AtomicU64>,
+    ready: Arc<AtomicU64>,
+) {
+    let record = move |seq: usize, local: &mut Histogram<u64>| {
+        let now = base.elapsed().as_micros() as u64;
+        let sent = sent_at.get(seq).map_or(0, |a| a.load(Ordering::Relaxed));
+        if sent > 0 {
+            let _ = local.record(now.saturating_sub(sent).max(1));
+        }
+    };
+    let seq_of = |id: &str| id.rsplit('-').next().and_then(|n| n.parse::<usize>().ok());
+    let mut streams = Vec::new();
+    match kind {
+        Kind::Muster => {
+            let Ok(chan) = channels(addr, 1).await else { return };
+            for _ in 0..count {
+                let mut r = RegistryClient::new(chan[0].clone());
+                let Ok(resp) = r
+                    .watch(pb::WatchRequest {
+                        service: "wf".into(),
+                        ..Default::default()
+                    })
+                    .await
+                else {
+                    continue;
+                };
+                ready.fetch_add(1, Ordering::Relaxed);
+                let mut stream = resp.into_inner();
+                let (hist, received, record) = (hist.clone(), received.clone(), record.clone());
+                streams.push(tokio::spawn(async move {
+                    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                    let mut n = 0u64;
+                    while let Some(Ok(msg)) = stream.next().await {
+                        if let Some(pb::watch_response::Response::Event(pb::Event {
+                            kind: Some(pb::event::Kind::Put(i)),
+                            ..
+                        })) = msg.response
+                        {
+                            if let Some(seq) = seq_of(&i.instance_id) {
+                                record(seq, &mut local);
+                                n += 1;
+                                received.fetch_add(1, Ordering::Relaxed);
+                                if n % 64 == 0 {
+                                    if let Ok(mut h) = hist.lock() {
+                                        let _ = h.add(&local);
+                                    }
+                                    local.reset();
+                                }
+                            }
+                        }
+                        if let Ok(mut h) = hist.lock() {
+                            let _ = h.add(&local);
+                            local.reset();
+                        }
+                    }
+                }));
+            }
+        }
+        Kind::Etcd => {
+            let Ok(mut cs) = etcd_clients(addr, 1).await else { return };
+            let mut client = cs.remove(0);
+            for _ in 0..count {
+                let Ok(mut stream) = client
+                    .watch("/registry/wf/", Some(WatchOptions::new().with_prefix()))
+                    .await
+                else {
+                    continue;
+                };
+                ready.fetch_add(1, Ordering::Relaxed);
+                let (hist, received, record) = (hist.clone(), received.clone(), record.clone());
+                streams.push(tokio::spawn(async move {
+                    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                    while let Ok(Some(resp)) = stream.message().await {
+                        for ev in resp.events() {
+                            if let Some(seq) = ev.kv().and_then(|kv| kv.key_str().ok()).and_then(seq_of) {
+                                record(seq, &mut local);
+                                received.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if let Ok(mut h) = hist.lock() {
+                            let _ = h.add(&local);
+                            local.reset();
+                        }
+                    }
+                }));
+            }
+        }
+    }
+    for s in streams {
+        let _ = s.await;
+    }
+}
+
+/// Failover: kill -9 the leader during a steady register load sent through a
+/// follower; time until writes succeed again, and local reads failed on followers.
+pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table> {
+    let mut table = Table::new(
+        "Failover: kill -9 the leader under register load",
+        "16 writers through a surviving follower, 4 readers per follower doing local reads. Time from the kill to the next successful write.",
+        &["system", "writes again after ms", "reads failed on followers", "reads on followers"],
+    );
+    for &kind in kinds {
+        let mut cluster = start(kind, bin).await?;
+        let leader = cluster.leader().await?;
+        let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+        let write_addr = cluster.nodes[followers[0]].client.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_ok = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let reads = Arc::new(AtomicU64::new(0));
+        let read_fail = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..16 {
+            let (stop, last_ok, addr) = (stop.clone(), last_ok.clone(), write_addr.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut seq = 0u64;
+                match kind {
+                    Kind::Muster => {
+                        let Ok(ch) = channels(&addr, 1).await else { return };
+                        let mut r = RegistryClient::new(ch[0].clone());
+                        while !stop.load(Ordering::Relaxed) {
+                            seq += 1;
+                            let ok = r
+                                .register(pb::RegisterRequest {
+                                    instance: Some(instance("fo", &format!("f-{c}-{seq}"), 0)),
+                                    ttl_ms: 0,
+                                })
+                                .await
+                                .is_ok();
+                            if ok {
+                                if let Ok(mut v) = last_ok.lock() {
+                                    v.push(Instant::now());
+                                }
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }
+                    Kind::Etcd => {
+                        let Ok(mut cs) = etcd_clients(&addr, 1).await else { return };
+                        let mut e = cs.remove(0);
+                        while !stop.load(Ordering::Relaxed) {
+                            seq += 1;
+                            let ok = e.put(format!("/registry/fo/f-{c}-{seq}"), value(), None).await.is_ok();
+                            if ok {
+                                if let Ok(mut v) = last_ok.lock() {
+                                    v.push(Instant::now());
+                                }
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for f in &followers {
+            for _ in 0..4 {
+                let (stop, reads, read_fail, addr) =
+                    (stop.clone(), reads.clone(), read_fail.clone(), cluster.nodes[*f].client.clone());
+                tasks.push(tokio::spawn(async move {
+                    match kind {
+                        Kind::Muster => {
+                            let Ok(ch) = channels(&addr, 1).await else { return };
+                            let mut r = RegistryClient::new(ch[0].clone());
+                            while !stop.load(Ordering::Relaxed) {
+                                let ok = r
+                                    .discover(pb::DiscoverRequest {
+                                        service: "fo".into(),
+                                        ..Default::default()
+                                    })
+                                    .await
+                                    .is_ok();
+                                reads.fetch_add(1, Ordering::Relaxed);
+                                if !ok {
+                                    read_fail.fetch_add(1, Ordering::Relaxed);
+                                }
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                        }
+                        Kind::Etcd => {
+                            let Ok(mut cs) = etcd_clients(&addr, 1).await else { return };
+                            let mut e = cs.remove(0);
+                            while !stop.load(Ordering::Relaxed) {
+                                let ok = e
+                                    .get(
+                                        "/registry/fo/f-0-1",
+                                        Some(GetOptions::new().with_serializable()),
+                                    )
+                                    .await
+                                    .is_ok();
+                                reads.fetch_add(1, Ordering::Relaxed);
+                                if !ok {
+                                    read_fail.fetch_add(1, Ordering::Relaxed);
+                                }
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (reads0, fails0) = (reads.load(Ordering::Relaxed), read_fail.load(Ordering::Relaxed));
+        let killed = Instant::now();
+        cluster.kill9(leader)?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let first_after = last_ok
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+            .filter(|t| **t > killed + Duration::from_millis(1))
+            .min()
+            .copied();
+        let gap = first_after.map_or("no write succeeded".to_string(), |t| num((t - killed).as_secs_f64() * 1000.0));
+        table.row(vec![
+            name(kind).into(),
+            gap,
+            (read_fail.load(Ordering::Relaxed) - fails0).to_string(),
+            (reads.load(Ordering::Relaxed) - reads0).to_string(),
+        ]);
+        eprintln!("  {} failover done", name(kind));
+    }
+    Ok(table)
+}
+
+/// Memory with 10k and `max` instances (each with a lease), then a cold start of a
+/// follower holding them all.
+pub async fn memory_and_cold_start(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<(Table, Table)> {
+    let mut mem = Table::new(
+        "Memory: RSS per node",
+        "Instances registered with leases (100 per lease; etcd: keys with 256 B values on the same leases). Largest RSS of the three nodes.",
+        &["system", "instances", "RSS MB (max node)", "RSS MB (mean)"],
+    );
+    let mut cold = Table::new(
+        "Cold start",
+        "A follower holding every instance is stopped (SIGTERM) and started again: time until it answers a read with the full count.",
+        &["system", "instances", "serves reads after ms"],
+    );
+    let sizes: Vec<usize> = [10_000usize, s.max_instances]
+        .into_iter()
+        .filter(|n| *n <= s.max_instances)
+        .collect();
+    for &kind in kinds {
+        let mut cluster = start(kind, bin).await?;
+        let leader = cluster.leader().await?;
+        let addr = cluster.nodes[leader].client.clone();
+        let mut have = 0usize;
+        for &target in &sizes {
+            fill(kind, &addr, have, target).await?;
+            have = target;
+            cluster.compact().await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss: Vec<f64> = cluster
+                .nodes
+                .iter()
+                .filter_map(|n| n.pid())
+                .map(|p| rss_bytes(p) as f64 / 1e6)
+                .collect();
+            let max = rss.iter().cloned().fold(0.0, f64::max);
+            let mean = rss.iter().sum::<f64>() / rss.len().max(1) as f64;
+            mem.row(vec![name(kind).into(), target.to_string(), num(max), num(mean)]);
+            eprintln!("  {} memory at {target}: {max:.0} MB", name(kind));
+        }
+        let follower = cluster.follower().await?;
+        cluster.stop(follower)?;
+        let t = Instant::now();
+        cluster.restart(follower)?;
+        let node_addr = cluster.nodes[follower].client.clone();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if serves_all(kind, &node_addr, have).await {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cold.row(vec![name(kind).into(), have.to_string(), num(t.elapsed().as_secs_f64() * 1000.0)]);
+    }
+    Ok((mem, cold))
+}
+
+async fn serves_all(kind: Kind, addr: &str, expected: usize) -> bool {
+    match kind {
+        Kind::Muster => {
+            let Ok(mut c) = ClusterClient::connect(format!("http://{addr}")).await else { return false };
+            matches!(c.status(pb::StatusRequest {}).await, Ok(s) if s.get_ref().instances as usize >= expected)
+        }
+        Kind::Etcd => {
+            let Ok(mut cs) = etcd_clients(addr, 1).await else { return false };
+            matches!(
+                cs[0].get("/registry/mem/", Some(GetOptions::new().with_prefix().with_serializable().with_count_only())).await,
+                Ok(r) if r.count() as usize >= expected
+            )
+        }
+    }
+}
+
+/// Registers instances `from..to` with 64 writers, 100 instances per lease.
+async fn fill(kind: Kind, addr: &str, from: usize, to: usize) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(from as u64));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let next = next.clone();
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            match kind {
+                Kind::Muster => {
+                    let ch = channels(&addr, 1).await?;
+                    let mut r = RegistryClient::new(ch[0].clone());
+                    let mut lease = 0u64;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= to {
+                            return Ok::<_, anyhow::Error>(());
+                        }
+                        if lease == 0 || i % 100 == 0 {
+                            lease = r
+                                .grant_lease(pb::GrantLeaseRequest {
+                                    ttl_ms: 3_600_000,
+                                    lease_id: 0,
+                                })
+                                .await?
+                                .into_inner()
+                                .lease_id;
+                        }
+                        r.register(pb::RegisterRequest {
+                            instance: Some(instance(&format!("mem-{}", i % 1000), &format!("m-{i}"), lease)),
+                            ttl_ms: 0,
+                        })
+                        .await?;
+                    }
+                }
+                Kind::Etcd => {
+                    let mut e = etcd_clients(&addr, 1).await?.remove(0);
+                    let mut lease = 0i64;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= to {
+                            return Ok(());
+                        }
+                        if lease == 0 || i % 100 == 0 {
+                            lease = e.lease_grant(3600, None).await?.id();
+                        }
+                        e.put(format!("/registry/mem/m-{i}"), value(), Some(PutOptions::new().with_lease(lease)))
+                            .await?;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
