@@ -79,7 +79,9 @@ impl Cluster {
     /// Starts three Muster nodes of the binary `bin`.
     pub async fn muster(bin: &Path, base_port: u16) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let peers: Vec<String> = (0..3).map(|i| format!("{}=127.0.0.1:{}", i + 1, base_port + 200 + i)).collect();
+        let peers: Vec<String> = (0..3)
+            .map(|i| format!("{}=127.0.0.1:{}", i + 1, base_port + 200 + i))
+            .collect();
         let mut nodes = Vec::new();
         for i in 0..3u16 {
             let data_dir = dir.path().join(format!("m{}", i + 1));
@@ -124,7 +126,9 @@ impl Cluster {
     pub async fn etcd(base_port: u16) -> Result<Self> {
         let program = which("etcd").context("etcd not found: install Debian's etcd-server")?;
         let dir = tempfile::tempdir()?;
-        let initial: Vec<String> = (0..3).map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, base_port + 100 + i)).collect();
+        let initial: Vec<String> = (0..3)
+            .map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, base_port + 100 + i))
+            .collect();
         let mut nodes = Vec::new();
         for i in 0..3u16 {
             let data_dir = dir.path().join(format!("e{}", i + 1));
@@ -207,7 +211,10 @@ impl Cluster {
     /// Stops node `index` with SIGTERM and waits.
     pub fn stop(&mut self, index: usize) -> Result<()> {
         if let Some(mut c) = self.nodes[index].child.take() {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
             c.wait()?;
         }
         Ok(())

@@ -96,7 +96,9 @@ fn load_row(clients: usize, m: Option<&Point>, e: Option<&Point>) -> Vec<String>
         cell(f(e, &p99)),
         cell(f(m, &cpu)),
         cell(f(e, &cpu)),
-        m.map_or("-".into(), |p| p.result.errors.to_string()) + " / " + &e.map_or("-".into(), |p| p.result.errors.to_string()),
+        m.map_or("-".into(), |p| p.result.errors.to_string())
+            + " / "
+            + &e.map_or("-".into(), |p| p.result.errors.to_string()),
     ]
 }
 
@@ -153,7 +155,12 @@ pub async fn floor(bin: &Path, s: &Settings) -> Result<Table> {
             }
         })
         .await;
-        table.row(vec![clients.to_string(), num(r.rate()), num(r.ms(0.5)), num(r.ms(0.99))]);
+        table.row(vec![
+            clients.to_string(),
+            num(r.rate()),
+            num(r.ms(0.5)),
+            num(r.ms(0.99)),
+        ]);
     }
     Ok(table)
 }
@@ -190,7 +197,9 @@ pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table>
                     measure(&cluster, clients, s.duration, move |c, seq| {
                         let mut e = cs[c % cs.len()].clone();
                         async move {
-                            let Ok(lease) = e.lease_grant(600, None).await else { return false };
+                            let Ok(lease) = e.lease_grant(600, None).await else {
+                                return false;
+                            };
                             e.put(
                                 format!("/registry/reg/c{clients}-{c}-{seq}"),
                                 value(),
@@ -203,7 +212,11 @@ pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table>
                     .await
                 }
             };
-            eprintln!("  {} register {clients} clients: {:.0} ops/s", name(kind), point.result.rate());
+            eprintln!(
+                "  {} register {clients} clients: {:.0} ops/s",
+                name(kind),
+                point.result.rate()
+            );
             points.insert((kind, clients), point);
         }
     }
@@ -292,7 +305,11 @@ pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bo
                     .await
                 }
             };
-            eprintln!("  {} discover {clients} clients: {:.0} ops/s", name(kind), point.result.rate());
+            eprintln!(
+                "  {} discover {clients} clients: {:.0} ops/s",
+                name(kind),
+                point.result.rate()
+            );
             points.insert((kind, clients), point);
         }
     }
@@ -393,8 +410,12 @@ pub async fn keepalive(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table
                 for l in 0..LEASES {
                     let id = e.lease_grant(10, None).await?.id();
                     for i in 0..PER_LEASE {
-                        e.put(format!("/registry/ka/k-{l}-{i}"), value(), Some(PutOptions::new().with_lease(id)))
-                            .await?;
+                        e.put(
+                            format!("/registry/ka/k-{l}-{i}"),
+                            value(),
+                            Some(PutOptions::new().with_lease(id)),
+                        )
+                        .await?;
                     }
                     leases.push(id);
                 }
@@ -403,7 +424,9 @@ pub async fn keepalive(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table
                     let chunk = chunk.to_vec();
                     let (answered, stop) = (answered.clone(), stop.clone());
                     tasks.push(tokio::spawn(async move {
-                        let Ok(mut cs) = etcd_clients(&addr, 1).await else { return };
+                        let Ok(mut cs) = etcd_clients(&addr, 1).await else {
+                            return;
+                        };
                         let mut client = cs.remove(0);
                         let mut keepers = Vec::new();
                         for id in chunk {
@@ -427,9 +450,17 @@ pub async fn keepalive(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table
         tokio::time::sleep(Duration::from_secs(2)).await;
         let leader = cluster.leader().await?;
         let leader_pid = cluster.nodes[leader].pid().context("leader pid")?;
-        let (c0, all0, a0) = (cpu_time(leader_pid), cluster.total_cpu(), answered.load(Ordering::Relaxed));
+        let (c0, all0, a0) = (
+            cpu_time(leader_pid),
+            cluster.total_cpu(),
+            answered.load(Ordering::Relaxed),
+        );
         tokio::time::sleep(window).await;
-        let (c1, all1, a1) = (cpu_time(leader_pid), cluster.total_cpu(), answered.load(Ordering::Relaxed));
+        let (c1, all1, a1) = (
+            cpu_time(leader_pid),
+            cluster.total_cpu(),
+            answered.load(Ordering::Relaxed),
+        );
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             t.abort();
@@ -467,7 +498,11 @@ pub async fn watch(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table> {
             let ready = Arc::new(AtomicU64::new(0));
             let mut tasks = Vec::new();
             let per_conn = 100;
-            let target_nodes: Vec<usize> = if one_node { vec![cluster.follower().await?] } else { vec![0, 1, 2] };
+            let target_nodes: Vec<usize> = if one_node {
+                vec![cluster.follower().await?]
+            } else {
+                vec![0, 1, 2]
+            };
             for conn in 0..streams.div_ceil(per_conn) {
                 let addr = cluster.nodes[target_nodes[conn % target_nodes.len()]].client.clone();
                 let count = per_conn.min(streams - conn * per_conn);
@@ -592,7 +627,7 @@ async fn watch_connection(
                                 record(seq, &mut local);
                                 n += 1;
                                 received.fetch_add(1, Ordering::Relaxed);
-                                if n % 64 == 0 {
+                                if n.is_multiple_of(64) {
                                     if let Ok(mut h) = hist.lock() {
                                         let _ = h.add(&local);
                                     }
@@ -609,7 +644,9 @@ async fn watch_connection(
             }
         }
         Kind::Etcd => {
-            let Ok(mut cs) = etcd_clients(addr, 1).await else { return };
+            let Ok(mut cs) = etcd_clients(addr, 1).await else {
+                return;
+            };
             let mut client = cs.remove(0);
             for _ in 0..count {
                 let Ok(mut stream) = client
@@ -688,7 +725,9 @@ pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table
                         }
                     }
                     Kind::Etcd => {
-                        let Ok(mut cs) = etcd_clients(&addr, 1).await else { return };
+                        let Ok(mut cs) = etcd_clients(&addr, 1).await else {
+                            return;
+                        };
                         let mut e = cs.remove(0);
                         while !stop.load(Ordering::Relaxed) {
                             seq += 1;
@@ -707,8 +746,12 @@ pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table
         }
         for f in &followers {
             for _ in 0..4 {
-                let (stop, reads, read_fail, addr) =
-                    (stop.clone(), reads.clone(), read_fail.clone(), cluster.nodes[*f].client.clone());
+                let (stop, reads, read_fail, addr) = (
+                    stop.clone(),
+                    reads.clone(),
+                    read_fail.clone(),
+                    cluster.nodes[*f].client.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
                     match kind {
                         Kind::Muster => {
@@ -730,14 +773,13 @@ pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table
                             }
                         }
                         Kind::Etcd => {
-                            let Ok(mut cs) = etcd_clients(&addr, 1).await else { return };
+                            let Ok(mut cs) = etcd_clients(&addr, 1).await else {
+                                return;
+                            };
                             let mut e = cs.remove(0);
                             while !stop.load(Ordering::Relaxed) {
                                 let ok = e
-                                    .get(
-                                        "/registry/fo/f-0-1",
-                                        Some(GetOptions::new().with_serializable()),
-                                    )
+                                    .get("/registry/fo/f-0-1", Some(GetOptions::new().with_serializable()))
                                     .await
                                     .is_ok();
                                 reads.fetch_add(1, Ordering::Relaxed);
@@ -767,7 +809,9 @@ pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table
             .filter(|t| **t > killed + Duration::from_millis(1))
             .min()
             .copied();
-        let gap = first_after.map_or("no write succeeded".to_string(), |t| num((t - killed).as_secs_f64() * 1000.0));
+        let gap = first_after.map_or("no write succeeded".to_string(), |t| {
+            num((t - killed).as_secs_f64() * 1000.0)
+        });
         table.row(vec![
             name(kind).into(),
             gap,
@@ -832,7 +876,11 @@ pub async fn memory_and_cold_start(bin: &Path, kinds: &[Kind], s: &Settings) -> 
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        cold.row(vec![name(kind).into(), have.to_string(), num(t.elapsed().as_secs_f64() * 1000.0)]);
+        cold.row(vec![
+            name(kind).into(),
+            have.to_string(),
+            num(t.elapsed().as_secs_f64() * 1000.0),
+        ]);
     }
     Ok((mem, cold))
 }
@@ -840,11 +888,15 @@ pub async fn memory_and_cold_start(bin: &Path, kinds: &[Kind], s: &Settings) -> 
 async fn serves_all(kind: Kind, addr: &str, expected: usize) -> bool {
     match kind {
         Kind::Muster => {
-            let Ok(mut c) = ClusterClient::connect(format!("http://{addr}")).await else { return false };
+            let Ok(mut c) = ClusterClient::connect(format!("http://{addr}")).await else {
+                return false;
+            };
             matches!(c.status(pb::StatusRequest {}).await, Ok(s) if s.get_ref().instances as usize >= expected)
         }
         Kind::Etcd => {
-            let Ok(mut cs) = etcd_clients(addr, 1).await else { return false };
+            let Ok(mut cs) = etcd_clients(addr, 1).await else {
+                return false;
+            };
             matches!(
                 cs[0].get("/registry/mem/", Some(GetOptions::new().with_prefix().with_serializable().with_count_only())).await,
                 Ok(r) if r.count() as usize >= expected
@@ -871,7 +923,7 @@ async fn fill(kind: Kind, addr: &str, from: usize, to: usize) -> Result<()> {
                         if i >= to {
                             return Ok::<_, anyhow::Error>(());
                         }
-                        if lease == 0 || i % 100 == 0 {
+                        if lease == 0 || i.is_multiple_of(100) {
                             lease = r
                                 .grant_lease(pb::GrantLeaseRequest {
                                     ttl_ms: 3_600_000,
@@ -896,11 +948,15 @@ async fn fill(kind: Kind, addr: &str, from: usize, to: usize) -> Result<()> {
                         if i >= to {
                             return Ok(());
                         }
-                        if lease == 0 || i % 100 == 0 {
+                        if lease == 0 || i.is_multiple_of(100) {
                             lease = e.lease_grant(3600, None).await?.id();
                         }
-                        e.put(format!("/registry/mem/m-{i}"), value(), Some(PutOptions::new().with_lease(lease)))
-                            .await?;
+                        e.put(
+                            format!("/registry/mem/m-{i}"),
+                            value(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await?;
                     }
                 }
             }

@@ -1,1 +1,85 @@
-fn main() {}
+//! `muster`: run a node (`server`), a local cluster (`dev`), or talk to a cluster.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod commands;
+mod config_file;
+mod dev;
+mod output;
+mod parse;
+mod server;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, LogFormat};
+use crate::commands::Ctx;
+
+fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().collect();
+    // Before clap and before any thread: the file's keys become MUSTER_* defaults.
+    if let Err(e) = config_file::load_into_env(&args) {
+        eprintln!("muster: {e:#}");
+        return ExitCode::from(server::EXIT_BAD_CONFIG);
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // A flag that cannot be parsed is a bad configuration like any other.
+            let _ = e.print();
+            return ExitCode::from(server::EXIT_BAD_CONFIG);
+        }
+    };
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("muster: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr. RUST_LOG sets the level: `info` by default for `server` and
+/// `dev`, `warn` for the client commands (whose output is on stdout).
+fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Server(_) | Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = || Ctx::new(cli.addr.clone(), cli.json, cli.verbose);
+    match cli.command {
+        Command::Server(ref args) => return server::run(args).await,
+        Command::Dev(ref args) => return dev::run(args, cli.log_format, cli.verbose).await,
+        Command::Register(args) => commands::register(&ctx().await?, args).await?,
+        Command::Deregister(args) => commands::deregister(&ctx().await?, args).await?,
+        Command::Discover(args) => commands::discover(&ctx().await?, args).await?,
+        Command::Services(args) => commands::services(&ctx().await?, args).await?,
+        Command::Watch(args) => commands::watch(&ctx().await?, args).await?,
+        Command::Cluster(command) => commands::cluster(&ctx().await?, command).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,442 @@
+//! The command line: every flag, its environment variable and its default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::parse::{parse_duration, parse_initial_cluster, parse_key_value, parse_port_name, InitialCluster};
+
+/// Muster: a Raft-replicated service registry.
+#[derive(Debug, Parser)]
+#[command(name = "muster", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Node(s) to talk to, as HOST:PORT of their gRPC API; a comma-separated list
+    /// lets the client fail over between them.
+    #[arg(
+        long,
+        global = true,
+        env = "MUSTER_ADDR",
+        default_value = "127.0.0.1:7100",
+        value_delimiter = ','
+    )]
+    pub addr: Vec<String>,
+
+    /// Print JSON instead of tables.
+    #[arg(long, global = true, env = "MUSTER_JSON")]
+    pub json: bool,
+
+    /// Print more (e.g. progress notifications in `watch`).
+    #[arg(long, short, global = true, env = "MUSTER_VERBOSE")]
+    pub verbose: bool,
+
+    /// Log format on stderr (the level comes from RUST_LOG).
+    #[arg(long, global = true, env = "MUSTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Server(Box<ServerArgs>),
+    /// Start a local cluster of child `muster server` processes on loopback.
+    Dev(DevArgs),
+    /// Register an instance (with --ttl: keep it alive until Ctrl-C, then deregister).
+    Register(RegisterArgs),
+    /// Remove an instance.
+    Deregister(DeregisterArgs),
+    /// List the instances of a service.
+    Discover(DiscoverArgs),
+    /// List services with instance counts.
+    Services(ServicesArgs),
+    /// Print change events as they happen.
+    Watch(WatchArgs),
+    /// Cluster status and membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `muster server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// This node's id (> 0), unique in the cluster.
+    #[arg(long, env = "MUSTER_ID")]
+    pub id: u64,
+
+    /// Directory for the Raft log, the state database and snapshots.
+    #[arg(long, env = "MUSTER_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Address of the client gRPC API.
+    #[arg(long, env = "MUSTER_GRPC_ADDR", default_value = "0.0.0.0:7100")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the peer (Raft) API.
+    #[arg(long, env = "MUSTER_PEER_ADDR", default_value = "0.0.0.0:7300")]
+    pub peer_addr: SocketAddr,
+
+    /// Address of the HTTP API (/health).
+    #[arg(long, env = "MUSTER_HTTP_ADDR", default_value = "0.0.0.0:8500")]
+    pub http_addr: SocketAddr,
+
+    /// Members of a new cluster, `ID=HOST:PEERPORT,...`; every member gets the same list.
+    #[arg(long, env = "MUSTER_INITIAL_CLUSTER", value_parser = parse_initial_cluster)]
+    pub initial_cluster: Option<InitialCluster>,
+
+    /// gRPC address (HOST:PORT) of a node of an existing cluster to join as a learner.
+    #[arg(long, env = "MUSTER_JOIN")]
+    pub join: Option<String>,
+
+    /// Peer address other nodes use to reach this one (default: this node's entry
+    /// in --initial-cluster, else --peer-addr).
+    #[arg(long, env = "MUSTER_ADVERTISE_PEER_ADDR")]
+    pub advertise_peer_addr: Option<String>,
+
+    /// Leader heartbeat interval in milliseconds [default: 100].
+    #[arg(long, env = "MUSTER_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+
+    /// Lowest election timeout in milliseconds [default: 500].
+    #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+
+    /// Highest election timeout in milliseconds [default: 1000].
+    #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+
+    /// Build a snapshot after this many log entries [default: 20000].
+    #[arg(long, env = "MUSTER_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+
+    /// Most leases expired per second, as a share of all leases [default: 0.1].
+    #[arg(long, env = "MUSTER_LEASE_EXPIRY_RATE")]
+    pub lease_expiry_rate: Option<f64>,
+
+    /// Leases that may always be expired per second, whatever the share [default: 100].
+    #[arg(long, env = "MUSTER_LEASE_EXPIRY_FLOOR")]
+    pub lease_expiry_floor: Option<u32>,
+
+    /// Events kept for watch replay [default: 10000].
+    #[arg(long, env = "MUSTER_WATCH_HISTORY")]
+    pub watch_history: Option<usize>,
+
+    /// Events a watcher may fall behind before it gets a reset [default: 1024].
+    #[arg(long, env = "MUSTER_WATCH_QUEUE")]
+    pub watch_queue: Option<usize>,
+
+    /// Interval of progress notifications to idle watchers, e.g. `5s` [default: 5s].
+    #[arg(long, env = "MUSTER_WATCH_PROGRESS_INTERVAL", value_parser = parse_duration)]
+    pub watch_progress_interval: Option<Duration>,
+
+    /// Largest gRPC message on the client API, in bytes [default: 4194304].
+    #[arg(long, env = "MUSTER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+
+    /// Page cache of the state database, in bytes [default: 33554432].
+    #[arg(long, env = "MUSTER_STATE_CACHE_BYTES")]
+    pub state_cache_bytes: Option<u64>,
+
+    /// TOML file with any of these flags as keys (`grpc-addr = "0.0.0.0:7100"`);
+    /// flags and MUSTER_* variables take precedence over it.
+    #[arg(long, env = "MUSTER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `muster dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Keep the nodes' data under DIR/node-N (default: a temporary directory,
+    /// removed on exit).
+    #[arg(long, env = "MUSTER_DEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// How many nodes to start (node N listens on gRPC 7100+N-1, peer 7300+N-1,
+    /// HTTP 8500+N-1).
+    #[arg(long, env = "MUSTER_DEV_NODES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub nodes: u16,
+}
+
+/// Where an instance lives, shared by commands that name one.
+#[derive(Debug, Args)]
+pub struct NamespaceArg {
+    /// Namespace.
+    #[arg(long, short = 'n', env = "MUSTER_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+}
+
+/// `muster register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Service name.
+    pub service: String,
+
+    /// Instance id, unique within the service.
+    #[arg(long)]
+    pub id: String,
+
+    /// Host name or IP address clients connect to.
+    #[arg(long)]
+    pub address: String,
+
+    /// Main port.
+    #[arg(long)]
+    pub port: u16,
+
+    /// A named extra port, NAME=PORT (repeatable), e.g. `health=8081`.
+    #[arg(long = "named-port", value_name = "NAME=PORT", value_parser = parse_port_name)]
+    pub named_ports: Vec<(String, u16)>,
+
+    /// A tag (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// Metadata, KEY=VALUE (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub meta: Vec<(String, String)>,
+
+    /// Zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+
+    /// Relative weight for weighted picking (default 100).
+    #[arg(long)]
+    pub weight: Option<u32>,
+
+    /// Initial health.
+    #[arg(long, value_enum, default_value_t = HealthArg::Passing)]
+    pub health: HealthArg,
+
+    /// Keep the instance on a lease of this TTL (e.g. `10s`) until Ctrl-C, then
+    /// deregister it.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+
+    #[command(flatten)]
+    pub ns: NamespaceArg,
+}
+
+/// A health state on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HealthArg {
+    /// Serving normally.
+    Passing,
+    /// Serving, degraded.
+    Warning,
+    /// Not serving.
+    Critical,
+}
+
+impl From<HealthArg> for muster_core::Health {
+    fn from(h: HealthArg) -> Self {
+        match h {
+            HealthArg::Passing => muster_core::Health::Passing,
+            HealthArg::Warning => muster_core::Health::Warning,
+            HealthArg::Critical => muster_core::Health::Critical,
+        }
+    }
+}
+
+/// `muster deregister`.
+#[derive(Debug, Args)]
+pub struct DeregisterArgs {
+    /// Service name.
+    pub service: String,
+    /// Instance id.
+    pub id: String,
+    #[command(flatten)]
+    pub ns: NamespaceArg,
+}
+
+/// `muster discover`.
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    /// Service name.
+    pub service: String,
+
+    /// Only instances with this tag (repeatable: all must match).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// Only instances in this zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+
+    /// Only passing instances.
+    #[arg(long, conflicts_with = "health")]
+    pub healthy: bool,
+
+    /// Only instances in these health states (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub health: Vec<HealthArg>,
+
+    /// Confirm leadership through a quorum before reading.
+    #[arg(long)]
+    pub linearizable: bool,
+
+    /// Wait until the answering node has applied this revision.
+    #[arg(long)]
+    pub min_revision: Option<u64>,
+
+    #[command(flatten)]
+    pub ns: NamespaceArg,
+}
+
+/// `muster services`.
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// Only this namespace (default: every namespace).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+
+    /// Confirm leadership through a quorum before reading.
+    #[arg(long)]
+    pub linearizable: bool,
+}
+
+/// `muster watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only this service (default: every service).
+    pub service: Option<String>,
+
+    /// Replay every event from this revision (default: from now on).
+    #[arg(long = "from", value_name = "REV", default_value_t = 0)]
+    pub from: u64,
+
+    /// Only this namespace (default: every namespace).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+/// `muster cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Status of the node(s) given with --addr.
+    Status,
+    /// Members of the cluster.
+    Members,
+    /// Add a node as a learner (it catches up without voting).
+    AddLearner {
+        /// The new node's id.
+        id: u64,
+        /// The new node's peer address, HOST:PORT.
+        peer_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// The learner's id.
+        id: u64,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn server_flags_parse_into_args() {
+        let cli = Cli::try_parse_from([
+            "muster",
+            "server",
+            "--id",
+            "2",
+            "--data-dir",
+            "/tmp/n2",
+            "--initial-cluster",
+            "1=127.0.0.1:7300,2=127.0.0.1:7301",
+            "--heartbeat-ms",
+            "50",
+        ])
+        .unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("expected server")
+        };
+        assert_eq!(args.id, 2);
+        assert_eq!(args.grpc_addr, "0.0.0.0:7100".parse().unwrap());
+        assert_eq!(args.initial_cluster.unwrap().0.len(), 2);
+        assert_eq!(args.heartbeat_ms, Some(50));
+    }
+
+    #[test]
+    fn register_takes_repeated_tags_and_metadata() {
+        let cli = Cli::try_parse_from([
+            "muster",
+            "register",
+            "orders",
+            "--id",
+            "o1",
+            "--address",
+            "10.0.0.1",
+            "--port",
+            "8080",
+            "--tag",
+            "v1",
+            "--tag",
+            "canary",
+            "--meta",
+            "version=1.2",
+            "--meta",
+            "url=http://x/?a=b",
+            "--ttl",
+            "10s",
+        ])
+        .unwrap();
+        let Command::Register(args) = cli.command else {
+            panic!("expected register")
+        };
+        assert_eq!(args.tags, vec!["v1", "canary"]);
+        assert_eq!(args.meta[1], ("url".to_string(), "http://x/?a=b".to_string()));
+        assert_eq!(args.ttl, Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_comma_separated_addr_is_a_list_of_nodes() {
+        let cli = Cli::try_parse_from(["muster", "services", "--addr", "127.0.0.1:7100,127.0.0.1:7101"]).unwrap();
+        assert_eq!(cli.addr, vec!["127.0.0.1:7100", "127.0.0.1:7101"]);
+    }
+
+    #[test]
+    fn a_bad_ttl_is_refused_naming_the_flag() {
+        let err = Cli::try_parse_from([
+            "muster",
+            "register",
+            "orders",
+            "--id",
+            "o1",
+            "--address",
+            "h",
+            "--port",
+            "1",
+            "--ttl",
+            "ten",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("--ttl"), "{err}");
+    }
+}

@@ -1,0 +1,158 @@
+//! `muster server`: flags → `NodeConfig`, validated before any port is bound; run
+//! until SIGTERM or SIGINT, then shut down gracefully.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use muster_server::{Listeners, Node, NodeConfig};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::ServerArgs;
+
+/// Exit code for a command line or configuration that cannot work (EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Builds the node's configuration from the flags.
+pub fn node_config(args: &ServerArgs) -> NodeConfig {
+    let mut config = NodeConfig::new(
+        args.id,
+        args.data_dir.clone(),
+        args.grpc_addr,
+        args.peer_addr,
+        args.http_addr,
+    );
+    if let Some(cluster) = &args.initial_cluster {
+        config.initial_cluster = cluster.0.clone();
+    }
+    config.join = args.join.clone();
+    config.advertise_peer_addr = args.advertise_peer_addr.clone();
+    if let Some(ms) = args.heartbeat_ms {
+        config.raft.heartbeat = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.election_timeout_min_ms {
+        config.raft.election_min = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.election_timeout_max_ms {
+        config.raft.election_max = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.snapshot_every {
+        config.raft.snapshot_every = n;
+    }
+    if let Some(rate) = args.lease_expiry_rate {
+        config.leases.expiry_rate = rate;
+    }
+    if let Some(floor) = args.lease_expiry_floor {
+        config.leases.expiry_floor_per_sec = floor;
+    }
+    if let Some(n) = args.watch_history {
+        config.watch.history = n;
+    }
+    if let Some(n) = args.watch_queue {
+        config.watch.queue = n;
+    }
+    if let Some(d) = args.watch_progress_interval {
+        config.watch.progress_interval = d;
+    }
+    if let Some(n) = args.max_message_bytes {
+        config.max_message_bytes = n;
+    }
+    if let Some(n) = args.state_cache_bytes {
+        config.state_cache_bytes = n;
+    }
+    config
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
+    let config = node_config(args);
+    if let Err(e) = config.validate() {
+        eprintln!("muster server: {e}");
+        return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+    }
+    // Signal handlers first, so a SIGTERM during start-up is not lost.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let listeners = Listeners::bind(&config).await.with_context(|| {
+        format!(
+            "binding gRPC {}, peer {} and HTTP {}",
+            config.grpc_addr, config.peer_addr, config.http_addr
+        )
+    })?;
+    tracing::info!(
+        id = config.id,
+        grpc = %config.grpc_addr,
+        peer = %config.peer_addr,
+        http = %config.http_addr,
+        data_dir = %config.data_dir.display(),
+        "starting node"
+    );
+    let handle = Node::start(config, listeners).await.context("starting the node")?;
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "stopping");
+    handle.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn server_args(extra: &[&str]) -> ServerArgs {
+        let mut argv = vec!["muster", "server", "--id", "1", "--data-dir", "/tmp/x"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Server(args) => *args,
+            other => panic!("expected server, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_left_out_keep_the_servers_defaults() {
+        let config = node_config(&server_args(&["--initial-cluster", "1=127.0.0.1:7300"]));
+        let defaults = NodeConfig::new(
+            1,
+            "/tmp/x".into(),
+            "0.0.0.0:7100".parse().unwrap(),
+            "0.0.0.0:7300".parse().unwrap(),
+            "0.0.0.0:8500".parse().unwrap(),
+        );
+        assert_eq!(config.raft.heartbeat, defaults.raft.heartbeat);
+        assert_eq!(config.leases.expiry_rate, defaults.leases.expiry_rate);
+        assert_eq!(config.http_addr, defaults.http_addr);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn timing_flags_reach_the_config() {
+        let config = node_config(&server_args(&[
+            "--initial-cluster",
+            "1=127.0.0.1:7300",
+            "--heartbeat-ms",
+            "50",
+            "--election-timeout-min-ms",
+            "300",
+            "--election-timeout-max-ms",
+            "600",
+            "--lease-expiry-rate",
+            "0.5",
+        ]));
+        assert_eq!(config.raft.heartbeat, Duration::from_millis(50));
+        assert_eq!(config.raft.election_min, Duration::from_millis(300));
+        assert_eq!(config.raft.election_max, Duration::from_millis(600));
+        assert_eq!(config.leases.expiry_rate, 0.5);
+    }
+
+    #[test]
+    fn a_node_missing_from_its_initial_cluster_fails_validation() {
+        let config = node_config(&server_args(&["--initial-cluster", "2=127.0.0.1:7301"]));
+        assert_eq!(config.validate().unwrap_err().field, "initial-cluster");
+    }
+}
