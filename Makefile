@@ -1,7 +1,7 @@
 # Muster: a Raft-replicated service registry.
 CARGO ?= cargo
 
-.PHONY: dev build release test lint fmt chaos bench bench-micro image compose-test clean
+.PHONY: dev build release test lint fmt chaos fuzz bench bench-micro image compose-test clean
 
 ## Build and start a three-node cluster on loopback (Ctrl-C stops it).
 dev:
@@ -27,6 +27,22 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Fault suite: ROUNDS rounds of random faults (kill, pause, partition, restart,
+## membership change, clock jump/drift) under load, checked for linearizability.
+## SEED=n replays from a seed; FAULTS=kill-leader,pause picks faults.
+ROUNDS ?= 20
+SEED ?=
+FAULTS ?=
+chaos:
+	$(CARGO) build --release -p muster -p muster-chaos
+	./target/release/muster-chaos --bin ./target/release/muster --rounds $(ROUNDS) $(if $(SEED),--seed $(SEED)) $(if $(FAULTS),--faults $(FAULTS))
+
+## Property-based fuzzing of network input and of apply, FUZZ_CASES cases per target.
+FUZZ_CASES ?= 20000
+fuzz:
+	MUSTER_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p muster-chaos --test fuzz_network_input -- --nocapture
+	MUSTER_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p muster-core --test apply_fuzz -- --nocapture
 
 ## Muster vs etcd side by side (installs etcd-server if missing); writes BENCHMARKS.md.
 ## One workload or system: make bench ARGS="--workload discover --system muster"

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use muster_proto::v1 as pb;
 use muster_proto::v1::registry_client::RegistryClient;
-use muster_testkit::{init_tracing, TestCluster};
+use muster_testkit::{eventually, init_tracing, TestCluster};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -59,24 +59,6 @@ fn ids(resp: &pb::DiscoverResponse) -> BTreeSet<String> {
 
 fn revision(header: &Option<pb::ResponseHeader>) -> u64 {
     header.as_ref().map_or(0, |h| h.revision)
-}
-
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await.unwrap_or(false) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

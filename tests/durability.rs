@@ -184,3 +184,32 @@ async fn mass_expiry_is_rate_limited_and_drains_gradually() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A follower that returns to an idle cluster is brought up to date without new
+/// writes (with blackholed rather than refused connections this needs the leader's
+/// barrier nudge; `make compose-test` covers that case with real containers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_back_on_an_idle_cluster_catches_up_without_new_writes() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    cluster.stop(follower).await;
+    let mut client = cluster.registry(leader).await?;
+    for n in 0..5 {
+        client
+            .register(pb::RegisterRequest {
+                instance: Some(instance("idle", &format!("i-{n}"))),
+                ttl_ms: 0,
+            })
+            .await?;
+    }
+    // Long enough for the leader's replication to the stopped node to fail.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.restart(follower).await?;
+    // No writes from here on.
+    cluster.wait_for_same_digest(Duration::from_secs(15)).await?;
+    assert_eq!(count(&cluster, follower, "idle").await?, 5);
+    cluster.shutdown().await;
+    Ok(())
+}

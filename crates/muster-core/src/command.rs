@@ -54,6 +54,10 @@ pub enum Command {
         /// Leader time (ms since the Unix epoch).
         now_ms: u64,
     },
+    /// Changes nothing. The leader proposes one when a follower lags and replication
+    /// has stalled (openraft 0.9 resumes replication to a follower that was
+    /// unreachable only when a new entry arrives).
+    Barrier,
     /// Record the remaining TTL of leases, so a new leader does not restart their
     /// clocks from the full TTL. `None` clears a previous checkpoint (the lease is
     /// being kept alive again).
@@ -61,12 +65,45 @@ pub enum Command {
         /// `(lease, remaining ms or None)`.
         remaining: Vec<(LeaseId, Option<u64>)>,
     },
-    /// Change the health of one instance.
+    /// Change the health of one instance (one without checks: the health of an
+    /// instance with checks follows them).
     SetHealth {
         /// The instance.
         key: InstanceKey,
         /// Its new health.
         health: Health,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Record a report on one TTL check: its new status and output. The leader
+    /// proposes this only when the status or output changes; reports that change
+    /// nothing only renew the TTL in the leader's memory.
+    UpdateCheck {
+        /// The instance the check belongs to.
+        key: InstanceKey,
+        /// The check.
+        check_id: String,
+        /// Its new status.
+        status: Health,
+        /// Its new output.
+        output: String,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// The leader saw these checks' TTLs run out: mark them critical with the
+    /// output "TTL expired". Unknown checks are skipped.
+    ExpireChecks {
+        /// `(instance, check id)` pairs.
+        checks: Vec<(InstanceKey, String)>,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Remove instances that have a check critical for longer than its
+    /// `deregister_critical_after` at `now_ms`. Instances that no longer qualify
+    /// (a check passed meanwhile) are skipped.
+    EvictCritical {
+        /// Candidate instances.
+        keys: Vec<InstanceKey>,
         /// Leader time (ms since the Unix epoch).
         now_ms: u64,
     },
@@ -88,6 +125,14 @@ pub enum Rejection {
     /// The instance is not registered.
     #[error("instance {0} not found")]
     InstanceNotFound(InstanceKey),
+    /// The instance has no check with this id.
+    #[error("check {check_id:?} of instance {key} not found")]
+    CheckNotFound {
+        /// The instance.
+        key: InstanceKey,
+        /// The check id asked for.
+        check_id: String,
+    },
 }
 
 /// What a command did.
@@ -120,6 +165,19 @@ pub enum Outcome {
     Checkpointed,
     /// The instance's health changed (or already was that).
     HealthSet(Arc<Instance>),
+    /// The check's report was recorded (or already was that); the instance as now
+    /// stored.
+    CheckUpdated(Arc<Instance>),
+    /// Checks were marked critical because their TTL ran out.
+    ChecksExpired {
+        /// Checks whose status changed.
+        changed: u32,
+    },
+    /// Instances critical for too long were removed.
+    Evicted {
+        /// Instances removed.
+        removed: u32,
+    },
     /// Nothing changed, and why.
     Rejected(Rejection),
     /// A Raft-internal entry (blank or membership) with no registry change.

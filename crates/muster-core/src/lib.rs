@@ -21,5 +21,7 @@ pub use event::{DeleteReason, Event, EventKind};
 pub use filter::{DiscoverFilter, WatchFilter};
 pub use history::WatchHistory;
 pub use registry::{Registry, RegistrySnapshot, ServiceSummary};
-pub use types::{Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey};
+pub use types::{
+    worst_status, Check, CheckSpec, Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey,
+};
 pub use validate::ValidationError;

@@ -9,7 +9,10 @@ use sha2::{Digest, Sha256};
 use crate::command::{ApplyResult, Command, Outcome, Rejection};
 use crate::event::{DeleteReason, Event, EventKind};
 use crate::filter::{DiscoverFilter, WatchFilter};
-use crate::types::{Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey, DEFAULT_WEIGHT};
+use crate::types::{
+    worst_status, Check, Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey,
+    DEFAULT_WEIGHT,
+};
 use crate::validate;
 
 #[derive(Clone, Debug, Default)]
@@ -30,7 +33,21 @@ pub struct Registry {
     leases: BTreeMap<LeaseId, Lease>,
     lease_members: BTreeMap<LeaseId, BTreeSet<InstanceKey>>,
     instance_count: usize,
+    /// Revision at which each recently emptied service lost its last instance, so a
+    /// blocking query on a service that disappeared still sees its index move.
+    /// Derived state: not replicated, not in the digest.
+    tombstones: BTreeMap<ServiceKey, Revision>,
+    /// A lower bound for every service's index: the revision this registry was
+    /// loaded at (changes before it are not tracked per service), raised when the
+    /// tombstones are dropped.
+    index_floor: Revision,
 }
+
+/// Most tombstones kept before they are folded into the index floor.
+const MAX_TOMBSTONES: usize = 4096;
+
+/// The output a check gets when its TTL runs out (Consul's wording).
+pub const TTL_EXPIRED_OUTPUT: &str = "TTL expired";
 
 /// Everything one `apply` did, for the storage layer and the watch hub.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +158,60 @@ impl Registry {
     /// now empty).
     pub fn service_revision(&self, service: &ServiceKey) -> Revision {
         self.services.get(service).map_or(0, |s| s.mod_revision)
+    }
+
+    /// The modify index of one service for blocking queries: the revision of its
+    /// last change, including the removal of its last instance. Never 0 for a
+    /// service that existed since this registry was loaded, and never below the
+    /// revision the registry was loaded at, so it never moves backwards past a change
+    /// a client may have seen.
+    pub fn service_index(&self, service: &ServiceKey) -> Revision {
+        let own = match self.services.get(service) {
+            Some(entry) => entry.mod_revision,
+            None => self.tombstones.get(service).copied().unwrap_or(0),
+        };
+        own.max(self.index_floor)
+    }
+
+    /// The modify index of a whole namespace: the greatest [`Registry::service_index`]
+    /// of its services, live or removed.
+    pub fn namespace_index(&self, namespace: &str) -> Revision {
+        let live = self
+            .services_in(namespace)
+            .map(|(_, entry)| entry.mod_revision)
+            .max()
+            .unwrap_or(0);
+        let removed = self
+            .tombstones
+            .iter()
+            .filter(|(k, _)| k.namespace == namespace)
+            .map(|(_, r)| *r)
+            .max()
+            .unwrap_or(0);
+        live.max(removed).max(self.index_floor)
+    }
+
+    fn services_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = (&'a ServiceKey, &'a ServiceEntry)> + 'a {
+        self.services
+            .range(
+                ServiceKey {
+                    namespace: namespace.to_string(),
+                    service: String::new(),
+                }..,
+            )
+            .take_while(move |(k, _)| k.namespace == namespace)
+    }
+
+    /// Every instance in one namespace, in key order.
+    pub fn namespace_instances<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Arc<Instance>> + 'a {
+        self.services_in(namespace).flat_map(|(_, s)| s.instances.values())
+    }
+
+    /// Instances with this id in any service of one namespace, in service order.
+    pub fn instances_with_id<'a>(&'a self, namespace: &'a str, instance_id: &str) -> Vec<&'a Arc<Instance>> {
+        self.services_in(namespace)
+            .filter_map(|(_, s)| s.instances.get(instance_id))
+            .collect()
     }
 
     /// Every service in a namespace (or all namespaces), with instance counts.
@@ -279,6 +350,7 @@ impl Registry {
                 }
                 Ok(Outcome::LeasesExpired { expired, removed })
             }
+            Command::Barrier => Ok(Outcome::Nothing),
             Command::CheckpointLeases { remaining } => {
                 for (id, left) in remaining {
                     if let Some(lease) = self.leases.get_mut(id) {
@@ -293,6 +365,13 @@ impl Registry {
                 let Some(current) = self.instance(key).cloned() else {
                     return Err(Rejection::InstanceNotFound(key.clone()));
                 };
+                if !current.checks.is_empty() {
+                    return Err(validate::ValidationError::new(
+                        "health",
+                        "this instance's health follows its checks; report on a check instead",
+                    )
+                    .into());
+                }
                 if current.health == *health {
                     return Ok(Outcome::HealthSet(current));
                 }
@@ -302,16 +381,89 @@ impl Registry {
                 let instance = self.store_instance(updated, events);
                 Ok(Outcome::HealthSet(instance))
             }
+            Command::UpdateCheck {
+                key,
+                check_id,
+                status,
+                output,
+                now_ms,
+            } => {
+                validate::instance_key(key)?;
+                validate::check_id("check_id", check_id)?;
+                validate::check_output(output)?;
+                let Some(current) = self.instance(key).cloned() else {
+                    return Err(Rejection::InstanceNotFound(key.clone()));
+                };
+                let Some(pos) = current.checks.iter().position(|c| c.id == *check_id) else {
+                    return Err(Rejection::CheckNotFound {
+                        key: key.clone(),
+                        check_id: check_id.clone(),
+                    });
+                };
+                let check = &current.checks[pos];
+                if check.status == *status && check.output == *output {
+                    return Ok(Outcome::CheckUpdated(current));
+                }
+                let mut updated = (*current).clone();
+                set_check_status(&mut updated.checks[pos], *status, output, *now_ms);
+                updated.health = worst_status(&updated.checks).unwrap_or(updated.health);
+                updated.updated_at_ms = *now_ms;
+                Ok(Outcome::CheckUpdated(self.store_instance(updated, events)))
+            }
+            Command::ExpireChecks { checks, now_ms } => {
+                let mut by_instance: BTreeMap<&InstanceKey, BTreeSet<&str>> = BTreeMap::new();
+                for (key, id) in checks {
+                    by_instance.entry(key).or_default().insert(id);
+                }
+                let mut changed = 0;
+                for (key, ids) in by_instance {
+                    let Some(current) = self.instance(key).cloned() else {
+                        continue;
+                    };
+                    let mut updated = (*current).clone();
+                    let mut any = false;
+                    for check in updated.checks.iter_mut() {
+                        if ids.contains(check.id.as_str()) && check.status != Health::Critical {
+                            set_check_status(check, Health::Critical, TTL_EXPIRED_OUTPUT, *now_ms);
+                            changed += 1;
+                            any = true;
+                        }
+                    }
+                    if any {
+                        updated.health = worst_status(&updated.checks).unwrap_or(updated.health);
+                        updated.updated_at_ms = *now_ms;
+                        self.store_instance(updated, events);
+                    }
+                }
+                Ok(Outcome::ChecksExpired { changed })
+            }
+            Command::EvictCritical { keys, now_ms } => {
+                let mut removed = 0;
+                for key in keys {
+                    let due = self
+                        .instance(key)
+                        .is_some_and(|i| i.checks.iter().any(|c| critical_too_long(c, *now_ms)));
+                    if due {
+                        self.remove_instance(key, DeleteReason::HealthEvicted, events);
+                        removed += 1;
+                    }
+                }
+                Ok(Outcome::Evicted { removed })
+            }
         }
     }
 
     /// Grants a lease with `requested` id (0: the next free one).
     fn grant(&mut self, requested: LeaseId, ttl_ms: u64, now_ms: u64) -> Result<LeaseId, Rejection> {
         let id = if requested == 0 {
-            while self.leases.contains_key(&self.next_lease_id) {
-                self.next_lease_id += 1;
+            // Wrapping, skipping 0 ("no lease"): a client may have taken u64::MAX
+            // explicitly, which made `next_lease_id` overflow (a panic in every
+            // replica's apply in debug builds, a lease with id 0 in release builds).
+            let mut id = self.next_lease_id;
+            while id == 0 || self.leases.contains_key(&id) {
+                id = id.wrapping_add(1);
             }
-            self.next_lease_id
+            id
         } else if self.leases.contains_key(&requested) {
             return Err(Rejection::LeaseExists(requested));
         } else {
@@ -343,6 +495,25 @@ impl Registry {
         if let Some(lease) = spec.lease_id {
             self.lease_members.entry(lease).or_default().insert(key.clone());
         }
+        // A check that already exists keeps its status and output (Consul does the
+        // same), so re-registering does not flap a passing instance to critical.
+        let checks: Vec<Check> = spec
+            .checks
+            .iter()
+            .map(|c| {
+                let kept = previous.as_ref().and_then(|p| p.check(&c.id));
+                Check {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    notes: c.notes.clone(),
+                    ttl_ms: c.ttl_ms,
+                    deregister_critical_after_ms: c.deregister_critical_after_ms,
+                    status: kept.map_or(c.initial_status, |k| k.status),
+                    output: kept.map_or_else(String::new, |k| k.output.clone()),
+                    status_since_ms: kept.map_or(now_ms, |k| k.status_since_ms),
+                }
+            })
+            .collect();
         let instance = Instance {
             namespace: key.namespace.clone(),
             service: key.service.clone(),
@@ -354,12 +525,13 @@ impl Registry {
             metadata: spec.metadata.clone(),
             weight: if spec.weight == 0 { DEFAULT_WEIGHT } else { spec.weight },
             zone: spec.zone.clone(),
-            health: spec.health,
+            health: worst_status(&checks).unwrap_or(spec.health),
             lease_id: spec.lease_id,
             create_revision: previous.as_ref().map_or(0, |p| p.create_revision),
             mod_revision: 0,
             registered_at_ms: previous.as_ref().map_or(now_ms, |p| p.registered_at_ms),
             updated_at_ms: now_ms,
+            checks,
         };
         self.store_instance(instance, events)
     }
@@ -372,13 +544,12 @@ impl Registry {
             instance.create_revision = self.revision;
         }
         let instance = Arc::new(instance);
-        let entry = self
-            .services
-            .entry(ServiceKey {
-                namespace: instance.namespace.clone(),
-                service: instance.service.clone(),
-            })
-            .or_default();
+        let service_key = ServiceKey {
+            namespace: instance.namespace.clone(),
+            service: instance.service.clone(),
+        };
+        self.tombstones.remove(&service_key);
+        let entry = self.services.entry(service_key).or_default();
         entry.mod_revision = self.revision;
         if entry
             .instances
@@ -407,6 +578,11 @@ impl Registry {
         entry.mod_revision = self.revision;
         if entry.instances.is_empty() {
             self.services.remove(&service_key);
+            if self.tombstones.len() >= MAX_TOMBSTONES {
+                self.tombstones.clear();
+                self.index_floor = self.revision;
+            }
+            self.tombstones.insert(service_key, self.revision);
         }
         if let Some(lease) = removed.lease_id {
             self.detach(lease, key);
@@ -458,6 +634,7 @@ impl Registry {
         let mut registry = Registry {
             revision: snapshot.revision,
             next_lease_id: snapshot.next_lease_id.max(1),
+            index_floor: snapshot.revision,
             ..Default::default()
         };
         for lease in snapshot.leases {
@@ -491,6 +668,7 @@ impl Registry {
     /// Sets the revision and next lease id; used when loading state from disk.
     pub fn load_counters(&mut self, revision: Revision, next_lease_id: LeaseId) {
         self.revision = revision;
+        self.index_floor = revision;
         self.next_lease_id = next_lease_id.max(1);
     }
 
@@ -537,6 +715,17 @@ impl Registry {
                 feed(&i.mod_revision.to_le_bytes());
                 feed(&i.registered_at_ms.to_le_bytes());
                 feed(&i.updated_at_ms.to_le_bytes());
+                feed(b"checks");
+                for c in &i.checks {
+                    feed(c.id.as_bytes());
+                    feed(c.name.as_bytes());
+                    feed(c.notes.as_bytes());
+                    feed(&c.ttl_ms.to_le_bytes());
+                    feed(&c.deregister_critical_after_ms.map_or(u64::MAX, |a| a).to_le_bytes());
+                    feed(c.status.as_str().as_bytes());
+                    feed(c.output.as_bytes());
+                    feed(&c.status_since_ms.to_le_bytes());
+                }
             }
         }
         for l in self.leases.values() {
@@ -547,4 +736,23 @@ impl Registry {
         }
         hex::encode(h.finalize())
     }
+}
+
+/// Sets a check's status and output, moving `status_since_ms` only when the status
+/// changes.
+fn set_check_status(check: &mut Check, status: Health, output: &str, now_ms: u64) {
+    if check.status != status {
+        check.status_since_ms = now_ms;
+    }
+    check.status = status;
+    check.output = output.to_string();
+}
+
+/// Whether `check` has been critical for longer than its
+/// `deregister_critical_after` at `now_ms`.
+pub fn critical_too_long(check: &Check, now_ms: u64) -> bool {
+    check.status == Health::Critical
+        && check
+            .deregister_critical_after_ms
+            .is_some_and(|after| now_ms >= check.status_since_ms.saturating_add(after))
 }

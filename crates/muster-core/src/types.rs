@@ -147,6 +147,9 @@ pub struct InstanceSpec {
     pub health: Health,
     /// Lease that keeps this instance alive, if any.
     pub lease_id: Option<LeaseId>,
+    /// TTL checks. When there are any, the instance's health is the worst of their
+    /// statuses and `health` above is ignored.
+    pub checks: Vec<CheckSpec>,
 }
 
 impl InstanceSpec {
@@ -191,6 +194,8 @@ pub struct Instance {
     pub registered_at_ms: u64,
     /// Leader time (ms since the Unix epoch) of the last change.
     pub updated_at_ms: u64,
+    /// TTL checks, in the order they were registered.
+    pub checks: Vec<Check>,
 }
 
 impl Instance {
@@ -202,6 +207,71 @@ impl Instance {
             instance_id: self.instance_id.clone(),
         }
     }
+
+    /// One check by id.
+    pub fn check(&self, id: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.id == id)
+    }
+}
+
+/// A TTL check as registered: its owner must report on it (pass, warn or fail) at
+/// least once per `ttl_ms`, or the leader marks it critical.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    /// Check id, unique within the instance (Consul's `service:<id>` by default).
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Free-form notes for humans.
+    pub notes: String,
+    /// How long a report stays valid, in milliseconds.
+    pub ttl_ms: u64,
+    /// Remove the instance once this check has been critical for this long.
+    pub deregister_critical_after_ms: Option<u64>,
+    /// Status of a check registered for the first time (critical unless told
+    /// otherwise). A check that already exists keeps its status across
+    /// re-registration, as Consul does.
+    pub initial_status: Health,
+}
+
+impl Default for CheckSpec {
+    fn default() -> Self {
+        CheckSpec {
+            id: String::new(),
+            name: String::new(),
+            notes: String::new(),
+            ttl_ms: 0,
+            deregister_critical_after_ms: None,
+            initial_status: Health::Critical,
+        }
+    }
+}
+
+/// A TTL check as stored: its definition and its current status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// Check id, unique within the instance.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Free-form notes for humans.
+    pub notes: String,
+    /// How long a report stays valid, in milliseconds.
+    pub ttl_ms: u64,
+    /// Remove the instance once this check has been critical for this long.
+    pub deregister_critical_after_ms: Option<u64>,
+    /// Current status.
+    pub status: Health,
+    /// Output of the last report (or why the leader changed the status).
+    pub output: String,
+    /// Leader time (ms since the Unix epoch) at which `status` last changed.
+    pub status_since_ms: u64,
+}
+
+/// The health of an instance with these checks: the worst status among them, or
+/// `None` when there are none.
+pub fn worst_status(checks: &[Check]) -> Option<Health> {
+    checks.iter().map(|c| c.status).max()
 }
 
 /// A lease: every instance attached to it is removed when it expires or is revoked.

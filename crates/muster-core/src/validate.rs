@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::types::{InstanceKey, InstanceSpec};
+use crate::types::{CheckSpec, InstanceKey, InstanceSpec};
 
 /// Longest DNS label.
 pub const MAX_NAME_LEN: usize = 63;
@@ -30,6 +30,18 @@ pub const MAX_WEIGHT: u32 = 10_000;
 pub const MIN_TTL_MS: u64 = 1_000;
 /// Longest lease TTL.
 pub const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1_000;
+/// Most checks on one instance.
+pub const MAX_CHECKS: usize = 16;
+/// Longest check id.
+pub const MAX_CHECK_ID_LEN: usize = 128;
+/// Longest check name.
+pub const MAX_CHECK_NAME_LEN: usize = 256;
+/// Longest check notes.
+pub const MAX_CHECK_NOTES_LEN: usize = 1024;
+/// Longest check output (Consul's default `check_output_max_size`).
+pub const MAX_CHECK_OUTPUT_LEN: usize = 4096;
+/// Longest time a check may stay critical before its instance is removed.
+pub const MAX_DEREGISTER_AFTER_MS: u64 = 30 * 24 * 60 * 60 * 1_000;
 
 /// A refused input: which field, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -272,6 +284,88 @@ pub fn lease_id(value: u64) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Checks a check id: 1..=128 printable characters (no control characters, no
+/// whitespace).
+pub fn check_id(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_CHECK_ID_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_CHECK_ID_LEN} bytes, got {}", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ValidationError::new(
+            field,
+            format!("must be printable characters without spaces, found {c:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a check's output: at most 4 KiB.
+pub fn check_output(value: &str) -> Result<(), ValidationError> {
+    if value.len() > MAX_CHECK_OUTPUT_LEN {
+        return Err(ValidationError::new(
+            "output",
+            format!("must be at most {MAX_CHECK_OUTPUT_LEN} bytes, got {}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn bounded_text(field: String, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.len() > max {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {max} bytes, got {}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ValidationError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Checks TTL checks: at most 16, unique ids, TTL 1 s..24 h, deregistration after
+/// 1 s..30 days.
+pub fn checks(checks: &[CheckSpec]) -> Result<(), ValidationError> {
+    if checks.len() > MAX_CHECKS {
+        return Err(ValidationError::new(
+            "checks",
+            format!("at most {MAX_CHECKS} checks are allowed, got {}", checks.len()),
+        ));
+    }
+    for (i, check) in checks.iter().enumerate() {
+        check_id(&format!("checks[{i}].id"), &check.id)?;
+        if checks[..i].iter().any(|c| c.id == check.id) {
+            return Err(ValidationError::new(
+                format!("checks[{i}].id"),
+                format!("duplicate check id {:?}", check.id),
+            ));
+        }
+        bounded_text(format!("checks[{i}].name"), &check.name, MAX_CHECK_NAME_LEN)?;
+        bounded_text(format!("checks[{i}].notes"), &check.notes, MAX_CHECK_NOTES_LEN)?;
+        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&check.ttl_ms) {
+            return Err(ValidationError::new(
+                format!("checks[{i}].ttl"),
+                format!("must be between 1s and 24h, got {}ms", check.ttl_ms),
+            ));
+        }
+        if let Some(after) = check.deregister_critical_after_ms {
+            if !(MIN_TTL_MS..=MAX_DEREGISTER_AFTER_MS).contains(&after) {
+                return Err(ValidationError::new(
+                    format!("checks[{i}].deregister_critical_after"),
+                    format!("must be between 1s and 30 days, got {after}ms"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a whole registration.
 pub fn instance_spec(spec: &InstanceSpec) -> Result<(), ValidationError> {
     namespace(&spec.namespace)?;
@@ -287,7 +381,7 @@ pub fn instance_spec(spec: &InstanceSpec) -> Result<(), ValidationError> {
     if let Some(id) = spec.lease_id {
         lease_id(id)?;
     }
-    Ok(())
+    checks(&spec.checks)
 }
 
 #[cfg(test)]
@@ -359,6 +453,57 @@ mod tests {
         assert!(ttl_ms(1_000).is_ok());
         assert!(ttl_ms(86_400_000).is_ok());
         assert_eq!(ttl_ms(86_400_001).unwrap_err().field, "ttl");
+    }
+
+    fn ttl_check(id: &str) -> CheckSpec {
+        CheckSpec {
+            id: id.into(),
+            ttl_ms: 10_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn checks_need_unique_printable_ids_and_a_ttl_between_one_second_and_a_day() {
+        let mut s = spec();
+        s.checks = vec![ttl_check("service:web-1")];
+        assert!(instance_spec(&s).is_ok());
+        s.checks.push(ttl_check("service:web-1"));
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks[1].id");
+        s.checks[1] = ttl_check("has space");
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks[1].id");
+        s.checks[1] = ttl_check("");
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks[1].id");
+        s.checks[1] = ttl_check(&"c".repeat(129));
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks[1].id");
+        s.checks[1] = ttl_check("service:web-1:2");
+        s.checks[1].ttl_ms = 999;
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks[1].ttl");
+        s.checks[1].ttl_ms = 86_400_001;
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks[1].ttl");
+        s.checks[1].ttl_ms = 1_000;
+        s.checks[1].deregister_critical_after_ms = Some(500);
+        assert_eq!(
+            instance_spec(&s).unwrap_err().field,
+            "checks[1].deregister_critical_after"
+        );
+        s.checks[1].deregister_critical_after_ms = Some(60_000);
+        assert!(instance_spec(&s).is_ok());
+    }
+
+    #[test]
+    fn refuses_the_17th_check() {
+        let mut s = spec();
+        s.checks = (0..16).map(|i| ttl_check(&format!("c{i}"))).collect();
+        assert!(instance_spec(&s).is_ok());
+        s.checks.push(ttl_check("c16"));
+        assert_eq!(instance_spec(&s).unwrap_err().field, "checks");
+    }
+
+    #[test]
+    fn check_output_is_at_most_4_kib() {
+        assert!(check_output(&"x".repeat(4096)).is_ok());
+        assert_eq!(check_output(&"x".repeat(4097)).unwrap_err().field, "output");
     }
 
     #[test]

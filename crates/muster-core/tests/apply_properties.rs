@@ -1,10 +1,35 @@
 //! Property tests of `Registry::apply`: determinism, revision order, lease semantics.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use muster_core::registry::Applied;
-use muster_core::{Command, Event, EventKind, Health, InstanceKey, InstanceSpec, Outcome, Registry};
+use muster_core::registry::{critical_too_long, Applied};
+use muster_core::{
+    CheckSpec, Command, DeleteReason, Event, EventKind, Health, InstanceKey, InstanceSpec, Outcome, Registry,
+    ServiceKey,
+};
 use proptest::prelude::*;
+
+fn health_strategy() -> impl Strategy<Value = Health> {
+    prop::sample::select(vec![Health::Passing, Health::Warning, Health::Critical])
+}
+
+/// TTL checks: ids may repeat (rejected), TTLs may be too short (rejected).
+fn check_strategy() -> impl Strategy<Value = CheckSpec> {
+    (
+        prop::sample::select(vec!["c0", "c1", "c2"]),
+        prop::sample::select(vec![500u64, 5_000, 60_000]),
+        prop::option::of(prop::sample::select(vec![1_000u64, 30_000])),
+        health_strategy(),
+    )
+        .prop_map(|(id, ttl_ms, after, initial_status)| CheckSpec {
+            id: id.into(),
+            name: format!("check {id}"),
+            ttl_ms,
+            deregister_critical_after_ms: after,
+            initial_status,
+            ..Default::default()
+        })
+}
 
 fn spec_strategy() -> impl Strategy<Value = InstanceSpec> {
     (
@@ -13,16 +38,24 @@ fn spec_strategy() -> impl Strategy<Value = InstanceSpec> {
         prop::option::of(1u64..6),
         prop::sample::select(vec![0u16, 80, 8080]),
         prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 0..3),
+        prop::collection::vec(check_strategy(), 0..3),
+        health_strategy(),
     )
-        .prop_map(|(service, n, lease, port, tags)| InstanceSpec {
+        .prop_map(|(service, n, lease, port, tags, checks, health)| InstanceSpec {
             service: service.to_string(),
             instance_id: format!("i-{n}"),
             address: "10.0.0.1".into(),
             port,
             tags: tags.into_iter().map(String::from).collect(),
             lease_id: lease,
+            checks,
+            health,
             ..Default::default()
         })
+}
+
+fn check_ref_strategy() -> impl Strategy<Value = (InstanceKey, String)> {
+    (key_strategy(), prop::sample::select(vec!["c0", "c1", "c2", "c9"])).prop_map(|(k, c)| (k, c.to_string()))
 }
 
 fn key_strategy() -> impl Strategy<Value = InstanceKey> {
@@ -46,8 +79,17 @@ fn command_strategy() -> impl Strategy<Value = Command> {
             .prop_map(|(lease_ids, now_ms)| Command::ExpireLeases { lease_ids, now_ms }),
         1 => prop::collection::vec((1u64..6, prop::option::of(0u64..10_000)), 0..3)
             .prop_map(|remaining| Command::CheckpointLeases { remaining }),
-        1 => (key_strategy(), prop::sample::select(vec![Health::Passing, Health::Warning, Health::Critical]), now)
+        1 => Just(Command::Barrier),
+        1 => (key_strategy(), health_strategy(), now.clone())
             .prop_map(|(key, health, now_ms)| Command::SetHealth { key, health, now_ms }),
+        3 => (check_ref_strategy(), health_strategy(), prop::sample::select(vec!["", "ok", "TTL expired"]), now.clone())
+            .prop_map(|((key, check_id), status, output, now_ms)| Command::UpdateCheck {
+                key, check_id, status, output: output.into(), now_ms,
+            }),
+        1 => (prop::collection::vec(check_ref_strategy(), 0..4), now.clone())
+            .prop_map(|(checks, now_ms)| Command::ExpireChecks { checks, now_ms }),
+        1 => (prop::collection::vec(key_strategy(), 0..4), now)
+            .prop_map(|(keys, now_ms)| Command::EvictCritical { keys, now_ms }),
     ]
 }
 
@@ -121,6 +163,206 @@ proptest! {
             prop_assert_ne!(i.lease_id, Some(lease));
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn an_instance_with_checks_is_as_healthy_as_its_worst_check(log in prop::collection::vec(command_strategy(), 0..80)) {
+        let mut r = Registry::new();
+        for command in &log {
+            r.apply(command);
+            for i in r.to_snapshot().instances {
+                if let Some(worst) = i.checks.iter().map(|c| c.status).max() {
+                    prop_assert_eq!(i.health, worst, "instance {}", i.key());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_service_index_never_moves_back_and_covers_every_change(log in prop::collection::vec(command_strategy(), 0..80)) {
+        let mut r = Registry::new();
+        let services: Vec<ServiceKey> = ["web", "api", "db"].iter().map(|s| ServiceKey::new("", s)).collect();
+        let mut last: BTreeMap<ServiceKey, u64> = BTreeMap::new();
+        for command in &log {
+            let applied = r.apply(command);
+            for key in &services {
+                let index = r.service_index(key);
+                prop_assert!(index >= last.get(key).copied().unwrap_or(0), "{:?} moved back", key);
+                last.insert(key.clone(), index);
+            }
+            for event in &applied.events {
+                let (ns, service) = event.service();
+                let key = ServiceKey::new(ns, service);
+                prop_assert!(r.service_index(&key) >= event.revision);
+                prop_assert!(r.namespace_index(ns) >= event.revision);
+            }
+        }
+        // A replica restored from a snapshot never reports an index below one that
+        // a client may have seen from the original for a changed service.
+        let restored = Registry::from_snapshot(r.to_snapshot());
+        for key in &services {
+            prop_assert!(restored.service_index(key) >= r.service_index(key));
+        }
+    }
+
+    #[test]
+    fn eviction_removes_exactly_the_instances_critical_for_too_long(
+        log in prop::collection::vec(command_strategy(), 0..80),
+        now_ms in 1_000u64..3_000_000,
+    ) {
+        let mut r = Registry::new();
+        apply_all(&mut r, &log);
+        let all: Vec<InstanceKey> = r.to_snapshot().instances.iter().map(|i| i.key()).collect();
+        let due: BTreeSet<InstanceKey> = r
+            .to_snapshot()
+            .instances
+            .iter()
+            .filter(|i| i.checks.iter().any(|c| critical_too_long(c, now_ms)))
+            .map(|i| i.key())
+            .collect();
+        let applied = r.apply(&Command::EvictCritical { keys: all, now_ms });
+        let evicted: BTreeSet<InstanceKey> = applied.events.iter().map(|e| match &e.kind {
+            EventKind::Delete { key, reason } => {
+                assert_eq!(*reason, DeleteReason::HealthEvicted);
+                key.clone()
+            }
+            EventKind::Put(_) => panic!("eviction must not put"),
+        }).collect();
+        prop_assert_eq!(evicted, due);
+    }
+}
+
+fn web_with_ttl_check(after: Option<u64>) -> InstanceSpec {
+    InstanceSpec {
+        service: "web".into(),
+        instance_id: "w1".into(),
+        address: "h".into(),
+        port: 80,
+        checks: vec![CheckSpec {
+            id: "service:w1".into(),
+            ttl_ms: 10_000,
+            deregister_critical_after_ms: after,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn update(status: Health, output: &str, now_ms: u64) -> Command {
+    Command::UpdateCheck {
+        key: InstanceKey::new("", "web", "w1"),
+        check_id: "service:w1".into(),
+        status,
+        output: output.into(),
+        now_ms,
+    }
+}
+
+#[test]
+fn a_new_ttl_check_starts_critical_and_reregistering_keeps_its_status() {
+    let mut r = Registry::new();
+    let register = Command::Register {
+        spec: web_with_ttl_check(None),
+        grant_ttl_ms: None,
+        now_ms: 1,
+    };
+    let Outcome::Registered(i) = r.apply(&register).result.outcome else {
+        panic!()
+    };
+    assert_eq!((i.health, i.checks[0].status), (Health::Critical, Health::Critical));
+    let Outcome::CheckUpdated(i) = r.apply(&update(Health::Passing, "fine", 2)).result.outcome else {
+        panic!()
+    };
+    assert_eq!((i.health, i.checks[0].output.as_str()), (Health::Passing, "fine"));
+    let Outcome::Registered(i) = r.apply(&register).result.outcome else {
+        panic!()
+    };
+    assert_eq!((i.health, i.checks[0].status), (Health::Passing, Health::Passing));
+}
+
+#[test]
+fn a_report_that_changes_nothing_creates_no_revision() {
+    let mut r = Registry::new();
+    r.apply(&Command::Register {
+        spec: web_with_ttl_check(None),
+        grant_ttl_ms: None,
+        now_ms: 1,
+    });
+    let first = r.apply(&update(Health::Passing, "", 2));
+    let second = r.apply(&update(Health::Passing, "", 3));
+    assert_eq!(first.events.len(), 1);
+    assert!(second.events.is_empty());
+    assert_eq!(second.result.revision, first.result.revision);
+}
+
+#[test]
+fn an_unknown_check_is_rejected() {
+    let mut r = Registry::new();
+    r.apply(&Command::Register {
+        spec: web_with_ttl_check(None),
+        grant_ttl_ms: None,
+        now_ms: 1,
+    });
+    let mut command = update(Health::Passing, "", 2);
+    if let Command::UpdateCheck { check_id, .. } = &mut command {
+        *check_id = "service:w2".into();
+    }
+    assert!(matches!(
+        r.apply(&command).result.outcome,
+        Outcome::Rejected(muster_core::Rejection::CheckNotFound { .. })
+    ));
+}
+
+#[test]
+fn expired_checks_turn_critical_and_evict_only_after_the_deregister_delay() {
+    let mut r = Registry::new();
+    r.apply(&Command::Register {
+        spec: web_with_ttl_check(Some(60_000)),
+        grant_ttl_ms: None,
+        now_ms: 1_000,
+    });
+    r.apply(&update(Health::Passing, "", 2_000));
+    let key = InstanceKey::new("", "web", "w1");
+    let expired = r.apply(&Command::ExpireChecks {
+        checks: vec![(key.clone(), "service:w1".into())],
+        now_ms: 12_000,
+    });
+    assert_eq!(expired.result.outcome, Outcome::ChecksExpired { changed: 1 });
+    let i = r.instance(&key).unwrap().clone();
+    assert_eq!(
+        (i.health, i.checks[0].output.as_str()),
+        (Health::Critical, "TTL expired")
+    );
+    let early = r.apply(&Command::EvictCritical {
+        keys: vec![key.clone()],
+        now_ms: 71_999,
+    });
+    assert_eq!(early.result.outcome, Outcome::Evicted { removed: 0 });
+    let due = r.apply(&Command::EvictCritical {
+        keys: vec![key.clone()],
+        now_ms: 72_000,
+    });
+    assert_eq!(due.result.outcome, Outcome::Evicted { removed: 1 });
+    assert!(r.instance(&key).is_none());
+}
+
+#[test]
+fn setting_health_by_hand_is_refused_for_an_instance_with_checks() {
+    let mut r = Registry::new();
+    r.apply(&Command::Register {
+        spec: web_with_ttl_check(None),
+        grant_ttl_ms: None,
+        now_ms: 1,
+    });
+    let applied = r.apply(&Command::SetHealth {
+        key: InstanceKey::new("", "web", "w1"),
+        health: Health::Passing,
+        now_ms: 2,
+    });
+    assert!(matches!(applied.result.outcome, Outcome::Rejected(_)));
 }
 
 #[test]

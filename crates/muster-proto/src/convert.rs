@@ -89,6 +89,8 @@ pub fn spec_from_pb(i: pb::Instance) -> Result<InstanceSpec, ValidationError> {
         zone: i.zone,
         health: health_from_pb("health", i.health)?,
         lease_id: (i.lease_id != 0).then_some(i.lease_id),
+        // TTL checks are registered through the Consul-compatible API only (for now).
+        checks: Vec::new(),
     };
     validate::instance_spec(&spec)?;
     Ok(spec)
@@ -124,6 +126,8 @@ pub fn instance_from_pb(i: &pb::Instance) -> Instance {
         mod_revision: i.mod_revision,
         registered_at_ms: i.registered_at_ms,
         updated_at_ms: i.updated_at_ms,
+        // Checks are not carried over gRPC yet; `health` reflects them.
+        checks: Vec::new(),
     }
 }
 

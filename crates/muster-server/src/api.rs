@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use muster_core::{
     validate, Command, DiscoverFilter, Health, Instance, InstanceKey, InstanceSpec, LeaseId, Outcome, Revision,
-    ServiceKey, ServiceSummary,
+    ServiceKey, ServiceSummary, WatchFilter,
 };
+use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::node::NodeCore;
+use crate::watch::WatchEncoder;
 
 /// How fresh a read must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -167,5 +169,145 @@ impl NodeCore {
         }
         let registry = self.shared.read();
         Ok((registry.services(namespace), registry.revision()))
+    }
+
+    /// Opens a watch of one namespace (empty: all) and service (empty: all) from
+    /// `start_revision` (0: live from now), handing out items made by `encoder`. The
+    /// stream ends when the receiver is dropped or the node stops.
+    pub fn watch<E: WatchEncoder>(
+        &self,
+        namespace: &str,
+        service: &str,
+        start_revision: Revision,
+        encoder: E,
+    ) -> Result<mpsc::Receiver<E::Item>, ApiError> {
+        validate::namespace(namespace)?;
+        if !service.is_empty() {
+            validate::dns_label("service", service)?;
+        }
+        let filter = WatchFilter {
+            namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+            service: (!service.is_empty()).then(|| service.to_string()),
+        };
+        Ok(crate::watch::start_watch_with(
+            self.hub.clone(),
+            self.shared.clone(),
+            filter,
+            start_revision,
+            self.shutdown.clone(),
+            encoder,
+        ))
+    }
+}
+
+impl NodeCore {
+    /// Reports on a TTL check: renews its TTL on the leader (here, or forwarded) and
+    /// records the status and output when they changed. Answers the instance as
+    /// stored and the revision that holds the report.
+    pub async fn report_check(&self, report: crate::checks::CheckReport) -> Result<Registered, ApiError> {
+        validate::instance_key(&report.key)?;
+        validate::check_id("check_id", &report.check_id)?;
+        validate::check_output(&report.output)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let answer = match self.checks.report_local(self, &report).await {
+                Some(answer) => Some(answer),
+                None => match self.leader() {
+                    Some((leader, addr)) if leader != self.id => {
+                        match self
+                            .forward_to(&addr, &crate::forward::ForwardRequest::ReportCheck(report.clone()))
+                            .await
+                        {
+                            Ok(crate::forward::ForwardResponse::Written(result)) => Some(Ok(result)),
+                            Ok(crate::forward::ForwardResponse::Failed(e)) => Some(Err(e)),
+                            Ok(_) | Err(_) => None,
+                        }
+                    }
+                    _ => None,
+                },
+            };
+            match answer {
+                Some(Ok(result)) => {
+                    return match result.outcome {
+                        Outcome::CheckUpdated(instance) => Ok(Registered {
+                            instance,
+                            revision: result.revision,
+                        }),
+                        Outcome::Rejected(r) => Err(r.into()),
+                        other => Err(unexpected(&other)),
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+            if std::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Err(ApiError::NoLeader {
+                    reason: "no leader to report the check to".into(),
+                    retry_after_ms: 500,
+                });
+            }
+            self.wait_for_leader_change().await;
+        }
+    }
+}
+
+/// A lease as one node sees it, with the time it has left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// Lease id.
+    pub lease_id: LeaseId,
+    /// Time to live, renewed by each keep-alive.
+    pub ttl_ms: u64,
+    /// Leader time (ms since the Unix epoch) of the grant.
+    pub granted_at_ms: u64,
+    /// Time left before it expires: exact on the leader (which alone holds the
+    /// deadlines; a lease granted since the keeper's last tick has its whole TTL, as
+    /// the keeper will give it); elsewhere an upper bound — the leader's last
+    /// checkpoint for an idle lease, or the TTL.
+    pub remaining_ms: u64,
+    /// Whether `remaining_ms` comes from the leader's deadline.
+    pub remaining_exact: bool,
+    /// Instances attached to it.
+    pub instances: usize,
+}
+
+impl NodeCore {
+    /// Leases from this node's memory: the ones in `ids` that exist (`None`: all),
+    /// in id order, with the node's applied revision.
+    ///
+    /// Keep-alives are not replicated, so only the leader knows how long a lease has
+    /// left; a follower answers an upper bound and says so (`remaining_exact`).
+    pub fn leases_local(&self, ids: Option<&[LeaseId]>) -> (Vec<LeaseInfo>, Revision) {
+        let leading = self.is_leader();
+        let registry = self.shared.read();
+        let info = |lease: &muster_core::Lease| {
+            // What a keeper that has not seen the lease yet starts it from.
+            let initial = lease
+                .checkpoint_remaining_ms
+                .map_or(lease.ttl_ms, |left| left.min(lease.ttl_ms));
+            let remaining_ms = if leading {
+                self.leases.remaining_ms(lease.id).unwrap_or(initial)
+            } else {
+                initial
+            };
+            LeaseInfo {
+                lease_id: lease.id,
+                ttl_ms: lease.ttl_ms,
+                granted_at_ms: lease.granted_at_ms,
+                remaining_ms,
+                remaining_exact: leading,
+                instances: registry.lease_instances(lease.id).len(),
+            }
+        };
+        let leases = match ids {
+            None => registry.leases().map(info).collect(),
+            Some(ids) => {
+                let mut ids = ids.to_vec();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.iter().filter_map(|id| registry.lease(*id)).map(info).collect()
+            }
+        };
+        (leases, registry.revision())
     }
 }

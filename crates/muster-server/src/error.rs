@@ -19,6 +19,9 @@ pub enum ApiError {
     /// An instance that is not registered.
     #[error("instance {0} not found")]
     InstanceNotFound(String),
+    /// A check that does not exist.
+    #[error("check {0} not found")]
+    CheckNotFound(String),
     /// No leader can be reached; retry after the hint.
     #[error("no leader reachable ({reason}); retry in {retry_after_ms} ms")]
     NoLeader {
@@ -48,6 +51,9 @@ impl From<Rejection> for ApiError {
             Rejection::LeaseNotFound(id) => ApiError::LeaseNotFound(id),
             Rejection::LeaseExists(id) => ApiError::LeaseExists(id),
             Rejection::InstanceNotFound(key) => ApiError::InstanceNotFound(key.to_string()),
+            Rejection::CheckNotFound { key, check_id } => {
+                ApiError::CheckNotFound(format!("{check_id:?} of instance {key}"))
+            }
         }
     }
 }
@@ -57,7 +63,9 @@ impl From<ApiError> for tonic::Status {
         let message = e.to_string();
         match e {
             ApiError::Invalid(_) => tonic::Status::invalid_argument(message),
-            ApiError::LeaseNotFound(_) | ApiError::InstanceNotFound(_) => tonic::Status::not_found(message),
+            ApiError::LeaseNotFound(_) | ApiError::InstanceNotFound(_) | ApiError::CheckNotFound(_) => {
+                tonic::Status::not_found(message)
+            }
             ApiError::LeaseExists(_) => tonic::Status::already_exists(message),
             ApiError::NoLeader { retry_after_ms, .. } => {
                 let mut status = tonic::Status::unavailable(message);
@@ -79,7 +87,7 @@ impl ApiError {
     pub fn http_status(&self) -> u16 {
         match self {
             ApiError::Invalid(_) => 400,
-            ApiError::LeaseNotFound(_) | ApiError::InstanceNotFound(_) => 404,
+            ApiError::LeaseNotFound(_) | ApiError::InstanceNotFound(_) | ApiError::CheckNotFound(_) => 404,
             ApiError::LeaseExists(_) | ApiError::Membership(_) => 409,
             ApiError::NoLeader { .. } | ApiError::ShuttingDown => 503,
             ApiError::Timeout(_) => 504,

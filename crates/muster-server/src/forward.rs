@@ -3,6 +3,7 @@
 use muster_core::{ApplyResult, Command, LeaseId};
 use serde::{Deserialize, Serialize};
 
+use crate::checks::CheckReport;
 use crate::error::ApiError;
 
 /// A membership change, run on the leader.
@@ -32,6 +33,9 @@ pub enum ForwardRequest {
     ReadIndex,
     /// Change the membership.
     Membership(MembershipChange),
+    /// Report on a TTL check: renews its TTL, and records its status and output when
+    /// they changed. Answered with `Written`.
+    ReportCheck(CheckReport),
 }
 
 /// The leader's answer.

@@ -49,7 +49,8 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .concurrency_limit_per_connection(1024);
+        .concurrency_limit_per_connection(1024)
+        .layer(crate::request_metrics::GrpcMetricsLayer::new(core.metrics.clone()));
     let router = builder
         .add_service(health_service)
         .add_service(registry)
@@ -265,29 +266,26 @@ pub struct ClusterApi {
 }
 
 fn members(core: &NodeCore) -> (Vec<pb::Member>, u64) {
-    let m = core.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-    let matched = m.replication.clone().unwrap_or_default();
-    let members = membership
-        .nodes()
-        .map(|(id, node)| pb::Member {
-            node_id: *id,
-            peer_addr: node.addr.clone(),
-            voter: voters.contains(id),
-            leader: m.current_leader == Some(*id),
-            matched_index: matched.get(id).and_then(|l| l.map(|l| l.index)).unwrap_or(0),
+    let members = core
+        .members()
+        .into_iter()
+        .map(|m| pb::Member {
+            node_id: m.node,
+            peer_addr: m.peer_addr,
+            voter: m.voter,
+            leader: m.leader,
+            matched_index: m.matched_index,
         })
         .collect();
-    (members, m.current_leader.unwrap_or(0))
+    (members, core.view().leader_id.unwrap_or(0))
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
     #[instrument(skip_all)]
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        let m = self.core.raft.metrics().borrow().clone();
-        let view = self.core.view();
+        let status = self.core.status();
+        // The revision read with the digest, so the two describe the same state.
         let (digest, instances, leases, revision) = {
             let registry = self.core.shared.read();
             (
@@ -297,27 +295,20 @@ impl Cluster for ClusterApi {
                 registry.revision(),
             )
         };
-        let role = match m.state {
-            openraft::ServerState::Leader => "leader",
-            openraft::ServerState::Follower => "follower",
-            openraft::ServerState::Candidate => "candidate",
-            openraft::ServerState::Learner => "learner",
-            openraft::ServerState::Shutdown => "shutdown",
-        };
         Ok(Response::new(pb::StatusResponse {
-            node_id: self.core.id,
-            role: role.into(),
-            term: m.current_term,
-            leader_known: m.current_leader.is_some(),
-            leader_id: m.current_leader.unwrap_or(0),
-            last_log_index: m.last_log_index.unwrap_or(0),
-            applied_index: m.last_applied.map_or(0, |l| l.index),
+            node_id: status.node,
+            role: status.role.into(),
+            term: status.term,
+            leader_known: status.leader_known,
+            leader_id: status.leader.unwrap_or(0),
+            last_log_index: status.last_log_index,
+            applied_index: status.applied_index,
             revision,
             digest,
-            ms_since_leader_contact: view.ms_since_leader_contact,
+            ms_since_leader_contact: status.ms_since_leader_contact,
             instances: instances as u64,
             leases: leases as u64,
-            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            snapshot_index: status.snapshot_index,
         }))
     }
 

@@ -1,17 +1,21 @@
-//! The HTTP endpoint: `/health`, `/healthz`, `/readyz` and `/metrics`. Request bodies
-//! are limited to 1 MiB.
+//! The HTTP endpoint: `/health`, `/healthz`, `/readyz`, `/metrics`, the REST API
+//! ([`crate::rest`]), the action API ([`crate::actions`]) and the web console
+//! ([`crate::ui`]). Request bodies are limited to 1 MiB; every request is counted
+//! and timed by route.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Json};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::node::NodeCore;
+use crate::status::NodeStatus;
 
 /// Largest HTTP request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -27,79 +31,102 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     }
 }
 
-/// The HTTP routes.
+/// The HTTP routes. Each API family is merged in with one line.
 pub fn router(core: Arc<NodeCore>) -> Router {
+    let metrics = core.metrics.clone();
     Router::new()
         .route("/health", get(health))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_handler))
+        .merge(crate::rest::routes())
+        .merge(crate::actions::routes())
+        .merge(crate::consul::routes())
+        .merge(crate::ui::routes())
+        // Streamed bodies are cut at the limit (extractors then answer 413) ...
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        // ... and declared ones are refused before they are read, with a JSON error.
+        .layer(axum::middleware::from_fn(refuse_oversized_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::request_metrics::track_http,
+        ))
         .with_state(core)
 }
 
-/// The `/health` answer.
+/// Answers 413 with the REST error shape when `Content-Length` exceeds
+/// [`MAX_BODY_BYTES`].
+async fn refuse_oversized_bodies(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return crate::rest::extract::RestError::body_too_large().into_response();
+    }
+    next.run(request).await
+}
+
+/// `/health`: where this node stands (always 200 while the process serves).
+async fn health(State(core): State<Arc<NodeCore>>) -> Json<NodeStatus> {
+    Json(core.status())
+}
+
+/// The `/readyz` answer.
 #[derive(Serialize)]
-pub struct Health {
-    /// This node.
-    pub node: u64,
-    /// leader, follower, candidate, learner or shutdown.
-    pub role: &'static str,
-    /// The leader, if known.
-    pub leader: Option<u64>,
-    /// Raft term.
-    pub term: u64,
-    /// Applied revision.
-    pub revision: u64,
-    /// Applied log index.
-    pub applied_index: u64,
-    /// Last log index.
-    pub last_log_index: u64,
-    /// Milliseconds since the leader was last heard from.
-    pub ms_since_leader_contact: u64,
+struct Readiness {
+    ready: bool,
+    /// Why not, when not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    node: u64,
+    leader: Option<u64>,
+    lag: u64,
+    ms_since_leader_contact: u64,
 }
 
-fn health_of(core: &NodeCore) -> Health {
-    let m = core.raft.metrics().borrow().clone();
-    let view = core.view();
-    Health {
-        node: core.id,
-        role: match m.state {
-            openraft::ServerState::Leader => "leader",
-            openraft::ServerState::Follower => "follower",
-            openraft::ServerState::Candidate => "candidate",
-            openraft::ServerState::Learner => "learner",
-            openraft::ServerState::Shutdown => "shutdown",
-        },
-        leader: m.current_leader,
-        term: m.current_term,
-        revision: view.revision,
-        applied_index: m.last_applied.map_or(0, |l| l.index),
-        last_log_index: m.last_log_index.unwrap_or(0),
-        ms_since_leader_contact: view.ms_since_leader_contact,
-    }
-}
-
-async fn health(State(core): State<Arc<NodeCore>>) -> Json<Health> {
-    Json(health_of(&core))
-}
-
+/// `/readyz`: 200 when the node knows a leader, has heard from it recently and has
+/// caught up; 503 with the reason otherwise.
 async fn readyz(State(core): State<Arc<NodeCore>>) -> impl IntoResponse {
-    let h = health_of(&core);
-    let caught_up = h.last_log_index.saturating_sub(h.applied_index) < 1000;
-    if h.leader.is_some() && caught_up && h.ms_since_leader_contact < 5_000 {
-        (StatusCode::OK, "ready")
+    let status = core.status();
+    let reason = status.not_ready_reason(core.contact_grace());
+    let code = if reason.is_none() {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no leader or not caught up")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        ready: reason.is_none(),
+        reason,
+        node: status.node,
+        leader: status.leader,
+        lag: status.lag,
+        ms_since_leader_contact: status.ms_since_leader_contact,
+    };
+    (code, Json(body))
 }
 
-async fn metrics(State(core): State<Arc<NodeCore>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        core.metrics.render(),
-    )
+/// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), the
+/// classic text format otherwise (curl, promtool).
+async fn metrics_handler(State(core): State<Arc<NodeCore>>, headers: HeaderMap) -> impl IntoResponse {
+    crate::metrics::refresh_gauges(&core);
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            core.metrics.render(),
+        )
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            core.metrics.render_text(),
+        )
+    }
 }

@@ -6,8 +6,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod api;
+pub mod blocking;
+pub mod checks;
 pub mod config;
+pub mod consul;
 pub mod error;
 pub mod forward;
 pub mod grpc;
@@ -19,6 +23,11 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod replication;
+pub mod request_metrics;
+pub mod rest;
+pub mod status;
+pub mod ui;
 pub mod watch;
 pub mod watch_route;
 

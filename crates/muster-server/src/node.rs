@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,10 @@ pub struct NodeCore {
     pub hub: Arc<WatchHub>,
     /// The lease keeper (active on the leader).
     pub leases: LeaseKeeper,
+    /// The TTL check keeper (active on the leader).
+    pub checks: crate::checks::CheckKeeper,
+    /// Per-service change notifications for blocking queries.
+    pub changes: crate::blocking::ChangeNotifier,
     /// Channels to peers.
     pub channels: PeerChannels,
     /// Prometheus metrics.
@@ -110,6 +114,10 @@ pub struct NodeCore {
     pub shutdown: CancellationToken,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
+    /// Highest commit index a leader has reported to this node in an append.
+    leader_commit: AtomicU64,
+    /// Whether a leader has reached this node since it started.
+    leader_contacted: AtomicBool,
 }
 
 /// Where a node stands, attached to every answer.
@@ -130,6 +138,23 @@ impl NodeCore {
     pub fn touch_leader_contact(&self) {
         self.last_leader_contact_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.leader_contacted.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a leader has reached this node (append or snapshot) since it started.
+    pub fn leader_contacted(&self) -> bool {
+        self.leader_contacted.load(Ordering::Relaxed)
+    }
+
+    /// Records the commit index the leader reported in an append (called by the peer
+    /// service), so a follower can tell how far behind it is.
+    pub fn note_leader_commit(&self, index: u64) {
+        self.leader_commit.fetch_max(index, Ordering::Relaxed);
+    }
+
+    /// The highest commit index a leader has reported to this node (0: none yet).
+    pub fn leader_commit(&self) -> u64 {
+        self.leader_commit.load(Ordering::Relaxed)
     }
 
     /// The leader's id and peer address, as this node knows them.
@@ -174,19 +199,44 @@ impl NodeCore {
 
     /// Proposes a command through Raft, forwarding it to the leader when this node is
     /// not. A rejected command comes back as its `ApiError`.
+    ///
+    /// When a forwarded attempt got no answer (the leader died or the connection
+    /// broke after sending), the leader may have applied it, so the command is
+    /// retried but a rejection of the retry (e.g. "instance not found" for a
+    /// deregistration the first attempt carried out) is not reported as such: the
+    /// answer is an error saying the outcome is unknown. (Found by the fault suite,
+    /// `muster-chaos --faults kill-leader`; regression test in
+    /// `crates/muster-chaos/tests/regressions.rs`.)
     pub async fn propose(&self, command: Command) -> Result<ApplyResult, ApiError> {
-        let result = self.propose_raw(command).await?;
+        let (result, maybe_applied_before) = self.propose_raw(command).await?;
+        // A write forwarded to the leader was applied there; wait (usually a
+        // millisecond) until this node has applied it too, so a client reads its
+        // own write from the node it wrote through, whatever the frontend.
+        if self.shared.current_revision() < result.revision {
+            if let Err(e) = self.wait_for_revision(result.revision).await {
+                tracing::warn!(error = %e, revision = result.revision, "write applied on the leader but not yet here");
+            }
+        }
         match result.outcome {
+            Outcome::Rejected(r) if maybe_applied_before => Err(ApiError::Internal(format!(
+                "outcome unknown: the leader failed while handling this write, which may have been applied; \
+                 the retry was refused: {r}"
+            ))),
             Outcome::Rejected(r) => Err(r.into()),
             _ => Ok(result),
         }
     }
 
-    async fn propose_raw(&self, command: Command) -> Result<ApplyResult, ApiError> {
+    /// Proposes `command`; answers the result and whether an earlier forwarded
+    /// attempt may have been applied without an answer.
+    async fn propose_raw(&self, command: Command) -> Result<(ApplyResult, bool), ApiError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut maybe_applied = false;
         loop {
+            // openraft answers ForwardToLeader only for entries it did not append or
+            // truncated, so retrying after it is safe.
             match self.raft.client_write(command.clone()).await {
-                Ok(resp) => return Ok(resp.data),
+                Ok(resp) => return Ok((resp.data, maybe_applied)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
                         self.metrics.forwarded_writes.inc();
@@ -194,9 +244,10 @@ impl NodeCore {
                             .forward_to(&node.addr, &ForwardRequest::Write(Box::new(command.clone())))
                             .await
                         {
-                            Ok(ForwardResponse::Written(r)) => return Ok(r),
+                            Ok(ForwardResponse::Written(r)) => return Ok((r, maybe_applied)),
                             Ok(ForwardResponse::Failed(e)) => return Err(e),
-                            Ok(_) | Err(_) => {}
+                            // No answer: the leader may have applied it.
+                            Ok(_) | Err(_) => maybe_applied = true,
                         }
                     }
                 }
@@ -216,13 +267,13 @@ impl NodeCore {
     }
 
     /// Waits briefly for the Raft metrics to change (a new leader), at most 100 ms.
-    async fn wait_for_leader_change(&self) {
+    pub(crate) async fn wait_for_leader_change(&self) {
         let mut metrics = self.raft.metrics();
         let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    async fn forward_to(&self, addr: &str, request: &ForwardRequest) -> Result<ForwardResponse, ApiError> {
+    pub(crate) async fn forward_to(&self, addr: &str, request: &ForwardRequest) -> Result<ForwardResponse, ApiError> {
         self.channels
             .forward(addr, request, WRITE_DEADLINE)
             .await
@@ -367,6 +418,19 @@ impl NodeCore {
                         "node ids start at 1",
                     ))));
                 }
+                let existing = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(id)
+                    .map(|n| n.addr.clone());
+                if let Some(current) = existing.filter(|current| current != addr) {
+                    return Err(Some(ApiError::Membership(format!(
+                        "node id {id} is already used by the member at {current}; give the new node an unused --id (or remove node {id} first)"
+                    ))));
+                }
                 self.raft.add_learner(*id, BasicNode::new(addr.clone()), true).await
             }
             MembershipChange::Promote(id) => {
@@ -492,6 +556,8 @@ impl Node {
         let core = Arc::new(NodeCore {
             id: config.id,
             leases: LeaseKeeper::new(config.leases.clone(), metrics.clone()),
+            checks: crate::checks::CheckKeeper::new(),
+            changes: crate::blocking::ChangeNotifier::new(),
             config,
             raft,
             shared,
@@ -501,6 +567,8 @@ impl Node {
             shutdown: CancellationToken::new(),
             started: Instant::now(),
             last_leader_contact_ms: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
+            leader_contacted: AtomicBool::new(false),
         });
 
         let tasks = vec![
@@ -508,6 +576,9 @@ impl Node {
             tokio::spawn(crate::grpc::serve(core.clone(), listeners.grpc)),
             tokio::spawn(crate::http::serve(core.clone(), listeners.http)),
             tokio::spawn(crate::leases::run(core.clone())),
+            tokio::spawn(crate::replication::run(core.clone())),
+            tokio::spawn(crate::checks::run(core.clone())),
+            tokio::spawn(crate::blocking::run(core.clone())),
             tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),
         ];
 

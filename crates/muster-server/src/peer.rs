@@ -51,10 +51,12 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<PeerMessage>, Status> {
 impl RaftPeer for PeerApi {
     async fn append_entries(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
+        let leader_commit = req.leader_commit.map_or(0, |l| l.index);
         let result = self.core.raft.append_entries(req).await;
         if let Ok(resp) = &result {
             if resp.is_success() {
                 self.core.touch_leader_contact();
+                self.core.note_leader_commit(leader_commit);
             }
         }
         encode(&result)
@@ -91,6 +93,11 @@ impl RaftPeer for PeerApi {
                 Ok(index) => ForwardResponse::ReadIndex(index),
                 Err(None) => ForwardResponse::NotLeader,
                 Err(Some(e)) => ForwardResponse::Failed(e),
+            },
+            ForwardRequest::ReportCheck(report) => match core.checks.report_local(core, &report).await {
+                Some(Ok(result)) => ForwardResponse::Written(result),
+                Some(Err(e)) => ForwardResponse::Failed(e),
+                None => ForwardResponse::NotLeader,
             },
             ForwardRequest::Membership(change) => match core.change_membership_local(&change).await {
                 Ok(index) => ForwardResponse::MembershipChanged(index),

@@ -1,16 +1,21 @@
 //! The watch hub: applied events go into a bounded history (for resuming) and a
-//! broadcast ring shared by every watcher. Each event is converted to its protobuf
-//! form once, when it is applied, and shared by all watchers.
+//! broadcast ring shared by every watcher. Each event is encoded at most once per
+//! wire format (protobuf for gRPC, JSON for SSE), by the first watcher that sends
+//! it, and the encoding is shared by all the others.
 //!
 //! A watcher's queue is its position in the ring: it can fall at most `queue`
 //! events behind. One that falls further gets a `Reset` with the full matching state
 //! and continues live from there, so memory stays bounded and no change is missed.
+//!
+//! One watcher loop serves every frontend; a [`WatchEncoder`] decides what it hands
+//! out: [`start_watcher`] yields encoded `muster.v1.WatchResponse`s (gRPC),
+//! [`start_watch_messages`] yields [`WatchMessage`]s (SSE and other JSON frontends).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use muster_core::history::Replay;
-use muster_core::{Event, Revision, WatchFilter, WatchHistory};
+use muster_core::{Event, Instance, Revision, WatchFilter, WatchHistory};
 use muster_proto::v1 as pb;
 use muster_store::{EventSink, SharedState};
 use prost::Message;
@@ -20,16 +25,43 @@ use tokio_util::sync::CancellationToken;
 use crate::config::WatchSettings;
 use crate::metrics::Metrics;
 
+/// An applied event with its wire encodings, each made once on first use.
+#[derive(Debug)]
+pub struct HubEvent {
+    /// The event.
+    pub event: Arc<Event>,
+    protobuf: OnceLock<Bytes>,
+    json: OnceLock<Arc<str>>,
+}
+
+impl HubEvent {
+    /// Wraps an event; nothing is encoded yet.
+    pub fn new(event: Arc<Event>) -> Self {
+        HubEvent {
+            event,
+            protobuf: OnceLock::new(),
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The event as an encoded `muster.v1.WatchResponse`.
+    pub fn protobuf(&self) -> Bytes {
+        self.protobuf.get_or_init(|| encode_event(&self.event)).clone()
+    }
+
+    /// The event as the JSON `data` of a REST watch (see [`crate::rest::json`]).
+    pub fn json(&self) -> Arc<str> {
+        self.json
+            .get_or_init(|| crate::rest::json::event_data(&self.event).into())
+            .clone()
+    }
+}
+
 /// One item in the broadcast ring.
 #[derive(Debug)]
 pub enum HubItem {
-    /// An applied event and its protobuf form.
-    Event {
-        /// The event.
-        event: Arc<Event>,
-        /// The event as a `muster.v1.WatchResponse`, encoded once for every watcher.
-        encoded: Bytes,
-    },
+    /// An applied event.
+    Event(Arc<HubEvent>),
     /// The state was replaced wholesale (snapshot install).
     Reset(Revision),
 }
@@ -76,9 +108,10 @@ impl EventSink for WatchHub {
         for event in events {
             let event = Arc::new(event.clone());
             history.push(event.clone());
-            let encoded = encode_event(&event);
             // No receivers is fine: nobody watches.
-            let _ = self.sender.send(Arc::new(HubItem::Event { event, encoded }));
+            let _ = self
+                .sender
+                .send(Arc::new(HubItem::Event(Arc::new(HubEvent::new(event)))));
         }
     }
 
@@ -88,8 +121,93 @@ impl EventSink for WatchHub {
     }
 }
 
-/// What a watcher receives: an encoded `muster.v1.WatchResponse`.
+/// What a gRPC watcher receives: an encoded `muster.v1.WatchResponse`.
 pub type WatchItem = Bytes;
+
+/// What a JSON watcher receives.
+#[derive(Clone, Debug)]
+pub enum WatchMessage {
+    /// A change that matches the filter.
+    Event(Arc<HubEvent>),
+    /// Every matching instance at `revision`; the watch continues live from there.
+    /// Sent when the start revision is older than the history, after a snapshot
+    /// install, or when the watcher fell behind.
+    Reset {
+        /// The revision of the snapshot.
+        revision: Revision,
+        /// The matching instances, in key order.
+        instances: Vec<Arc<Instance>>,
+    },
+    /// Every matching change up to `revision` has been sent (a bookmark).
+    Progress(Revision),
+}
+
+impl WatchMessage {
+    /// The revision this message brings the watcher to.
+    pub fn revision(&self) -> Revision {
+        match self {
+            WatchMessage::Event(e) => e.event.revision,
+            WatchMessage::Reset { revision, .. } | WatchMessage::Progress(revision) => *revision,
+        }
+    }
+}
+
+/// Turns what a watcher sees into the items its client receives.
+pub trait WatchEncoder: Send + 'static {
+    /// One item for the client.
+    type Item: Send + 'static;
+    /// A matching event.
+    fn event(&self, event: &Arc<HubEvent>) -> Self::Item;
+    /// A reset to the matching state at `revision`.
+    fn reset(&self, revision: Revision, instances: Vec<Arc<Instance>>) -> Self::Item;
+    /// A progress bookmark at `revision`.
+    fn progress(&self, revision: Revision) -> Self::Item;
+}
+
+/// Encoded `muster.v1.WatchResponse`s (gRPC).
+pub struct ProtobufEncoder;
+
+impl WatchEncoder for ProtobufEncoder {
+    type Item = WatchItem;
+
+    fn event(&self, event: &Arc<HubEvent>) -> Bytes {
+        event.protobuf()
+    }
+
+    fn reset(&self, revision: Revision, instances: Vec<Arc<Instance>>) -> Bytes {
+        encode(&pb::WatchResponse {
+            response: Some(pb::watch_response::Response::Reset(pb::Reset {
+                revision,
+                instances: instances.iter().map(|i| pb::Instance::from(&**i)).collect(),
+            })),
+        })
+    }
+
+    fn progress(&self, revision: Revision) -> Bytes {
+        encode(&pb::WatchResponse {
+            response: Some(pb::watch_response::Response::Progress(pb::Progress { revision })),
+        })
+    }
+}
+
+/// [`WatchMessage`]s, for frontends that encode on their own (SSE).
+pub struct MessageEncoder;
+
+impl WatchEncoder for MessageEncoder {
+    type Item = WatchMessage;
+
+    fn event(&self, event: &Arc<HubEvent>) -> WatchMessage {
+        WatchMessage::Event(event.clone())
+    }
+
+    fn reset(&self, revision: Revision, instances: Vec<Arc<Instance>>) -> WatchMessage {
+        WatchMessage::Reset { revision, instances }
+    }
+
+    fn progress(&self, revision: Revision) -> WatchMessage {
+        WatchMessage::Progress(revision)
+    }
+}
 
 fn encode(message: &pb::WatchResponse) -> Bytes {
     Bytes::from(message.encode_to_vec())
@@ -101,24 +219,14 @@ fn encode_event(event: &Event) -> Bytes {
     })
 }
 
-fn reset_message(shared: &SharedState, filter: &WatchFilter) -> (Revision, Bytes) {
+/// Every instance matching `filter` and the revision they are at.
+fn matching_state(shared: &SharedState, filter: &WatchFilter) -> (Revision, Vec<Arc<Instance>>) {
     let registry = shared.read();
-    let revision = registry.revision();
-    let instances = registry
-        .matching(filter)
-        .iter()
-        .map(|i| pb::Instance::from(&**i))
-        .collect();
-    (
-        revision,
-        encode(&pb::WatchResponse {
-            response: Some(pb::watch_response::Response::Reset(pb::Reset { revision, instances })),
-        }),
-    )
+    (registry.revision(), registry.matching(filter))
 }
 
-/// Starts a watcher task and returns its output channel. The task ends when the
-/// client goes away or `shutdown` fires.
+/// Starts a gRPC watcher task and returns its output channel of encoded
+/// `WatchResponse`s. The task ends when the client goes away or `shutdown` fires.
 pub fn start_watcher(
     hub: Arc<WatchHub>,
     shared: Arc<SharedState>,
@@ -126,7 +234,36 @@ pub fn start_watcher(
     start_revision: Revision,
     shutdown: CancellationToken,
 ) -> mpsc::Receiver<WatchItem> {
-    let (out, rx) = mpsc::channel::<WatchItem>(64);
+    start_watch_with(hub, shared, filter, start_revision, shutdown, ProtobufEncoder)
+}
+
+/// Starts a watcher task that hands out [`WatchMessage`]s (same semantics as
+/// [`start_watcher`]).
+pub fn start_watch_messages(
+    hub: Arc<WatchHub>,
+    shared: Arc<SharedState>,
+    filter: WatchFilter,
+    start_revision: Revision,
+    shutdown: CancellationToken,
+) -> mpsc::Receiver<WatchMessage> {
+    start_watch_with(hub, shared, filter, start_revision, shutdown, MessageEncoder)
+}
+
+/// The one watcher implementation: replay from `start_revision` (or reset when it is
+/// older than the history), then live events, progress bookmarks when idle, and a
+/// reset whenever the watcher falls behind or the state is replaced.
+///
+/// `start_revision` 0 means "live from now"; a revision not reached yet means "from
+/// that revision on, when it comes".
+pub fn start_watch_with<E: WatchEncoder>(
+    hub: Arc<WatchHub>,
+    shared: Arc<SharedState>,
+    filter: WatchFilter,
+    start_revision: Revision,
+    shutdown: CancellationToken,
+    encoder: E,
+) -> mpsc::Receiver<E::Item> {
+    let (out, rx) = mpsc::channel::<E::Item>(64);
     let mut live = hub.subscribe();
     // Everything up to `last` has been sent (or did not match).
     let (initial, mut last) = {
@@ -147,16 +284,16 @@ pub fn start_watcher(
                     events
                         .iter()
                         .filter(|e| filter.matches(e))
-                        .map(|e| encode_event(e))
+                        .map(|e| encoder.event(&Arc::new(HubEvent::new(e.clone()))))
                         .collect(),
                     current,
                 ),
                 Replay::Compacted { .. } => {
                     drop(history);
                     drop(registry);
-                    let (revision, reset) = reset_message(&shared, &filter);
+                    let (revision, instances) = matching_state(&shared, &filter);
                     hub.metrics.watch_resets.inc();
-                    (vec![reset], revision)
+                    (vec![encoder.reset(revision, instances)], revision)
                 }
             }
         }
@@ -180,12 +317,10 @@ pub fn start_watcher(
                 _ = shutdown.cancelled() => return,
                 _ = progress.tick() => {
                     if !sent_since_progress {
-                        let p = encode(&pb::WatchResponse {
-                            response: Some(pb::watch_response::Response::Progress(pb::Progress {
-                                revision: last.max(shared.current_revision()),
-                            })),
-                        });
-                        if out.send(p).await.is_err() {
+                        // `last`, not the applied revision: events up to the applied
+                        // revision may still wait in this watcher's queue, and a
+                        // bookmark past them would let a resuming client skip them.
+                        if out.send(encoder.progress(last)).await.is_err() {
                             return;
                         }
                     }
@@ -194,13 +329,14 @@ pub fn start_watcher(
                 item = live.recv() => {
                     match item {
                         Ok(item) => match &*item {
-                            HubItem::Event { event, encoded } => {
+                            HubItem::Event(hub_event) => {
+                                let event = &hub_event.event;
                                 if event.revision <= last {
                                     continue;
                                 }
                                 last = event.revision;
                                 if filter.matches(event) {
-                                    if out.send(encoded.clone()).await.is_err() {
+                                    if out.send(encoder.event(hub_event)).await.is_err() {
                                         return;
                                     }
                                     metrics.watch_events_sent.inc();
@@ -208,20 +344,20 @@ pub fn start_watcher(
                                 }
                             }
                             HubItem::Reset(_) => {
-                                let (revision, reset) = reset_message(&shared, &filter);
+                                let (revision, instances) = matching_state(&shared, &filter);
                                 last = revision;
                                 metrics.watch_resets.inc();
-                                if out.send(reset).await.is_err() {
+                                if out.send(encoder.reset(revision, instances)).await.is_err() {
                                     return;
                                 }
                             }
                         },
                         Err(broadcast::error::RecvError::Lagged(skipped)) => {
                             tracing::debug!(skipped, "watcher fell behind; sending a reset");
-                            let (revision, reset) = reset_message(&shared, &filter);
+                            let (revision, instances) = matching_state(&shared, &filter);
                             last = revision;
                             metrics.watch_resets.inc();
-                            if out.send(reset).await.is_err() {
+                            if out.send(encoder.reset(revision, instances)).await.is_err() {
                                 return;
                             }
                         }

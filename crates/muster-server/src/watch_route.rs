@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes};
 use futures::Stream;
-use muster_core::WatchFilter;
 use muster_proto::v1 as pb;
 use muster_proto::v1::registry_server::RegistryServer;
 use prost::Message;
@@ -30,21 +29,12 @@ const WATCH_PATH: &str = "/muster.v1.Registry/Watch";
 
 /// Opens a watch stream of encoded `WatchResponse`s after validating the request.
 pub fn open_watch(core: &NodeCore, req: pb::WatchRequest) -> Result<tokio::sync::mpsc::Receiver<Bytes>, ApiError> {
-    muster_core::validate::namespace(&req.namespace)?;
-    if !req.service.is_empty() {
-        muster_core::validate::dns_label("service", &req.service)?;
-    }
-    let filter = WatchFilter {
-        namespace: (!req.namespace.is_empty()).then_some(req.namespace),
-        service: (!req.service.is_empty()).then_some(req.service),
-    };
-    Ok(crate::watch::start_watcher(
-        core.hub.clone(),
-        core.shared.clone(),
-        filter,
+    core.watch(
+        &req.namespace,
+        &req.service,
         req.start_revision,
-        core.shutdown.clone(),
-    ))
+        crate::watch::ProtobufEncoder,
+    )
 }
 
 /// The Registry service with Watch answered from pre-encoded events.

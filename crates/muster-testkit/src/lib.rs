@@ -1,7 +1,12 @@
 //! Test support: an in-process cluster of real nodes (real sockets, sled on disk,
-//! fsynced logs in temporary directories) that tests can stop and restart.
+//! fsynced logs in temporary directories) that tests can stop and restart; a
+//! cluster of real `muster server` processes ([`process`]) optionally placed in
+//! network namespaces ([`netns`]) for partitions; and a linearizability checker
+//! ([`linearizability`]).
 #![forbid(unsafe_code)]
 
+pub mod linearizability;
+pub mod netns;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -230,4 +235,23 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Polls `check` every 20 ms until it returns `Ok(true)` or `timeout` passes; the
+/// condition-based wait every test uses instead of sleeping.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await.unwrap_or(false) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(anyhow!("timed out after {timeout:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

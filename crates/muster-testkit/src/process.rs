@@ -1,10 +1,17 @@
 //! A cluster of real `muster server` processes, each with its own data directory,
-//! that tests can kill with SIGKILL, pause with SIGSTOP and restart.
+//! that tests can kill with SIGKILL, pause with SIGSTOP, restart, remove and add
+//! back, run under a faked clock (libfaketime), and — when started on a
+//! [`NetnsNetwork`] — cut off from each other.
+//!
+//! On loopback ([`Network::Loopback`]) every node binds free ports on 127.0.0.1. In
+//! namespaces ([`Network::Netns`]) node `N` runs under `ip netns exec` and binds
+//! `10.77.S.N:7100` (gRPC), `:7300` (peers) and `:8500` (HTTP).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -14,7 +21,80 @@ use muster_proto::v1::registry_client::RegistryClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::netns::NetnsNetwork;
+
+/// How long a harness RPC (status, members) may take before the node counts as
+/// unreachable: a paused or cut-off node must not hang the harness.
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the nodes' sockets live.
+#[derive(Clone, Debug, Default)]
+pub enum Network {
+    /// Free ports on 127.0.0.1; no network faults.
+    #[default]
+    Loopback,
+    /// One network namespace per node on a shared bridge; see [`crate::netns`].
+    Netns(Arc<NetnsNetwork>),
+}
+
+/// A faked clock for one node, through libfaketime (`LD_PRELOAD`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Clock {
+    /// The wall clock is offset by what [`ProcessCluster::set_clock_offset`] last
+    /// wrote (read from a file, so it can jump while the node runs). The monotonic
+    /// clock is left alone, as a real wall-clock step (NTP, an operator) would.
+    Adjustable,
+    /// Both clocks run at `rate` times real speed (e.g. 2.0) from the node's start.
+    Rate(f64),
+}
+
+/// The libfaketime library to preload: `MUSTER_FAKETIME_LIB`, or Debian's
+/// (`apt-get install faketime`). The multi-threaded build is preferred.
+pub fn faketime_library() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("MUSTER_FAKETIME_LIB") {
+        return Some(PathBuf::from(p)).filter(|p| p.exists());
+    }
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// How to start a [`ProcessCluster`].
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Number of nodes (ids 1..=nodes).
+    pub nodes: u64,
+    /// Loopback or namespaces.
+    pub network: Network,
+    /// Faked clocks by node id.
+    pub clocks: BTreeMap<u64, Clock>,
+    /// Extra `muster server` arguments for every node.
+    pub extra_args: Vec<String>,
+    /// How long to wait for the first leader.
+    pub leader_timeout: Duration,
+}
+
+impl ClusterOptions {
+    /// `nodes` nodes on loopback, no faked clocks.
+    pub fn new(nodes: u64) -> Self {
+        ClusterOptions {
+            nodes,
+            network: Network::Loopback,
+            clocks: BTreeMap::new(),
+            extra_args: Vec::new(),
+            leader_timeout: Duration::from_secs(20),
+        }
+    }
+}
 
 /// One `muster server` process.
 pub struct ProcessNode {
@@ -30,16 +110,33 @@ pub struct ProcessNode {
     pub data_dir: PathBuf,
     /// Where its output goes.
     pub log: PathBuf,
+    /// Its namespace, when on a [`NetnsNetwork`].
+    pub netns: Option<String>,
+    /// Its faked clock, if any (applies from the next start).
+    pub clock: Option<Clock>,
+    /// `Some(grpc addr)`: starts with `--join` instead of `--initial-cluster` (a node
+    /// removed and added back).
+    pub join: Option<String>,
+    paused: bool,
     child: Option<Child>,
 }
 
-/// A cluster of server processes on loopback.
+impl ProcessNode {
+    fn faketime_file(&self) -> PathBuf {
+        self.data_dir.with_extension("faketime")
+    }
+}
+
+/// A cluster of server processes.
 pub struct ProcessCluster {
     bin: PathBuf,
     initial_cluster: String,
+    extra_args: Vec<String>,
     /// Nodes by id.
     pub nodes: BTreeMap<u64, ProcessNode>,
     dir: TempDir,
+    // Dropped after the processes are killed (see `Drop`).
+    network: Network,
 }
 
 fn free_port() -> Result<SocketAddr> {
@@ -47,21 +144,54 @@ fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// A channel to `addr` whose connection attempt gives up after two seconds, and
+/// whose calls too when `bounded`.
+pub async fn channel(addr: SocketAddr, bounded: bool) -> Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(RPC_TIMEOUT);
+    if bounded {
+        endpoint = endpoint.timeout(RPC_TIMEOUT);
+    }
+    Ok(endpoint.connect().await?)
+}
+
 impl ProcessCluster {
-    /// Starts `n` server processes of the binary at `bin` forming one cluster.
+    /// Starts `n` server processes of the binary at `bin` forming one cluster on
+    /// loopback.
     pub async fn start(bin: &Path, n: u64) -> Result<Self> {
+        Self::start_with(bin, ClusterOptions::new(n)).await
+    }
+
+    /// Starts a cluster as `options` say and waits for a leader.
+    pub async fn start_with(bin: &Path, options: ClusterOptions) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut nodes = BTreeMap::new();
-        for id in 1..=n {
+        for id in 1..=options.nodes {
+            let (grpc, peer, http, netns) = match &options.network {
+                Network::Loopback => (free_port()?, free_port()?, free_port()?, None),
+                Network::Netns(net) => {
+                    let node = net.add_node(id)?;
+                    let ip = IpAddr::V4(node.ip);
+                    (
+                        SocketAddr::new(ip, 7100),
+                        SocketAddr::new(ip, 7300),
+                        SocketAddr::new(ip, 8500),
+                        Some(node.namespace),
+                    )
+                }
+            };
             nodes.insert(
                 id,
                 ProcessNode {
                     id,
-                    grpc: free_port()?,
-                    peer: free_port()?,
-                    http: free_port()?,
+                    grpc,
+                    peer,
+                    http,
                     data_dir: dir.path().join(format!("node-{id}")),
                     log: dir.path().join(format!("node-{id}.log")),
+                    netns,
+                    clock: options.clocks.get(&id).cloned(),
+                    join: None,
+                    paused: false,
                     child: None,
                 },
             );
@@ -74,13 +204,15 @@ impl ProcessCluster {
         let mut cluster = ProcessCluster {
             bin: bin.to_path_buf(),
             initial_cluster,
+            extra_args: options.extra_args,
             nodes,
             dir,
+            network: options.network,
         };
-        for id in 1..=n {
+        for id in 1..=options.nodes {
             cluster.spawn(id)?;
         }
-        cluster.wait_for_leader(Duration::from_secs(20)).await?;
+        cluster.wait_for_leader(options.leader_timeout).await?;
         Ok(cluster)
     }
 
@@ -89,18 +221,64 @@ impl ProcessCluster {
         self.dir.path()
     }
 
+    /// The namespaces the nodes run in, if any.
+    pub fn netns(&self) -> Option<&Arc<NetnsNetwork>> {
+        match &self.network {
+            Network::Netns(net) => Some(net),
+            Network::Loopback => None,
+        }
+    }
+
+    fn node(&self, id: u64) -> Result<&ProcessNode> {
+        self.nodes.get(&id).with_context(|| format!("no node {id}"))
+    }
+
     fn spawn(&mut self, id: u64) -> Result<()> {
-        let node = self.nodes.get_mut(&id).context("no such node")?;
+        let faketime = faketime_library();
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        std::fs::create_dir_all(self.dir.path())?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let child = Command::new(&self.bin)
+        let mut command = match &node.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        command
             .arg("server")
             .args(["--id", &id.to_string()])
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(["--grpc-addr", &node.grpc.to_string()])
             .args(["--peer-addr", &node.peer.to_string()])
-            .args(["--http-addr", &node.http.to_string()])
-            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--http-addr", &node.http.to_string()]);
+        match &node.join {
+            Some(via) => command.args(["--join", via]),
+            None => command.args(["--initial-cluster", &self.initial_cluster]),
+        };
+        command.args(&self.extra_args);
+        if let Some(clock) = &node.clock {
+            let lib = faketime.context("a faked clock needs libfaketime (apt-get install faketime)")?;
+            command.env("LD_PRELOAD", lib);
+            match clock {
+                Clock::Adjustable => {
+                    let file = node.faketime_file();
+                    if !file.exists() {
+                        std::fs::write(&file, "+0\n")?;
+                    }
+                    command
+                        .env("FAKETIME_TIMESTAMP_FILE", file)
+                        .env("FAKETIME_CACHE_DURATION", "1")
+                        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+                }
+                Clock::Rate(rate) => {
+                    command.env("FAKETIME", format!("+0 x{rate}"));
+                }
+            }
+        }
+        let child = command
             .env(
                 "RUST_LOG",
                 std::env::var("MUSTER_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -111,10 +289,11 @@ impl ProcessCluster {
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.display()))?;
         node.child = Some(child);
+        node.paused = false;
         Ok(())
     }
 
-    /// Ids of nodes whose process runs.
+    /// Ids of nodes whose process runs (paused or not).
     pub fn running(&self) -> Vec<u64> {
         self.nodes
             .values()
@@ -123,30 +302,54 @@ impl ProcessCluster {
             .collect()
     }
 
+    /// Ids of nodes whose process runs and is not paused.
+    pub fn active(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.child.is_some() && !n.paused)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
     /// Kills node `id` with SIGKILL and reaps it.
     pub fn kill9(&mut self, id: u64) -> Result<()> {
-        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
-            child.kill()?;
-            child.wait()?;
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if let Some(mut child) = node.child.take() {
+                child.kill()?;
+                child.wait()?;
+            }
+            node.paused = false;
         }
         Ok(())
     }
 
-    /// Sends SIGSTOP (pause) or SIGCONT (resume) to node `id`.
-    pub fn signal(&self, id: u64, signal: Signal) -> Result<()> {
-        let child = self.nodes[&id].child.as_ref().context("node not running")?;
+    /// Sends a signal to node `id`; SIGSTOP and SIGCONT also mark it paused or not.
+    pub fn signal(&mut self, id: u64, signal: Signal) -> Result<()> {
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        let child = node.child.as_ref().context("node not running")?;
         kill(Pid::from_raw(child.id() as i32), signal)?;
+        match signal {
+            Signal::SIGSTOP => node.paused = true,
+            Signal::SIGCONT => node.paused = false,
+            _ => {}
+        }
         Ok(())
     }
 
     /// Stops node `id` with SIGTERM and waits for it to exit.
     pub fn terminate(&mut self, id: u64) -> Result<std::process::ExitStatus> {
-        let mut child = self
-            .nodes
-            .get_mut(&id)
-            .and_then(|n| n.child.take())
-            .context("node not running")?;
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        let mut child = node.child.take().context("node not running")?;
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        if node.paused {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+            node.paused = false;
+        }
         Ok(child.wait()?)
     }
 
@@ -155,33 +358,98 @@ impl ProcessCluster {
         self.spawn(id)
     }
 
-    /// A Registry client for node `id`.
+    /// Sets the faked clock node `id` gets at its next start (`None`: the real one).
+    pub fn set_clock(&mut self, id: u64, clock: Option<Clock>) -> Result<()> {
+        self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?.clock = clock;
+        Ok(())
+    }
+
+    /// Steps the wall clock of a node started with [`Clock::Adjustable`] to
+    /// `offset_secs` from real time; the node sees the jump within a second.
+    pub fn set_clock_offset(&self, id: u64, offset_secs: i64) -> Result<()> {
+        let node = self.node(id)?;
+        if node.clock != Some(Clock::Adjustable) {
+            return Err(anyhow!("node {id} does not run with an adjustable clock"));
+        }
+        std::fs::write(node.faketime_file(), format!("{offset_secs:+}s\n"))?;
+        Ok(())
+    }
+
+    /// Kills node `id`, wipes its data directory and starts it empty with `--join`
+    /// through node `via`: after [`Self::remove_member`], the way an operator adds a
+    /// replaced machine back. Promote it with [`Self::promote`] once it is a learner.
+    pub fn rejoin(&mut self, id: u64, via: u64) -> Result<()> {
+        self.kill9(id)?;
+        let via_addr = self.node(via)?.grpc.to_string();
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        if node.data_dir.exists() {
+            std::fs::remove_dir_all(&node.data_dir)?;
+        }
+        node.join = Some(via_addr);
+        self.spawn(id)
+    }
+
+    /// The client API address of node `id`.
+    pub fn grpc_addr(&self, id: u64) -> Result<SocketAddr> {
+        Ok(self.node(id)?.grpc)
+    }
+
+    /// A Registry client for node `id` (connecting times out; calls wait for the
+    /// server's answer).
     pub async fn registry(&self, id: u64) -> Result<RegistryClient<Channel>> {
-        Ok(RegistryClient::connect(format!("http://{}", self.nodes[&id].grpc)).await?)
+        Ok(RegistryClient::new(channel(self.node(id)?.grpc, false).await?))
+    }
+
+    /// A Cluster client for node `id` (connect and calls time out, so a paused or
+    /// cut-off node cannot hang the harness).
+    pub async fn cluster(&self, id: u64) -> Result<ClusterClient<Channel>> {
+        Ok(ClusterClient::new(channel(self.node(id)?.grpc, true).await?))
     }
 
     /// The status of node `id`.
     pub async fn status(&self, id: u64) -> Result<pb::StatusResponse> {
-        let mut c = ClusterClient::connect(format!("http://{}", self.nodes[&id].grpc)).await?;
+        let mut c = self.cluster(id).await?;
         Ok(c.status(pb::StatusRequest {}).await?.into_inner())
     }
 
-    /// The leader every running node agrees on, waiting up to `timeout`.
+    /// Statuses of every active node, `None` for those that did not answer.
+    pub async fn statuses(&self) -> BTreeMap<u64, Option<pb::StatusResponse>> {
+        let ids = self.active();
+        let answers = futures::future::join_all(ids.iter().map(|id| self.status(*id))).await;
+        ids.into_iter().zip(answers.into_iter().map(Result::ok)).collect()
+    }
+
+    /// Removes node `id` from the membership, asking node `via`.
+    pub async fn remove_member(&self, via: u64, id: u64) -> Result<pb::MembershipResponse> {
+        let mut c = self.cluster(via).await?;
+        Ok(c.remove_member(pb::RemoveMemberRequest { node_id: id })
+            .await?
+            .into_inner())
+    }
+
+    /// Promotes learner `id` to voter, asking node `via`.
+    pub async fn promote(&self, via: u64, id: u64) -> Result<pb::MembershipResponse> {
+        let mut c = self.cluster(via).await?;
+        Ok(c.promote(pb::PromoteRequest { node_id: id }).await?.into_inner())
+    }
+
+    /// The members as node `via` sees them.
+    pub async fn members(&self, via: u64) -> Result<pb::MembersResponse> {
+        let mut c = self.cluster(via).await?;
+        Ok(c.members(pb::MembersRequest {}).await?.into_inner())
+    }
+
+    /// The leader every active node agrees on, waiting up to `timeout`.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let mut leaders = Vec::new();
-            for id in self.running() {
-                leaders.push(
-                    self.status(id)
-                        .await
-                        .ok()
-                        .filter(|s| s.leader_known)
-                        .map(|s| s.leader_id),
-                );
-            }
+            let statuses = self.statuses().await;
+            let leaders: Vec<Option<u64>> = statuses
+                .values()
+                .map(|s| s.as_ref().filter(|s| s.leader_known).map(|s| s.leader_id))
+                .collect();
             if let Some(Some(l)) = leaders.first().copied() {
-                if self.running().contains(&l) && leaders.iter().all(|x| *x == Some(l)) {
+                if self.active().contains(&l) && leaders.iter().all(|x| *x == Some(l)) {
                     return Ok(l);
                 }
             }
@@ -195,14 +463,59 @@ impl ProcessCluster {
         }
     }
 
-    /// Waits until every running node reports the same state digest and revision.
+    /// Waits until exactly one active node says it is the leader, every active node
+    /// names it, and every active node reports the same digest. Answers
+    /// `(leader, digest)`.
+    pub async fn wait_for_stable(&self, timeout: Duration) -> Result<(u64, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses().await;
+            let answered: Vec<&pb::StatusResponse> = statuses.values().flatten().collect();
+            if answered.len() == statuses.len() && !answered.is_empty() {
+                let leaders: Vec<u64> = answered
+                    .iter()
+                    .filter(|s| s.role == "leader")
+                    .map(|s| s.node_id)
+                    .collect();
+                let digest = &answered[0].digest;
+                if leaders.len() == 1
+                    && answered.iter().all(|s| s.leader_known && s.leader_id == leaders[0])
+                    && answered.iter().all(|s| &s.digest == digest)
+                {
+                    return Ok((leaders[0], digest.clone()));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let summary: Vec<String> = statuses
+                    .iter()
+                    .map(|(id, s)| match s {
+                        Some(s) => format!(
+                            "{id}: {} term {} leader {} rev {} digest {}",
+                            s.role,
+                            s.term,
+                            s.leader_id,
+                            s.revision,
+                            s.digest.get(..12).unwrap_or(&s.digest)
+                        ),
+                        None => format!("{id}: no answer"),
+                    })
+                    .collect();
+                return Err(anyhow!("not stable after {timeout:?}: {}", summary.join("; ")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every active node reports the same state digest.
     pub async fn wait_for_same_digest(&self, timeout: Duration) -> Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let mut digests = Vec::new();
-            for id in self.running() {
-                digests.push(self.status(id).await.ok().map(|s| s.digest));
-            }
+            let digests: Vec<Option<String>> = self
+                .statuses()
+                .await
+                .into_values()
+                .map(|s| s.map(|s| s.digest))
+                .collect();
             if let Some(Some(d)) = digests.first().cloned() {
                 if digests.iter().all(|x| x.as_deref() == Some(d.as_str())) {
                     return Ok(d);
@@ -224,5 +537,7 @@ impl Drop for ProcessCluster {
                 let _ = child.wait();
             }
         }
+        // `network` (and with it the namespaces, when this holds the last
+        // reference) is dropped after this, once no process runs inside them.
     }
 }

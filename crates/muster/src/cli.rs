@@ -69,14 +69,33 @@ pub enum Command {
     /// Cluster status and membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Exit 0 when a node's HTTP health endpoint answers 200 (container HEALTHCHECK).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `muster healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The URL to probe (plain HTTP).
+    #[arg(long, default_value = "http://127.0.0.1:8500/healthz")]
+    pub url: String,
+
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// `muster server`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// This node's id (> 0), unique in the cluster.
-    #[arg(long, env = "MUSTER_ID")]
-    pub id: u64,
+    #[arg(long, env = "MUSTER_ID", required_unless_present = "id_from_hostname")]
+    pub id: Option<u64>,
+
+    /// Derive the id from the host name's trailing ordinal, as a Kubernetes
+    /// StatefulSet names its pods: `muster-0` is node 1, `muster-2` node 3.
+    #[arg(long, env = "MUSTER_ID_FROM_HOSTNAME", conflicts_with = "id")]
+    pub id_from_hostname: bool,
 
     /// Directory for the Raft log, the state database and snapshots.
     #[arg(long, env = "MUSTER_DATA_DIR")]
@@ -377,7 +396,7 @@ mod tests {
         let Command::Server(args) = cli.command else {
             panic!("expected server")
         };
-        assert_eq!(args.id, 2);
+        assert_eq!(args.id, Some(2));
         assert_eq!(args.grpc_addr, "0.0.0.0:7100".parse().unwrap());
         assert_eq!(args.initial_cluster.unwrap().0.len(), 2);
         assert_eq!(args.heartbeat_ms, Some(50));

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod config_file;
 mod dev;
+mod healthcheck;
 mod output;
 mod parse;
 mod server;
@@ -80,6 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Services(args) => commands::services(&ctx().await?, args).await?,
         Command::Watch(args) => commands::watch(&ctx().await?, args).await?,
         Command::Cluster(command) => commands::cluster(&ctx().await?, command).await?,
+        Command::Healthcheck(args) => return Ok(healthcheck::run(&args).await),
     }
     Ok(ExitCode::SUCCESS)
 }

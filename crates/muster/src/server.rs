@@ -13,10 +13,39 @@ use crate::cli::ServerArgs;
 /// Exit code for a command line or configuration that cannot work (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
 
-/// Builds the node's configuration from the flags.
-pub fn node_config(args: &ServerArgs) -> NodeConfig {
+/// The node id: `--id`, or the host name's trailing ordinal plus one.
+pub fn node_id(args: &ServerArgs) -> Result<u64, String> {
+    if let Some(id) = args.id {
+        return Ok(id);
+    }
+    let hostname = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_default();
+    id_from_hostname(&hostname)
+}
+
+/// `muster-0` → 1, `muster-12` → 13.
+pub fn id_from_hostname(hostname: &str) -> Result<u64, String> {
+    let short = hostname.split('.').next().unwrap_or(hostname);
+    short
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .map(|n| n + 1)
+        .ok_or_else(|| {
+            format!("--id-from-hostname: host name {hostname:?} does not end in -<ordinal> (e.g. muster-0); give --id instead")
+        })
+}
+
+/// Builds the node's configuration from the flags (`id` from [`node_id`]).
+pub fn node_config(args: &ServerArgs, id: u64) -> NodeConfig {
     let mut config = NodeConfig::new(
-        args.id,
+        id,
         args.data_dir.clone(),
         args.grpc_addr,
         args.peer_addr,
@@ -65,7 +94,14 @@ pub fn node_config(args: &ServerArgs) -> NodeConfig {
 
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let config = node_config(args);
+    let id = match node_id(args) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("muster server: invalid configuration: {e}");
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+    };
+    let config = node_config(args, id);
     if let Err(e) = config.validate() {
         eprintln!("muster server: {e}");
         return Ok(ExitCode::from(EXIT_BAD_CONFIG));
@@ -74,12 +110,6 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let listeners = Listeners::bind(&config).await.with_context(|| {
-        format!(
-            "binding gRPC {}, peer {} and HTTP {}",
-            config.grpc_addr, config.peer_addr, config.http_addr
-        )
-    })?;
     tracing::info!(
         id = config.id,
         grpc = %config.grpc_addr,
@@ -88,6 +118,12 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         data_dir = %config.data_dir.display(),
         "starting node"
     );
+    let listeners = Listeners::bind(&config).await.with_context(|| {
+        format!(
+            "binding gRPC {}, peer {} and HTTP {}",
+            config.grpc_addr, config.peer_addr, config.http_addr
+        )
+    })?;
     let handle = Node::start(config, listeners).await.context("starting the node")?;
     let which = tokio::select! {
         _ = term.recv() => "SIGTERM",
@@ -105,6 +141,17 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
 
+    fn node_config_of(args: &ServerArgs) -> NodeConfig {
+        node_config(args, node_id(args).unwrap())
+    }
+
+    #[test]
+    fn the_id_comes_from_a_statefulset_ordinal() {
+        assert_eq!(id_from_hostname("muster-0"), Ok(1));
+        assert_eq!(id_from_hostname("muster-2.muster-peer.default.svc"), Ok(3));
+        assert!(id_from_hostname("muster").unwrap_err().contains("--id"));
+    }
+
     fn server_args(extra: &[&str]) -> ServerArgs {
         let mut argv = vec!["muster", "server", "--id", "1", "--data-dir", "/tmp/x"];
         argv.extend_from_slice(extra);
@@ -116,7 +163,7 @@ mod tests {
 
     #[test]
     fn flags_left_out_keep_the_servers_defaults() {
-        let config = node_config(&server_args(&["--initial-cluster", "1=127.0.0.1:7300"]));
+        let config = node_config_of(&server_args(&["--initial-cluster", "1=127.0.0.1:7300"]));
         let defaults = NodeConfig::new(
             1,
             "/tmp/x".into(),
@@ -132,7 +179,7 @@ mod tests {
 
     #[test]
     fn timing_flags_reach_the_config() {
-        let config = node_config(&server_args(&[
+        let config = node_config_of(&server_args(&[
             "--initial-cluster",
             "1=127.0.0.1:7300",
             "--heartbeat-ms",
@@ -152,7 +199,7 @@ mod tests {
 
     #[test]
     fn a_node_missing_from_its_initial_cluster_fails_validation() {
-        let config = node_config(&server_args(&["--initial-cluster", "2=127.0.0.1:7301"]));
+        let config = node_config_of(&server_args(&["--initial-cluster", "2=127.0.0.1:7301"]));
         assert_eq!(config.validate().unwrap_err().field, "initial-cluster");
     }
 }
