@@ -519,3 +519,35 @@ async fn a_node_joins_as_a_learner_is_promoted_and_serves_the_same_state() -> Re
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_linearizable_reads_on_a_follower_all_see_a_completed_write() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    let mut writer = cluster.registry(leader).await?;
+    let reader = cluster.registry(follower).await?;
+    for round in 0..5u32 {
+        register(&mut writer, instance("lin", &format!("l-{round}"), 80), 0).await?;
+        // Many readers at once share read-index rounds; each must see the write.
+        let mut reads = Vec::new();
+        for _ in 0..50 {
+            let mut c = reader.clone();
+            reads.push(tokio::spawn(async move {
+                discover(&mut c, "lin", pb::ReadMode::Linearizable, 0)
+                    .await
+                    .map(|r| r.instances.len())
+            }));
+        }
+        for r in reads {
+            assert_eq!(
+                r.await??,
+                round as usize + 1,
+                "a linearizable read missed a completed write"
+            );
+        }
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

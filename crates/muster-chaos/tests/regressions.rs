@@ -195,9 +195,9 @@ async fn an_isolated_leader_does_not_acknowledge_keep_alives_for_a_lease_the_maj
 /// lazily (`committed_flush_interval`, 100 ms). A linearizable read then misses
 /// writes that were committed and acknowledged just before the crash.
 ///
-/// Ignored until fixed: `cargo test -p muster-chaos --test regressions -- --ignored`.
+/// Fixed: a leader never answers a read index below the last log index it had on
+/// disk at start-up (`NodeCore::read_index_local`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: a leader restored at startup serves linearizable reads from a stale read index"]
 async fn a_linearizable_read_right_after_a_full_restart_sees_every_acknowledged_write() {
     let bin = muster_bin();
     assert!(bin.exists(), "no muster binary at {}", bin.display());

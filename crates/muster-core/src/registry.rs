@@ -154,10 +154,11 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The revision of the last change to one service (0 if it never existed or is
-    /// now empty).
+    /// The revision of the last change to one service, as [`Registry::service_index`]:
+    /// it never moves backwards, also across a restart or a snapshot load (which
+    /// forget when a removed instance was removed).
     pub fn service_revision(&self, service: &ServiceKey) -> Revision {
-        self.services.get(service).map_or(0, |s| s.mod_revision)
+        self.service_index(service)
     }
 
     /// The modify index of one service for blocking queries: the revision of its

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod read_index;
 pub mod replication;
 pub mod request_metrics;
 pub mod rest;

@@ -112,6 +112,10 @@ pub struct NodeCore {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node stops.
     pub shutdown: CancellationToken,
+    /// The last log index on disk when this node started (see `read_index_local`).
+    pub startup_last_log_index: u64,
+    /// Batches linearizable reads into one read index per round.
+    pub read_index_batcher: crate::read_index::ReadIndexBatcher,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -331,6 +335,19 @@ impl NodeCore {
     /// Makes the next local read linearizable: confirms leadership through a quorum
     /// (here or on the leader) and waits until this node has applied the read index.
     pub async fn linearizable_barrier(&self) -> Result<(), ApiError> {
+        let index = self.read_index_batcher.read_index().await?;
+        let waited = self
+            .raft
+            .wait(Some(READ_DEADLINE))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await;
+        waited.map(|_| ()).map_err(|e| ApiError::Timeout(e.to_string()))
+    }
+
+    /// Obtains a read index: confirmed by a quorum on the leader (here, or asked of
+    /// the leader). Called once per batch of concurrent readers by
+    /// [`crate::read_index::ReadIndexBatcher`].
+    pub async fn fetch_read_index(&self) -> Result<u64, ApiError> {
         let deadline = Instant::now() + READ_DEADLINE;
         let index = loop {
             match self.read_index_local().await {
@@ -355,18 +372,17 @@ impl NodeCore {
             }
             self.wait_for_leader_change().await;
         };
-        let waited = self
-            .raft
-            .wait(Some(READ_DEADLINE))
-            .applied_index_at_least(Some(index), "linearizable read")
-            .await;
-        waited.map(|_| ()).map_err(|e| ApiError::Timeout(e.to_string()))
+        Ok(index)
     }
 
     /// The read index when this node is the leader; `Err(None)` when it is not.
     pub async fn read_index_local(&self) -> Result<u64, Option<ApiError>> {
         match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            // A leader restored at start-up in its old term computes its read index
+            // from the commit index it persisted before the crash, which may be
+            // behind entries it had acknowledged. Those entries are in its own log, so
+            // never read below the log it started with.
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index).max(self.startup_last_log_index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(None),
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(Some(ApiError::NoLeader {
                 reason: e.to_string(),
@@ -522,8 +538,13 @@ impl Node {
         crate::identity::check_or_record(&config)?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(WatchHub::new(config.watch.clone(), metrics.clone()));
-        let log = SegmentLog::<TypeConfig>::open(&data_dir.join("raft"), LogOptions::default())
+        let mut log = SegmentLog::<TypeConfig>::open(&data_dir.join("raft"), LogOptions::default())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
+        let startup_last_log_index = openraft::storage::RaftLogStorage::get_log_state(&mut log)
+            .await
+            .map_err(|e| NodeError::Storage(e.to_string()))?
+            .last_log_id
+            .map_or(0, |l| l.index);
         let state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
         let shared = state_machine.shared();
@@ -565,6 +586,8 @@ impl Node {
             channels,
             metrics,
             shutdown: CancellationToken::new(),
+            read_index_batcher: Default::default(),
+            startup_last_log_index,
             started: Instant::now(),
             last_leader_contact_ms: AtomicU64::new(0),
             leader_commit: AtomicU64::new(0),
@@ -577,6 +600,7 @@ impl Node {
             tokio::spawn(crate::http::serve(core.clone(), listeners.http)),
             tokio::spawn(crate::leases::run(core.clone())),
             tokio::spawn(crate::replication::run(core.clone())),
+            tokio::spawn(crate::read_index::run(core.clone())),
             tokio::spawn(crate::checks::run(core.clone())),
             tokio::spawn(crate::blocking::run(core.clone())),
             tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),
