@@ -490,10 +490,19 @@ async fn bad_input_answers_400_naming_the_field_and_unknown_ids_404_and_the_node
     let a = c.put_raw("/v1/agent/service/register", "{not json").await?;
     assert_eq!(a.status, 400);
     assert!(a.body.starts_with("Request decode failed"), "{}", a.body);
-    let a = c
+    // The node answers 413 as soon as the declared length is over the limit and
+    // closes the connection, so the client may see the 413 or, when it is still
+    // writing the body, a broken pipe: either way the body is refused.
+    match c
         .put_raw("/v1/agent/service/register", vec![b' '; 2 * 1024 * 1024])
-        .await?;
-    assert_eq!(a.status, 413, "oversized bodies are refused");
+        .await
+    {
+        Ok(a) => assert_eq!(a.status, 413, "oversized bodies are refused"),
+        Err(e) => assert!(
+            format!("{e:#}").contains("Broken pipe") || format!("{e:#}").contains("reset"),
+            "oversized body: {e:#}"
+        ),
+    }
 
     let a = c.put("/v1/agent/service/deregister/nope", &json!(null)).await?;
     assert_eq!(a.status, 404);
