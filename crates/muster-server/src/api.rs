@@ -162,6 +162,14 @@ impl NodeCore {
         })
     }
 
+    /// One instance from this node's memory (call `read_barrier` first), with the
+    /// node's applied revision.
+    pub fn instance_local(&self, key: &InstanceKey) -> Result<(Option<Arc<Instance>>, Revision), ApiError> {
+        validate::instance_key(key)?;
+        let registry = self.shared.read();
+        Ok((registry.instance(key).cloned(), registry.revision()))
+    }
+
     /// Services with counts from this node's memory; `None` namespace: all.
     pub fn services_local(&self, namespace: Option<&str>) -> Result<(Vec<ServiceSummary>, Revision), ApiError> {
         if let Some(ns) = namespace {

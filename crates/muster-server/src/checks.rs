@@ -122,11 +122,6 @@ impl CheckKeeper {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn leader_term(core: &NodeCore) -> Option<u64> {
-        let m = core.raft.metrics().borrow().clone();
-        (m.state == openraft::ServerState::Leader && m.current_leader == Some(core.id)).then_some(m.current_term)
-    }
-
     /// Brings the keeper in line with the node's role: active with full TTLs when it
     /// leads in `term`, idle otherwise.
     fn align(state: &mut KeeperState, leader_term: Option<u64>, registry: &Registry) {
@@ -159,7 +154,7 @@ impl CheckKeeper {
     /// status and output if they changed. `None` when this node does not lead (the
     /// caller forwards the report to the leader).
     pub async fn report_local(&self, core: &NodeCore, report: &CheckReport) -> Option<Result<ApplyResult, ApiError>> {
-        let term = Self::leader_term(core)?;
+        let term = core.leader_term()?;
         let _writes = self.writes.lock().await;
         let decision = {
             let registry = core.shared.read();
@@ -218,7 +213,7 @@ impl CheckKeeper {
     /// Checks whose TTL ran out and instances critical for too long, when this node
     /// leads. Call with `writes` held.
     fn due(&self, core: &NodeCore) -> Due {
-        let term = Self::leader_term(core);
+        let term = core.leader_term();
         let registry = core.shared.read();
         let mut state = self.lock();
         Self::align(&mut state, term, &registry);

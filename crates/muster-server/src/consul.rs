@@ -413,34 +413,45 @@ fn filtered<'a>(
     registry.discover(key, &filter).into_iter()
 }
 
+/// A blocking read of one service's instances (filtered by `?tag=` and, when
+/// `passing`, health), each shown as `show` renders it: the catalog and health
+/// endpoints differ only in that.
+async fn service_instances<T: Serialize>(
+    core: &NodeCore,
+    name: &str,
+    params: &Params,
+    passing: bool,
+    show: fn(&Instance) -> T,
+) -> Result<Response, ConsulError> {
+    let key = service_name(name)?;
+    let options = read_options(params)?;
+    let tags = params_all(params, "tag");
+    // Muster's nodes carry no metadata: nothing matches a node-meta filter.
+    let node_meta = param(params, "node-meta").is_some();
+    let changes = options.blocking.map(|_| core.changes.service(&key));
+    let (index, entries) = blocking_read(
+        core,
+        &options,
+        changes,
+        |r| r.service_index(&key),
+        |r| -> Vec<T> {
+            if node_meta {
+                return Vec::new();
+            }
+            filtered(r, &key, &tags, passing).map(|i| show(&i)).collect()
+        },
+    )
+    .await?;
+    Ok(read_response(core, Some(index), &entries))
+}
+
 #[tracing::instrument(skip_all, fields(service = %name))]
 async fn catalog_service(
     State(core): State<Arc<NodeCore>>,
     Path(name): Path<String>,
     params: Params,
 ) -> Result<Response, ConsulError> {
-    let key = service_name(&name)?;
-    let options = read_options(&params)?;
-    let tags = params_all(&params, "tag");
-    let node_meta = param(&params, "node-meta").is_some();
-    let changes = options.blocking.map(|_| core.changes.service(&key));
-    let (index, entries) = blocking_read(
-        &core,
-        &options,
-        changes,
-        |r| r.service_index(&key),
-        |r| -> Vec<CatalogService> {
-            if node_meta {
-                // Muster's nodes carry no metadata: nothing matches a node-meta filter.
-                return Vec::new();
-            }
-            filtered(r, &key, &tags, false)
-                .map(|i| CatalogService::of(&i))
-                .collect()
-        },
-    )
-    .await?;
-    Ok(read_response(&core, Some(index), &entries))
+    service_instances(&core, &name, &params, false, CatalogService::of).await
 }
 
 #[tracing::instrument(skip_all, fields(service = %name))]
@@ -449,28 +460,8 @@ async fn health_service(
     Path(name): Path<String>,
     params: Params,
 ) -> Result<Response, ConsulError> {
-    let key = service_name(&name)?;
-    let options = read_options(&params)?;
-    let tags = params_all(&params, "tag");
     let passing = flag(&params, "passing");
-    let node_meta = param(&params, "node-meta").is_some();
-    let changes = options.blocking.map(|_| core.changes.service(&key));
-    let (index, entries) = blocking_read(
-        &core,
-        &options,
-        changes,
-        |r| r.service_index(&key),
-        |r| -> Vec<ServiceEntry> {
-            if node_meta {
-                return Vec::new();
-            }
-            filtered(r, &key, &tags, passing)
-                .map(|i| ServiceEntry::of(&i))
-                .collect()
-        },
-    )
-    .await?;
-    Ok(read_response(&core, Some(index), &entries))
+    service_instances(&core, &name, &params, passing, ServiceEntry::of).await
 }
 
 #[tracing::instrument(skip_all, fields(service = %name))]

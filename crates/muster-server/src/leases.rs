@@ -111,11 +111,6 @@ impl LeaseKeeper {
         }
     }
 
-    fn leader_term(core: &NodeCore) -> Option<u64> {
-        let m = core.raft.metrics().borrow().clone();
-        (m.state == openraft::ServerState::Leader && m.current_leader == Some(core.id)).then_some(m.current_term)
-    }
-
     /// Whether this leader heard from a quorum recently enough to renew leases.
     ///
     /// A leader cut off from its followers believes it leads until it hears a higher
@@ -137,7 +132,7 @@ impl LeaseKeeper {
     /// Renews leases when this node leads and a quorum recently confirmed it;
     /// `None` otherwise (the caller forwards, or retries until a leader is known).
     pub fn keep_alive_local(&self, core: &NodeCore, ids: &[LeaseId]) -> Option<Vec<(LeaseId, u64)>> {
-        let term = Self::leader_term(core)?;
+        let term = core.leader_term()?;
         if !Self::quorum_is_fresh(core) {
             return None;
         }
@@ -170,7 +165,7 @@ impl LeaseKeeper {
 
     /// One tick: what to expire and what to checkpoint.
     fn tick(&self, core: &NodeCore) -> (Vec<LeaseId>, Vec<(LeaseId, Option<u64>)>) {
-        let term = Self::leader_term(core);
+        let term = core.leader_term();
         let registry = core.shared.read();
         let mut state = self.lock();
         self.align(&mut state, term, &registry);

@@ -170,17 +170,28 @@ impl NodeCore {
         Some((leader, addr))
     }
 
-    /// Whether this node is the leader now.
-    pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    /// The term in which this node leads, or `None` when it does not lead.
+    pub fn leader_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.id)).then_some(m.current_term)
     }
 
-    /// Where this node stands now.
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.leader_term().is_some()
+    }
+
+    /// Where this node stands now. Called for every answer, so it reads the Raft
+    /// metrics in place instead of cloning them.
     pub fn view(&self) -> NodeView {
-        let m = self.raft.metrics().borrow().clone();
-        let ms_since_leader_contact = if m.current_leader == Some(self.id) {
-            m.millis_since_quorum_ack.unwrap_or(0)
+        let (leader_id, quorum_ack) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader, m.millis_since_quorum_ack)
+        };
+        let ms_since_leader_contact = if leader_id == Some(self.id) {
+            quorum_ack.unwrap_or(0)
         } else {
             let last = self.last_leader_contact_ms.load(Ordering::Relaxed);
             (self.started.elapsed().as_millis() as u64).saturating_sub(last)
@@ -188,7 +199,7 @@ impl NodeCore {
         NodeView {
             revision: self.shared.current_revision(),
             node_id: self.id,
-            leader_id: m.current_leader,
+            leader_id,
             ms_since_leader_contact,
         }
     }

@@ -39,16 +39,8 @@ pub async fn run(core: Arc<NodeCore>) {
             }
         };
         let last_log = m.last_log_index.unwrap_or(0);
-        let mut stalled = false;
-        let mut progressed = false;
-        for (id, matched) in &replication {
-            let index = matched.map_or(0, |l| l.index);
-            match seen.insert(*id, index) {
-                Some(before) if index < last_log && before == index => stalled = true,
-                Some(before) if index > before => progressed = true,
-                _ => {}
-            }
-        }
+        let matched = replication.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index)));
+        let Progress { stalled, progressed } = assess(&mut seen, matched, last_log);
         if progressed && !stalled {
             backoff = CHECK_EVERY;
         }
@@ -64,5 +56,79 @@ pub async fn run(core: Arc<NodeCore>) {
             next_nudge = Instant::now() + backoff;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+/// What one look at the followers' matched indexes found.
+#[derive(Debug, PartialEq, Eq)]
+struct Progress {
+    /// A follower is behind the leader's log and has not moved since the last look.
+    stalled: bool,
+    /// A follower moved forward since the last look.
+    progressed: bool,
+}
+
+/// Compares each follower's matched index with the last look (`seen`, updated).
+fn assess(seen: &mut BTreeMap<u64, u64>, matched: impl IntoIterator<Item = (u64, u64)>, last_log: u64) -> Progress {
+    let mut progress = Progress {
+        stalled: false,
+        progressed: false,
+    };
+    for (id, index) in matched {
+        match seen.insert(id, index) {
+            Some(before) if index < last_log && before == index => progress.stalled = true,
+            Some(before) if index > before => progress.progressed = true,
+            _ => {}
+        }
+    }
+    progress
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_behind_without_progress_between_two_looks_is_stalled() {
+        let mut seen = BTreeMap::new();
+        // First look: nothing to compare with.
+        assert_eq!(
+            assess(&mut seen, [(2, 5), (3, 10)], 10),
+            Progress {
+                stalled: false,
+                progressed: false
+            }
+        );
+        // Node 2 still at 5 while the log is at 10: stalled; node 3 is caught up.
+        assert_eq!(
+            assess(&mut seen, [(2, 5), (3, 10)], 10),
+            Progress {
+                stalled: true,
+                progressed: false
+            }
+        );
+        // Node 2 moves: progress, not stalled.
+        assert_eq!(
+            assess(&mut seen, [(2, 7), (3, 10)], 10),
+            Progress {
+                stalled: false,
+                progressed: true
+            }
+        );
+        // Caught up and idle: neither.
+        assert_eq!(
+            assess(&mut seen, [(2, 10), (3, 10)], 10),
+            Progress {
+                stalled: false,
+                progressed: true
+            }
+        );
+        assert_eq!(
+            assess(&mut seen, [(2, 10), (3, 10)], 10),
+            Progress {
+                stalled: false,
+                progressed: false
+            }
+        );
     }
 }

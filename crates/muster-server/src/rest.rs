@@ -399,19 +399,16 @@ async fn get_instance(
     let consistency = read_consistency(&mut query)?;
     query.finish()?;
     let key = InstanceKey::new(&ns, &service, &instance_id);
+    // Refuse bad input before waiting on the read barrier.
     validate::instance_key(&key).map_err(crate::ApiError::Invalid)?;
     core.read_barrier(consistency).await?;
-    let found = core.discover_local(&ns, &service, &DiscoverFilter::default())?;
-    let instance = found
-        .instances
-        .iter()
-        .find(|i| i.instance_id == instance_id)
-        .ok_or_else(|| RestError::not_found("instance_id", format!("instance {key} not found")))?;
+    let (instance, revision) = core.instance_local(&key)?;
+    let instance = instance.ok_or_else(|| RestError::not_found("instance_id", format!("instance {key} not found")))?;
     Ok(answer(
         &core,
-        found.revision,
+        revision,
         OneInstanceJson {
-            instance: InstanceJson::from(&**instance),
+            instance: InstanceJson::from(&*instance),
         },
     ))
 }

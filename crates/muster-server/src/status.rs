@@ -112,8 +112,9 @@ impl NodeCore {
 
     /// Where this node stands now.
     pub fn status(&self) -> NodeStatus {
-        let m = self.raft.metrics().borrow().clone();
         let view = self.view();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let last_log_index = m.last_log_index.unwrap_or(0);
         let applied_index = m.last_applied.map_or(0, |l| l.index);
         let commit_index = if m.state == ServerState::Leader {
@@ -144,7 +145,8 @@ impl NodeCore {
 
     /// The cluster's members as this node knows them, in id order.
     pub fn members(&self) -> Vec<MemberInfo> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let matched = m.replication.clone().unwrap_or_default();

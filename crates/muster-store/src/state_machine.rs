@@ -136,13 +136,37 @@ fn lease_key_bytes(id: u64) -> Vec<u8> {
 
 /// Writes `bytes` to `dir/name` durably: temp file, fsync, rename, fsync the directory.
 pub fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably_with(dir, name, |w| w.write_all(bytes))
+}
+
+/// Like [`write_file_durably`], with the content produced by `fill` straight into
+/// the (buffered) file, so a large snapshot is not encoded into memory first.
+fn write_durably_with(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
+    let mut w = std::io::BufWriter::new(fs::File::create(&tmp)?);
+    fill(&mut w)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, dir.join(name))?;
     fs::File::open(dir)?.sync_all()
+}
+
+/// Writes the snapshot file durably on a blocking thread and hands it back.
+async fn save_snapshot_file(dir: PathBuf, file: SnapshotFile) -> Result<SnapshotFile, StorageError> {
+    tokio::task::spawn_blocking(move || {
+        write_durably_with(&dir, SNAPSHOT_FILE, |w| {
+            bincode::serialize_into(w, &file).map_err(std::io::Error::other)
+        })
+        .map(|()| file)
+    })
+    .await
+    .map_err(|e| snap_err(ErrorVerb::Write, e))?
+    .map_err(|e| snap_err(ErrorVerb::Write, e))
 }
 
 impl StateMachineStore {
@@ -318,16 +342,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.membership.clone(),
             snapshot_id,
         };
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data,
-        };
-        let bytes = bincode::serialize(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let dir = self.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || write_file_durably(&dir, SNAPSHOT_FILE, &bytes))
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let file = save_snapshot_file(
+            self.snapshot_dir.clone(),
+            SnapshotFile {
+                meta: meta.clone(),
+                data,
+            },
+        )
+        .await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = file.data.len(), "snapshot written");
         Ok(Snapshot {
             meta,
@@ -402,17 +424,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data,
-        };
-        let bytes = bincode::serialize(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let dir = self.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || write_file_durably(&dir, SNAPSHOT_FILE, &bytes))
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let file = save_snapshot_file(
+            self.snapshot_dir.clone(),
+            SnapshotFile {
+                meta: meta.clone(),
+                data: snapshot.into_inner(),
+            },
+        )
+        .await?;
         self.replace_state(meta, &file.data)?;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         Ok(())
