@@ -236,6 +236,7 @@ impl NodeCore {
             };
             match answer {
                 Some(Ok(result)) => {
+                    self.await_applied_here(result.revision).await;
                     return match result.outcome {
                         Outcome::CheckUpdated(instance) => Ok(Registered {
                             instance,
@@ -243,7 +244,7 @@ impl NodeCore {
                         }),
                         Outcome::Rejected(r) => Err(r.into()),
                         other => Err(unexpected(&other)),
-                    }
+                    };
                 }
                 Some(Err(e)) => return Err(e),
                 None => {}

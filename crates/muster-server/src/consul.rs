@@ -276,19 +276,17 @@ async fn register(State(core): State<Arc<NodeCore>>, body: Bytes) -> Result<Resp
         .filter(|i| i.service != spec.service)
         .map(|i| i.key())
         .collect();
-    let done = core.register(spec, None).await.map_err(|e| match e {
+    // Each write returns once this node has applied it (`NodeCore::propose`).
+    core.register(spec, None).await.map_err(|e| match e {
         ApiError::Invalid(v) => ConsulError::from(registration.consul_error(&v)),
         other => ConsulError::from(other),
     })?;
-    let mut revision = done.revision;
     for key in moved {
         match core.deregister(key).await {
-            Ok(r) => revision = revision.max(r),
-            Err(ApiError::InstanceNotFound(_)) => {}
+            Ok(_) | Err(ApiError::InstanceNotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    core.wait_for_revision(revision).await?;
     Ok(written())
 }
 
@@ -306,15 +304,12 @@ async fn deregister(State(core): State<Arc<NodeCore>>, Path(id): Path<String>) -
             "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
         )));
     }
-    let mut revision = 0;
     for key in keys {
         match core.deregister(key).await {
-            Ok(r) => revision = revision.max(r),
-            Err(ApiError::InstanceNotFound(_)) => {}
+            Ok(_) | Err(ApiError::InstanceNotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    core.wait_for_revision(revision).await?;
     Ok(written())
 }
 
@@ -343,15 +338,13 @@ async fn report(core: &NodeCore, check_id: String, status: Health, output: Strin
             "Unknown check ID {check_id:?}. Ensure that the check ID is passed, not the check name."
         )));
     };
-    let done = core
-        .report_check(CheckReport {
-            key,
-            check_id,
-            status,
-            output: decode::truncate_output(output),
-        })
-        .await?;
-    core.wait_for_revision(done.revision).await?;
+    core.report_check(CheckReport {
+        key,
+        check_id,
+        status,
+        output: decode::truncate_output(output),
+    })
+    .await?;
     Ok(written())
 }
 

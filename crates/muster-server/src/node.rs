@@ -224,14 +224,7 @@ impl NodeCore {
     /// `crates/muster-chaos/tests/regressions.rs`.)
     pub async fn propose(&self, command: Command) -> Result<ApplyResult, ApiError> {
         let (result, maybe_applied_before) = self.propose_raw(command).await?;
-        // A write forwarded to the leader was applied there; wait (usually a
-        // millisecond) until this node has applied it too, so a client reads its
-        // own write from the node it wrote through, whatever the frontend.
-        if self.shared.current_revision() < result.revision {
-            if let Err(e) = self.wait_for_revision(result.revision).await {
-                tracing::warn!(error = %e, revision = result.revision, "write applied on the leader but not yet here");
-            }
-        }
+        self.await_applied_here(result.revision).await;
         match result.outcome {
             Outcome::Rejected(r) if maybe_applied_before => Err(ApiError::Internal(format!(
                 "outcome unknown: the leader failed while handling this write, which may have been applied; \
@@ -322,6 +315,18 @@ impl NodeCore {
                 });
             }
             self.wait_for_leader_change().await;
+        }
+    }
+
+    /// After a write the leader applied: waits (usually a millisecond) until this node
+    /// has applied it too, so a client reads its own write from the node it wrote
+    /// through, whatever the frontend. A timeout is logged, not returned: the write
+    /// itself succeeded.
+    pub async fn await_applied_here(&self, revision: Revision) {
+        if self.shared.current_revision() < revision {
+            if let Err(e) = self.wait_for_revision(revision).await {
+                tracing::warn!(error = %e, revision, "write applied on the leader but not yet here");
+            }
         }
     }
 
