@@ -1,6 +1,7 @@
 //! The client: one lazily connected channel per node, one node in use at a time,
 //! and failover to the next node when the one in use cannot serve a call.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
 use crate::error::{is_retryable, retry_after, ClientError};
+use crate::fallback::StaticFallback;
 use crate::registration::Registration;
+use crate::resolver::{Resolver, ResolverOptions};
 use crate::retry::{Backoff, RetryPolicy};
 use crate::types::{
     DiscoverOptions, LeaseGrant, Members, MembershipChange, NodeStatus, ReadMode, Registered, ResponseHeader,
@@ -36,6 +39,10 @@ pub struct ClientOptions {
     pub retry: RetryPolicy,
     /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
+    /// How resolvers made by [`Client::resolver`] and [`Client::service_url`] pick.
+    pub resolver: ResolverOptions,
+    /// Addresses for services the registry has never answered for.
+    pub fallback: StaticFallback,
 }
 
 impl Default for ClientOptions {
@@ -45,6 +52,8 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            resolver: ResolverOptions::default(),
+            fallback: StaticFallback::none(),
         }
     }
 }
@@ -72,6 +81,10 @@ struct Inner {
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// The resolvers [`Client::service_url`] made, by service. Not in `Inner`: a
+    /// resolver's task holds a client without this map, so that dropping the last
+    /// clone of the caller's client stops the tasks.
+    resolvers: Arc<tokio::sync::Mutex<HashMap<String, Resolver>>>,
 }
 
 /// Turns `host:port` (or a full `http://` URI) into a lazily connected channel.
@@ -177,7 +190,52 @@ impl Client {
                 current: AtomicUsize::new(0),
                 options,
             }),
+            resolvers: Arc::default(),
         })
+    }
+
+    /// A clone that shares the channels but not the resolvers of
+    /// [`Client::service_url`] (given to background tasks).
+    fn detached(&self) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            resolvers: Arc::default(),
+        }
+    }
+
+    /// A cache of `service`'s instances fed by a watch, with the client's
+    /// [`ClientOptions::resolver`] options and fallback. Waits up to
+    /// `first_sync_timeout` for the registry's first answer; when no node answers,
+    /// the resolver still works from the static fallback and keeps reconnecting.
+    pub async fn resolver(&self, service: &str) -> Resolver {
+        self.resolver_with(service, self.inner.options.resolver.clone()).await
+    }
+
+    /// [`Client::resolver`] with its own options.
+    pub async fn resolver_with(&self, service: &str, options: ResolverOptions) -> Resolver {
+        Resolver::start(self.detached(), service, options, &self.inner.options.fallback).await
+    }
+
+    /// `http://host:port/path` of an instance of `service`, picked from a cache
+    /// that the first call for the service creates and later calls reuse.
+    pub async fn service_url(&self, service: &str, path: &str) -> Result<String, ClientError> {
+        self.cached_resolver(service).await.url(path)
+    }
+
+    /// The resolver [`Client::service_url`] uses for `service`, created on first use.
+    pub async fn cached_resolver(&self, service: &str) -> Resolver {
+        let mut resolvers = self.resolvers.lock().await;
+        if let Some(resolver) = resolvers.get(service) {
+            return resolver.clone();
+        }
+        let resolver = self.resolver(service).await;
+        resolvers.insert(service.to_string(), resolver.clone());
+        resolver
+    }
+
+    /// The resolvers [`Client::service_url`] has created so far.
+    pub async fn cached_resolvers(&self) -> Vec<Resolver> {
+        self.resolvers.lock().await.values().cloned().collect()
     }
 
     /// The address of the node in use.

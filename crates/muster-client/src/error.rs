@@ -42,6 +42,22 @@ pub enum ClientError {
     /// A response lacked a field the protocol requires.
     #[error("malformed response from the server: {0}")]
     MalformedResponse(String),
+    /// No instance of a service can be picked.
+    #[error("no instance of service {service:?} is available: {reason}")]
+    NoInstance {
+        /// The service asked for.
+        service: String,
+        /// Why none is available (none registered, none healthy, all breakers open).
+        reason: String,
+    },
+    /// A static fallback file or variable could not be read.
+    #[error("invalid static fallback in {origin}: {reason}")]
+    InvalidFallback {
+        /// The file or environment variable.
+        origin: String,
+        /// What is wrong, naming the service.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -69,6 +85,8 @@ impl ClientError {
             ClientError::Unavailable { .. } => Code::Unavailable,
             ClientError::Rpc { code, .. } => *code,
             ClientError::MalformedResponse(_) => Code::Internal,
+            ClientError::NoInstance { .. } => Code::Unavailable,
+            ClientError::InvalidFallback { .. } => Code::InvalidArgument,
         }
     }
 }

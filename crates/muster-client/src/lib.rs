@@ -32,19 +32,33 @@
 //!   `KeepAlive` stream, registered again if the lease is lost.
 //! - [`WatchStream`]: change events that survive node failures without missing
 //!   or repeating one.
+//! - [`Resolver`] ([`Client::resolver`], [`Client::service_url`]): a service's
+//!   instances in memory, fed by a watch; [`Resolver::pick`] answers with no
+//!   network call (round-robin, weighted or random, zone-preferring, healthy
+//!   instances only), skips instances whose [circuit breaker](BreakerPolicy) is
+//!   open, and keeps answering from the last known state (marked stale) or a
+//!   [`StaticFallback`] when no node can be reached.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod breaker;
 mod client;
 mod error;
+mod fallback;
+mod pick;
 mod registration;
+mod resolver;
 mod retry;
 mod types;
 mod watch;
 
+pub use breaker::{BreakerPolicy, BreakerState};
 pub use client::{Client, ClientOptions, LeaseRevoked, DEFAULT_MAX_MESSAGE_BYTES};
 pub use error::ClientError;
+pub use fallback::{StaticEndpoint, StaticFallback, FALLBACK_ENV_PREFIX, FALLBACK_FILE_ENV};
+pub use pick::PickStrategy;
 pub use registration::Registration;
+pub use resolver::{InstanceStatus, PickSource, Picked, Resolver, ResolverOptions, ResolverStatus};
 pub use retry::RetryPolicy;
 pub use types::{
     DiscoverOptions, LeaseGrant, Member, Members, MembershipChange, NodeStatus, ReadMode, Registered, ResponseHeader,
