@@ -1000,7 +1000,16 @@ async fn metrics_count_requests_by_route_and_method_and_pass_promtool() -> Resul
             .await?,
     )
     .await?;
-    let _ = http.get(format!("{node}/no/such/path")).send().await?;
+    // Unknown paths and wrong methods answer in the API's error shape.
+    let unknown = http.get(format!("{node}/no/such/path")).send().await?;
+    assert_eq!(unknown.status(), 404);
+    let body: serde_json::Value = unknown.json().await?;
+    assert_eq!(body["error"]["field"], "path", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("/no/such/path"), "{body}");
+    let wrong_method = http.delete(format!("{node}/readyz")).send().await?;
+    assert_eq!(wrong_method.status(), 405);
+    let body: serde_json::Value = wrong_method.json().await?;
+    assert_eq!(body["error"]["field"], "method", "{body}");
     let mut grpc = cluster.registry(1).await?;
     grpc.list_services(pb::ListServicesRequest::default()).await?;
     let _ = grpc

@@ -43,6 +43,8 @@ pub fn router(core: Arc<NodeCore>) -> Router {
         .merge(crate::actions::routes())
         .merge(crate::consul::routes())
         .merge(crate::ui::routes())
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
         // Streamed bodies are cut at the limit (extractors then answer 413) ...
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         // ... and declared ones are refused before they are read, with a JSON error.
@@ -66,6 +68,23 @@ async fn refuse_oversized_bodies(request: Request, next: Next) -> Response {
         return crate::rest::extract::RestError::body_too_large().into_response();
     }
     next.run(request).await
+}
+
+/// 404 in the REST error shape for a path no endpoint serves.
+async fn unknown_path(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    crate::rest::extract::RestError::not_found("path", format!("no endpoint serves {method} {}", uri.path()))
+        .into_response()
+}
+
+/// 405 in the REST error shape for a known path asked with the wrong method.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    crate::rest::extract::RestError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        field: Some("method".into()),
+        message: format!("{} does not accept {method}", uri.path()),
+        retry_after_ms: None,
+    }
+    .into_response()
 }
 
 /// `/health`: where this node stands (always 200 while the process serves).
