@@ -38,11 +38,12 @@ chaos:
 	$(CARGO) build --release -p muster -p muster-chaos
 	./target/release/muster-chaos --bin ./target/release/muster --rounds $(ROUNDS) $(if $(SEED),--seed $(SEED)) $(if $(FAULTS),--faults $(FAULTS))
 
-## Property-based fuzzing of network input and of apply, FUZZ_CASES cases per target.
+## Property-based fuzzing of network input and of apply: FUZZ_CASES cases per pass,
+## passes repeated per target until FUZZ_SECONDS have gone by (make fuzz FUZZ_SECONDS=600).
 FUZZ_CASES ?= 20000
+FUZZ_SECONDS ?= 0
 fuzz:
-	MUSTER_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p muster-chaos --test fuzz_network_input -- --nocapture
-	MUSTER_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p muster-core --test apply_fuzz -- --nocapture
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SECONDS=$(FUZZ_SECONDS) ./tests/fuzz.sh
 
 ## Muster vs etcd side by side (installs etcd-server if missing); writes BENCHMARKS.md.
 ## One workload or system: make bench ARGS="--workload discover --system muster"
