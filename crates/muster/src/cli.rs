@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::parse::{parse_duration, parse_initial_cluster, parse_key_value, parse_port_name, InitialCluster};
+use crate::parse::{
+    parse_duration, parse_initial_cluster, parse_key_value, parse_listen, parse_port_name, parse_strategy,
+    InitialCluster,
+};
 
 /// Muster: a Raft-replicated service registry.
 #[derive(Debug, Parser)]
@@ -56,6 +59,8 @@ pub enum Command {
     Server(Box<ServerArgs>),
     /// Start a local cluster of child `muster server` processes on loopback.
     Dev(DevArgs),
+    /// Run the HTTP gateway: `/{service}/{path}` is proxied to an instance of the service.
+    Gateway(Box<GatewayArgs>),
     /// Register an instance (with --ttl: keep it alive until Ctrl-C, then deregister).
     Register(RegisterArgs),
     /// Remove an instance.
@@ -188,6 +193,69 @@ pub struct DevArgs {
     /// HTTP 8500+N-1).
     #[arg(long, env = "MUSTER_DEV_NODES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub nodes: u16,
+}
+
+/// `muster gateway`.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// gRPC addresses (HOST:PORT) of Muster nodes, comma-separated; any of them serves.
+    #[arg(
+        long,
+        env = "MUSTER_GATEWAY_NODES",
+        default_value = "127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102",
+        value_delimiter = ','
+    )]
+    pub nodes: Vec<String>,
+
+    /// Address the gateway serves HTTP on (`:8080` means every interface).
+    #[arg(long, env = "MUSTER_GATEWAY_LISTEN", default_value = "0.0.0.0:8080", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+
+    /// Namespace of the proxied services.
+    #[arg(long, env = "MUSTER_GATEWAY_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// How requests are spread over instances: round_robin, weighted or random.
+    #[arg(long, env = "MUSTER_GATEWAY_STRATEGY", default_value = "round_robin", value_parser = parse_strategy)]
+    pub strategy: muster_client::PickStrategy,
+
+    /// Prefer instances in this zone while any of them is usable.
+    #[arg(long, env = "MUSTER_GATEWAY_PREFER_ZONE")]
+    pub prefer_zone: Option<String>,
+
+    /// Failures in a row (connection failures, 502/503/504) that open an instance's
+    /// circuit breaker; 0 turns breakers off.
+    #[arg(long, env = "MUSTER_GATEWAY_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+
+    /// How long an open breaker skips its instance before one trial request, e.g. `10s`.
+    #[arg(long, env = "MUSTER_GATEWAY_BREAKER_COOL_DOWN", default_value = "10s", value_parser = parse_duration)]
+    pub breaker_cool_down: Duration,
+
+    /// TOML file of `service = ["host:port", ...]` used for services the registry has
+    /// never answered for (without it: the MUSTER_FALLBACK_* variables).
+    #[arg(long, env = "MUSTER_GATEWAY_FALLBACK_FILE")]
+    pub fallback_file: Option<PathBuf>,
+
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    #[arg(long, env = "MUSTER_GATEWAY_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+
+    /// How long an instance may take to send its response headers (then 504), e.g. `30s`.
+    #[arg(long, env = "MUSTER_GATEWAY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Time allowed to open a connection to an instance, e.g. `2s`.
+    #[arg(long, env = "MUSTER_GATEWAY_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Most services followed at once (one registry watch each); more get 503.
+    #[arg(long, env = "MUSTER_GATEWAY_MAX_SERVICES", default_value_t = 1024)]
+    pub max_services: usize,
+
+    /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
+    #[arg(long, env = "MUSTER_GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 /// Where an instance lives, shared by commands that name one.
@@ -438,6 +506,31 @@ mod tests {
     fn a_comma_separated_addr_is_a_list_of_nodes() {
         let cli = Cli::try_parse_from(["muster", "services", "--addr", "127.0.0.1:7100,127.0.0.1:7101"]).unwrap();
         assert_eq!(cli.addr, vec!["127.0.0.1:7100", "127.0.0.1:7101"]);
+    }
+
+    #[test]
+    fn gateway_flags_parse_and_default_to_the_dev_cluster() {
+        let cli = Cli::try_parse_from(["muster", "gateway", "--listen", ":9090", "--strategy", "weighted"]).unwrap();
+        let Command::Gateway(args) = cli.command else {
+            panic!("expected gateway")
+        };
+        assert_eq!(args.listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(args.strategy, muster_client::PickStrategy::Weighted);
+        assert_eq!(args.nodes, ["127.0.0.1:7100", "127.0.0.1:7101", "127.0.0.1:7102"]);
+        assert_eq!(args.breaker_cool_down, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_bad_gateway_flag_is_refused_naming_it() {
+        for (flag, value) in [
+            ("--strategy", "bogus"),
+            ("--listen", "nowhere"),
+            ("--upstream-timeout", "5"),
+            ("--max-body-bytes", "lots"),
+        ] {
+            let err = Cli::try_parse_from(["muster", "gateway", flag, value]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{flag}: {err}");
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! `muster`: run a node (`server`), a local cluster (`dev`), or talk to a cluster.
+//! `muster`: run a node (`server`), a local cluster (`dev`), the HTTP gateway
+//! (`gateway`), or talk to a cluster.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod commands;
 mod config_file;
 mod dev;
+mod gateway;
 mod healthcheck;
 mod output;
 mod parse;
@@ -53,10 +55,10 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr. RUST_LOG sets the level: `info` by default for `server` and
-/// `dev`, `warn` for the client commands (whose output is on stdout).
+/// `dev` and `gateway`, `warn` for the client commands (whose output is on stdout).
 fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Server(_) | Command::Dev(_) => "info",
+        Command::Server(_) | Command::Dev(_) | Command::Gateway(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -75,6 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Server(ref args) => return server::run(args).await,
         Command::Dev(ref args) => return dev::run(args, cli.log_format, cli.verbose).await,
+        Command::Gateway(ref args) => return gateway::run(args).await,
         Command::Register(args) => commands::register(&ctx().await?, args).await?,
         Command::Deregister(args) => commands::deregister(&ctx().await?, args).await?,
         Command::Discover(args) => commands::discover(&ctx().await?, args).await?,

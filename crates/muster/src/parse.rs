@@ -73,6 +73,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// Parses a listen address; `:PORT` means every interface.
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    let s = s.trim();
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse()
+        .map_err(|_| format!("{s:?} is not an address; write HOST:PORT (e.g. 0.0.0.0:8080) or :PORT"))
+}
+
+/// Parses a pick strategy (`round_robin`, `weighted`, `random`).
+pub fn parse_strategy(s: &str) -> Result<muster_client::PickStrategy, String> {
+    s.trim().parse()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

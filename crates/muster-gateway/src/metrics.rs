@@ -1,0 +1,226 @@
+//! Prometheus metrics (`muster_gateway_*`), exposed at `/gateway/metrics` in the
+//! classic text format (0.0.4) that `promtool check metrics` reads.
+//!
+//! The `service` label is bounded: it is a valid service name the gateway
+//! follows (at most `max_services` of them), or `invalid` for requests whose
+//! path does not name one.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets in seconds: 500 µs to 30 s.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// Labels of a request count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The service, or `invalid`.
+    pub service: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub class: String,
+}
+
+/// Labels of per-service metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// The service.
+    pub service: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered (by an instance or by the gateway), by service and class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time from sending a request to an instance to its response headers.
+    pub upstream_duration: HistogramFamily<ServiceLabels>,
+    /// Requests sent again to another instance after a connection failure.
+    pub retries: Family<ServiceLabels, Counter>,
+    /// Requests answered 503 because no instance could be picked.
+    pub no_instance: Family<ServiceLabels, Counter>,
+    /// Circuit breakers opened by failures the gateway reported.
+    pub breaker_opens: Family<ServiceLabels, Counter>,
+    /// Services followed (one resolver and one watch each).
+    pub services: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn service(name: &str) -> ServiceLabels {
+    ServiceLabels {
+        service: name.to_string(),
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("muster_gateway");
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let m = $metric;
+                registry.register($name, $help, m.clone());
+                m
+            }};
+        }
+        Metrics {
+            requests: reg!(
+                "requests",
+                "Requests answered, by service and status class",
+                Family::default()
+            ),
+            upstream_duration: reg!(
+                "upstream_duration_seconds",
+                "Time from sending a request to an instance to its response headers, by service",
+                HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram)
+            ),
+            retries: reg!(
+                "retries",
+                "Requests sent again to another instance after a connection failure",
+                Family::default()
+            ),
+            no_instance: reg!(
+                "no_instance",
+                "Requests answered 503 because no instance could be picked",
+                Family::default()
+            ),
+            breaker_opens: reg!(
+                "breaker_opens",
+                "Circuit breakers opened by failures the gateway reported",
+                Family::default()
+            ),
+            services: reg!(
+                "services",
+                "Services followed (one registry watch each)",
+                Gauge::default()
+            ),
+            registry,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, service_name: &str, status: u16) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "1xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                service: service_name.to_string(),
+                class: class.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records the time an instance took to answer.
+    pub fn upstream(&self, service_name: &str, elapsed: Duration) {
+        self.upstream_duration
+            .get_or_create(&service(service_name))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a retry on another instance.
+    pub fn retry(&self, service_name: &str) {
+        self.retries.get_or_create(&service(service_name)).inc();
+    }
+
+    /// Counts a 503 for want of an instance.
+    pub fn no_instance(&self, service_name: &str) {
+        self.no_instance.get_or_create(&service(service_name)).inc();
+    }
+
+    /// Counts a breaker that opened.
+    pub fn breaker_opened(&self, service_name: &str) {
+        self.breaker_opens.get_or_create(&service(service_name)).inc();
+    }
+
+    /// The classic Prometheus text exposition (`text/plain; version=0.0.4`).
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        openmetrics_to_text(&out)
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4, as the nodes'
+/// `/metrics` does: a counter family is named with its `_total` suffix in
+/// `# HELP` and `# TYPE`, and the `# UNIT` and `# EOF` lines are dropped.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+        if let Some((kind, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(kind);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_the_text_format() {
+        let metrics = Metrics::new();
+        metrics.request("web", 204);
+        metrics.retry("web");
+        let text = metrics.render_text();
+        assert!(text.contains("# TYPE muster_gateway_requests_total counter"), "{text}");
+        assert!(
+            text.contains(r#"muster_gateway_requests_total{service="web",class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"muster_gateway_retries_total{service="web"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+    }
+}

@@ -1,0 +1,415 @@
+//! Forwarding one request: name the service from the path, pick an instance from
+//! that service's resolver, send the request over the pooled HTTP client, and
+//! send it once more to another instance when the connection failed before any
+//! answer and the request may be repeated.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{HeaderMap, CONTENT_LENGTH};
+use http::{Method, StatusCode, Uri};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Body as _;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use muster_client::{BreakerState, Client, ClientError, ClientOptions, Picked, Resolver, ResolverOptions};
+use tokio::sync::OnceCell;
+
+use crate::config::{GatewayConfig, REPLAYABLE_BODY_BYTES};
+use crate::error::{ProxyError, ServeError};
+use crate::headers::{remove_hop_by_hop, upstream_request_headers};
+use crate::metrics::Metrics;
+
+/// The path prefix of the gateway's own endpoints; no service of this name can
+/// be proxied.
+pub const RESERVED_PREFIX: &str = "gateway";
+
+/// The `service` label of requests that named no valid, followed service.
+const NO_SERVICE_LABEL: &str = "(none)";
+
+type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
+
+/// One resolver per service, created by the service's first request. The cell
+/// lets concurrent first requests share one creation (which may wait for the
+/// registry's first answer) without holding up requests for other services.
+type Resolvers = RwLock<BTreeMap<String, Arc<OnceCell<Resolver>>>>;
+
+/// The gateway's shared state.
+pub(crate) struct Gateway {
+    pub(crate) config: GatewayConfig,
+    pub(crate) registry: Client,
+    http: HttpClient,
+    resolvers: Resolvers,
+    pub(crate) metrics: Metrics,
+}
+
+/// The request body as it will be sent: held in memory (so it can be sent
+/// again) or streamed from the client (once).
+enum Outgoing {
+    Buffered(Bytes),
+    Streamed(Option<Body>),
+}
+
+impl Outgoing {
+    fn replayable(&self) -> bool {
+        matches!(self, Outgoing::Buffered(_))
+    }
+
+    fn take(&mut self) -> Body {
+        match self {
+            Outgoing::Buffered(bytes) => Body::from(bytes.clone()),
+            Outgoing::Streamed(body) => body.take().unwrap_or_else(Body::empty),
+        }
+    }
+}
+
+/// Requests that may be repeated without changing their effect (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// `/web/a/b` → (`web`, `/a/b`); `/web` and `/web/` → (`web`, `/`).
+fn split_path(path: &str) -> (&str, &str) {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Whether the request body hit the size limit somewhere under `error`.
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The error and its causes on one line.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}
+
+fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // The map is only ever inserted into; a panic elsewhere leaves it consistent.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock_write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Gateway {
+    /// Validates the configuration and builds the registry and HTTP clients
+    /// (nothing is dialled yet).
+    pub(crate) async fn new(config: GatewayConfig) -> Result<Gateway, ServeError> {
+        config.validate()?;
+        let options = ClientOptions {
+            resolver: ResolverOptions {
+                namespace: config.namespace.clone(),
+                strategy: config.strategy,
+                prefer_zone: config.prefer_zone.clone(),
+                breaker: config.breaker.clone(),
+                ..ResolverOptions::default()
+            },
+            fallback: config.fallback.clone(),
+            ..ClientOptions::default()
+        };
+        let registry = Client::connect_with(config.nodes.clone(), options).await?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Gateway {
+            config,
+            registry,
+            http,
+            resolvers: RwLock::default(),
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The resolver of `service`, created (and its watch started) on first use.
+    async fn resolver(&self, service: &str) -> Result<Resolver, ProxyError> {
+        let existing = lock_read(&self.resolvers).get(service).cloned();
+        let cell = match existing {
+            Some(cell) => cell,
+            None => {
+                let mut resolvers = lock_write(&self.resolvers);
+                if resolvers.len() >= self.config.max_services && !resolvers.contains_key(service) {
+                    return Err(ProxyError::TooManyServices {
+                        service: service.to_string(),
+                        max: self.config.max_services,
+                    });
+                }
+                let cell = resolvers.entry(service.to_string()).or_default().clone();
+                self.metrics
+                    .services
+                    .set(i64::try_from(resolvers.len()).unwrap_or(i64::MAX));
+                cell
+            }
+        };
+        let resolver = cell
+            .get_or_init(|| async {
+                tracing::info!(service, "following a new service");
+                self.registry.resolver(service).await
+            })
+            .await;
+        Ok(resolver.clone())
+    }
+
+    /// Every resolver created so far, by service.
+    pub(crate) fn resolvers(&self) -> Vec<Resolver> {
+        lock_read(&self.resolvers)
+            .values()
+            .filter_map(|cell| cell.get().cloned())
+            .collect()
+    }
+
+    /// Whether `service` has a resolver.
+    fn follows(&self, service: &str) -> bool {
+        lock_read(&self.resolvers).contains_key(service)
+    }
+
+    /// Reports a failed call, counting the breaker if this failure opened it.
+    fn report_failure(&self, resolver: &Resolver, instance_id: &str) {
+        let before = resolver.breaker_state(instance_id);
+        resolver.record_failure(instance_id);
+        if before != BreakerState::Open && resolver.breaker_state(instance_id) == BreakerState::Open {
+            self.metrics.breaker_opened(resolver.service());
+        }
+    }
+
+    /// Forwards one request and answers with the instance's response, or with
+    /// the gateway's reason for not having one.
+    async fn forward(&self, peer: SocketAddr, request: Request) -> Result<Response, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let (service, path) = split_path(parts.uri.path());
+        let service = service.to_string();
+        if service == RESERVED_PREFIX {
+            return Err(ProxyError::Reserved { service });
+        }
+        if let Err(e) = muster_core::validate::dns_label("service", &service) {
+            return Err(ProxyError::InvalidService {
+                service,
+                reason: e.reason,
+            });
+        }
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_string(),
+        };
+
+        let max = self.config.max_body_bytes;
+        if content_length(&parts.headers).is_some_and(|len| len > max) {
+            return Err(ProxyError::BodyTooLarge { service, max });
+        }
+        let resolver = self.resolver(&service).await?;
+
+        let host = parts.uri.authority().map(|a| a.to_string());
+        upstream_request_headers(&mut parts.headers, peer.ip(), host.as_deref());
+        let replayable_size = body.size_hint().upper().is_some_and(|n| n <= REPLAYABLE_BODY_BYTES);
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        let limited = Limited::new(body, limit);
+        let mut outgoing = if replayable_size {
+            match limited.collect().await {
+                Ok(collected) => Outgoing::Buffered(collected.to_bytes()),
+                Err(e) if is_length_limit(&*e) => return Err(ProxyError::BodyTooLarge { service, max }),
+                Err(e) => {
+                    return Err(ProxyError::BadRequestBody {
+                        service,
+                        reason: describe(&*e),
+                    })
+                }
+            }
+        } else {
+            Outgoing::Streamed(Some(Body::new(limited)))
+        };
+
+        let mut failed: Option<(String, String)> = None;
+        loop {
+            let picked = match self.pick(&resolver, failed.as_ref().map(|(id, _)| id.as_str())) {
+                Ok(Some(picked)) => picked,
+                Ok(None) => {
+                    // Nowhere else to go: answer with the first failure.
+                    let (instance, reason) = failed.unwrap_or_default();
+                    return Err(ProxyError::Upstream {
+                        service,
+                        instance,
+                        reason,
+                    });
+                }
+                Err(ClientError::NoInstance { reason, .. }) if failed.is_none() => {
+                    return Err(ProxyError::NoInstance { service, reason })
+                }
+                Err(e) => {
+                    let (instance, reason) = failed.unwrap_or_else(|| (String::new(), e.to_string()));
+                    return Err(ProxyError::Upstream {
+                        service,
+                        instance,
+                        reason,
+                    });
+                }
+            };
+            let instance = picked.instance.instance_id.clone();
+            let uri: Uri = match format!("http://{}{path_and_query}", picked.authority()).parse() {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return Err(ProxyError::Upstream {
+                        service,
+                        instance,
+                        reason: format!("the instance's address makes no valid URI: {e}"),
+                    })
+                }
+            };
+            let mut upstream = http::Request::new(outgoing.take());
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri;
+            *upstream.headers_mut() = parts.headers.clone();
+
+            let started = Instant::now();
+            let sent = tokio::time::timeout(self.config.upstream_timeout, self.http.request(upstream)).await;
+            match sent {
+                Err(_elapsed) => {
+                    self.report_failure(&resolver, &instance);
+                    tracing::warn!(%service, %instance, "upstream timed out");
+                    return Err(ProxyError::Timeout {
+                        service,
+                        instance,
+                        timeout_ms: u64::try_from(self.config.upstream_timeout.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                Ok(Err(e)) if is_length_limit(&e) => return Err(ProxyError::BodyTooLarge { service, max }),
+                Ok(Err(e)) => {
+                    self.report_failure(&resolver, &instance);
+                    let reason = describe(&e);
+                    // Nothing reached the instance when the connection could not be
+                    // opened; otherwise only an idempotent request may be repeated.
+                    let may_retry =
+                        failed.is_none() && outgoing.replayable() && (idempotent(&parts.method) || e.is_connect());
+                    tracing::warn!(%service, %instance, error = %reason, retry = may_retry, "upstream connection failed");
+                    if !may_retry {
+                        return Err(ProxyError::Upstream {
+                            service,
+                            instance,
+                            reason,
+                        });
+                    }
+                    self.metrics.retry(&service);
+                    failed = Some((instance, reason));
+                }
+                Ok(Ok(response)) => {
+                    self.metrics.upstream(&service, started.elapsed());
+                    let status = response.status();
+                    if matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+                    ) {
+                        self.report_failure(&resolver, &instance);
+                    } else {
+                        resolver.record_success(&instance);
+                    }
+                    let (mut head, body) = response.into_parts();
+                    remove_hop_by_hop(&mut head.headers);
+                    return Ok(Response::from_parts(head, Body::new(body)));
+                }
+            }
+        }
+    }
+
+    /// The next instance, avoiding `avoid` (the instance that just failed):
+    /// `Ok(None)` when every usable instance is that one.
+    fn pick(&self, resolver: &Resolver, avoid: Option<&str>) -> Result<Option<Picked>, ClientError> {
+        let Some(avoid) = avoid else {
+            return resolver.pick().map(Some);
+        };
+        for _ in 0..resolver.instances().len().max(1) {
+            let picked = resolver.pick()?;
+            if picked.instance.instance_id != avoid {
+                return Ok(Some(picked));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The handler of every path outside `/gateway/`.
+pub(crate) async fn proxy(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let (service, _) = split_path(request.uri().path());
+    let service = service.to_string();
+    let response = match gateway.forward(peer, request).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::debug!(error = %e, "request answered by the gateway");
+            if matches!(e, ProxyError::NoInstance { .. }) {
+                gateway.metrics.no_instance(&service);
+            }
+            e.into_response()
+        }
+    };
+    // Only followed services get their own label, so clients cannot grow the set.
+    let label = if gateway.follows(&service) {
+        service.as_str()
+    } else {
+        NO_SERVICE_LABEL
+    };
+    gateway.metrics.request(label, response.status().as_u16());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_segment_is_the_service_and_the_rest_the_upstream_path() {
+        assert_eq!(split_path("/web/a/b"), ("web", "/a/b"));
+        assert_eq!(split_path("/web"), ("web", "/"));
+        assert_eq!(split_path("/web/"), ("web", "/"));
+        assert_eq!(split_path("/"), ("", "/"));
+    }
+
+    #[test]
+    fn only_idempotent_methods_are_repeated() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+            Method::TRACE,
+        ] {
+            assert!(idempotent(&m), "{m}");
+        }
+        assert!(!idempotent(&Method::POST));
+        assert!(!idempotent(&Method::PATCH));
+    }
+}

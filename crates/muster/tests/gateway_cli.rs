@@ -1,0 +1,50 @@
+//! `muster gateway` refuses a command line that cannot work, before binding its
+//! port, with exit code 64 and a message naming the flag.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_muster"))
+}
+
+fn gateway(args: &[&str]) -> Output {
+    // A port already taken: were the flags accepted, binding would fail with
+    // another message and exit code, so a pass cannot come from the wrong check
+    // (and the process cannot go on serving).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let listen = taken.local_addr().expect("its address").to_string();
+    Command::new(bin())
+        .arg("gateway")
+        .args(["--listen", listen.as_str()])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running muster")
+}
+
+fn assert_refused(args: &[&str], needle: &str) {
+    let out = gateway(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in: {stderr}");
+}
+
+#[test]
+fn an_unknown_strategy_is_refused_naming_the_flag() {
+    assert_refused(&["--strategy", "bogus"], "--strategy");
+    assert_refused(&["--strategy", "bogus"], "round_robin, weighted or random");
+}
+
+#[test]
+fn bad_values_are_refused_naming_the_flag() {
+    assert_refused(&["--upstream-timeout", "5"], "--upstream-timeout");
+    assert_refused(&["--max-body-bytes", "0"], "--max-body-bytes");
+    assert_refused(&["--namespace", "Not_A_Label"], "--namespace");
+    assert_refused(&["--nodes", "localhost"], "--nodes");
+    assert_refused(&["--fallback-file", "/nonexistent/fallback.toml"], "--fallback-file");
+    assert_refused(
+        &["--breaker-failures", "3", "--breaker-cool-down", "0s"],
+        "--breaker-cool-down",
+    );
+}
