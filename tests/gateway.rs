@@ -1,0 +1,550 @@
+//! `muster gateway` against a real three-node cluster and real HTTP backends
+//! started in the test: requests are proxied with method, path, query, body and
+//! headers intact and X-Forwarded-* added, spread over the instances, sent again
+//! to another instance when one is stopped (whose breaker then opens), and
+//! refused with a JSON reason when they cannot be served. The metrics pass
+//! `promtool check metrics`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::routing::any;
+use axum::{Json, Router};
+use bytes::Bytes;
+use muster_client::{BreakerPolicy, Client};
+use muster_core::InstanceSpec;
+use muster_gateway::{GatewayConfig, ServeError};
+use muster_testkit::{eventually, init_tracing, TestCluster};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A small HTTP server that answers every request with its own name and what it
+/// received; `/hang` never answers.
+struct Backend {
+    name: String,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+async fn echo(State(name): State<Arc<str>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Json<Value> {
+    let mut seen: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (k, v) in &headers {
+        seen.entry(k.to_string()).or_default().push(v.to_str().unwrap_or("?"));
+    }
+    let headers: BTreeMap<String, String> = seen.into_iter().map(|(k, v)| (k, v.join(", "))).collect();
+    Json(json!({
+        "name": &*name,
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": uri.query(),
+        "body": String::from_utf8_lossy(&body),
+        "headers": headers,
+    }))
+}
+
+impl Backend {
+    async fn start(name: &str) -> Result<Backend> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = Router::new()
+            .route("/hang", any(std::future::pending::<()>))
+            .fallback(echo)
+            .with_state(Arc::<str>::from(name));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Backend {
+            name: name.to_string(),
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops accepting, closes idle connections, and returns once the port is closed.
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?;
+        Ok(())
+    }
+
+    fn spec(&self, service: &str) -> InstanceSpec {
+        InstanceSpec {
+            service: service.into(),
+            instance_id: self.name.clone(),
+            address: self.addr.ip().to_string(),
+            port: self.addr.port(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The gateway, in-process on a loopback port.
+struct Gateway {
+    base: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+fn nodes(cluster: &TestCluster) -> Vec<String> {
+    cluster
+        .running()
+        .into_iter()
+        .map(|id| cluster.grpc_addr(id).to_string())
+        .collect()
+}
+
+impl Gateway {
+    async fn start(config: GatewayConfig) -> Result<Gateway> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(muster_gateway::serve(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Ok(Gateway {
+            base,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn status(&self, http: &reqwest::Client) -> Result<Value> {
+        let response = http.get(self.url("/gateway/status")).send().await?;
+        ensure!(
+            response.status() == StatusCode::OK,
+            "status answered {}",
+            response.status()
+        );
+        Ok(response.json().await?)
+    }
+
+    /// Stops the gateway gracefully; returns what `serve` returned.
+    async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .context("the gateway did not stop after its shutdown signal")??
+            .context("serve failed")
+    }
+}
+
+/// The status of `service` in `/gateway/status`, if the gateway follows it.
+fn service_status<'a>(status: &'a Value, service: &str) -> Option<&'a Value> {
+    status["services"].as_array()?.iter().find(|s| s["service"] == service)
+}
+
+fn breaker_of(status: &Value, service: &str, instance: &str) -> Option<String> {
+    service_status(status, service)?["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["instance_id"] == instance)
+        .and_then(|i| i["breaker"].as_str())
+        .map(str::to_string)
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// Reads a JSON answer, failing with the body when the status is not `want`.
+async fn json_with(response: reqwest::Response, want: StatusCode) -> Result<Value> {
+    let status = response.status();
+    let text = response.text().await?;
+    ensure!(status == want, "expected {want}, got {status}: {text}");
+    serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+}
+
+/// Waits until the gateway follows `service` with `n` instances (the first request
+/// creates its resolver).
+async fn wait_for_instances(gateway: &Gateway, http: &reqwest::Client, service: &str, n: usize) -> Result<()> {
+    eventually(
+        WAIT,
+        &format!("the gateway to know {n} instance(s) of {service}"),
+        || async {
+            let _ = http.get(gateway.url(&format!("/{service}/"))).send().await?;
+            let status = gateway.status(http).await?;
+            Ok(service_status(&status, service)
+                .and_then(|s| s["instances"].as_array())
+                .is_some_and(|i| i.len() == n))
+        },
+    )
+    .await
+}
+
+fn test_config(cluster: &TestCluster) -> GatewayConfig {
+    GatewayConfig {
+        nodes: nodes(cluster),
+        breaker: BreakerPolicy {
+            failure_threshold: 2,
+            // Long enough never to end during the test: an open breaker stays open.
+            cool_down: Duration::from_secs(3600),
+        },
+        max_body_bytes: 1024,
+        ..GatewayConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_proxies_balances_and_fails_over_when_a_backend_stops() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let registry = Client::connect(nodes(&cluster)).await?;
+    let mut a = Backend::start("echo-a").await?;
+    let b = Backend::start("echo-b").await?;
+    registry.register(a.spec("echo"), None).await?;
+    registry.register(b.spec("echo"), None).await?;
+    let gateway = Gateway::start(test_config(&cluster)).await?;
+    let http = http_client();
+    wait_for_instances(&gateway, &http, "echo", 2).await?;
+
+    // Method, path, query, body and headers reach the instance; X-Forwarded-* added.
+    let answer = json_with(
+        http.post(gateway.url("/echo/some/deep/path?x=1&y=two%20words"))
+            .header("x-custom", "kept")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("content-type", "text/plain")
+            .body("hello through the gateway")
+            .send()
+            .await?,
+        StatusCode::OK,
+    )
+    .await?;
+    assert_eq!(answer["method"], "POST");
+    assert_eq!(answer["path"], "/some/deep/path");
+    assert_eq!(answer["query"], "x=1&y=two%20words");
+    assert_eq!(answer["body"], "hello through the gateway");
+    let headers = &answer["headers"];
+    assert_eq!(headers["x-custom"], "kept");
+    assert_eq!(headers["content-type"], "text/plain");
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-host"], gateway.base.trim_start_matches("http://"));
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    let instance_addr = if answer["name"] == "echo-a" { a.addr } else { b.addr };
+    assert_eq!(headers["host"], instance_addr.to_string());
+
+    // Every method goes through as sent; `/echo` alone is the instance's `/`.
+    for method in [Method::GET, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS] {
+        let answer = json_with(
+            http.request(method.clone(), gateway.url("/echo")).send().await?,
+            StatusCode::OK,
+        )
+        .await?;
+        assert_eq!(answer["method"], method.as_str());
+        assert_eq!(answer["path"], "/");
+    }
+
+    // Round-robin: ten requests, five on each instance.
+    let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..10 {
+        let answer = json_with(http.get(gateway.url("/echo/hi")).send().await?, StatusCode::OK).await?;
+        *by_name
+            .entry(answer["name"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(by_name.get("echo-a"), Some(&5), "{by_name:?}");
+    assert_eq!(by_name.get("echo-b"), Some(&5), "{by_name:?}");
+
+    // Stop echo-a (still registered): every GET still succeeds, sent again to
+    // echo-b when echo-a refuses the connection, until echo-a's breaker opens.
+    a.stop().await?;
+    let mut opened_after = None;
+    for n in 1..=20 {
+        let answer = json_with(http.get(gateway.url("/echo/after")).send().await?, StatusCode::OK).await?;
+        assert_eq!(answer["name"], "echo-b");
+        if breaker_of(&gateway.status(&http).await?, "echo", "echo-a").as_deref() == Some("open") {
+            opened_after = Some(n);
+            break;
+        }
+    }
+    let opened_after = opened_after.context("echo-a's breaker never opened")?;
+    let status = gateway.status(&http).await?;
+    assert_eq!(
+        breaker_of(&status, "echo", "echo-a").as_deref(),
+        Some("open"),
+        "{status:#}"
+    );
+    assert_eq!(
+        breaker_of(&status, "echo", "echo-b").as_deref(),
+        Some("closed"),
+        "{status:#}"
+    );
+    let echo = service_status(&status, "echo").context("echo in the status")?;
+    assert_eq!(echo["stale"], false);
+    assert_eq!(echo["source"], "registry");
+    assert!(echo["revision"].as_u64().is_some_and(|r| r > 0), "{echo:#}");
+    assert_eq!(status["nodes"].as_array().map(Vec::len), Some(3));
+    assert!(status["current_node"].is_string());
+
+    // With the breaker open, echo-b takes everything without retries.
+    for _ in 0..4 {
+        let answer = json_with(http.get(gateway.url("/echo/open")).send().await?, StatusCode::OK).await?;
+        assert_eq!(answer["name"], "echo-b");
+    }
+
+    // The metrics tell the story and pass promtool.
+    let response = http.get(gateway.url("/gateway/metrics")).send().await?;
+    assert!(response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain; version=0.0.4")));
+    let text = response.text().await?;
+    for needle in [
+        r#"muster_gateway_requests_total{service="echo",class="2xx"} "#,
+        r#"muster_gateway_upstream_duration_seconds_count{service="echo"} "#,
+        r#"muster_gateway_breaker_opens_total{service="echo"} 1"#,
+        "muster_gateway_services 1",
+    ] {
+        assert!(text.contains(needle), "/gateway/metrics lacks {needle:?}:\n{text}");
+    }
+    let retries = metric_value(&text, r#"muster_gateway_retries_total{service="echo"}"#)?;
+    assert!(
+        retries >= 1.0 && retries <= opened_after as f64,
+        "retries {retries} after {opened_after} requests:\n{text}"
+    );
+    promtool_check(&text)?;
+
+    gateway.shutdown().await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_answers_json_reasons_when_it_cannot_serve() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let registry = Client::connect(nodes(&cluster)).await?;
+    let backend = Backend::start("slow-1").await?;
+    registry.register(backend.spec("slow"), None).await?;
+    // An instance whose port is closed: bound, then released.
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    registry
+        .register(
+            InstanceSpec {
+                service: "dead".into(),
+                instance_id: "dead-1".into(),
+                address: "127.0.0.1".into(),
+                port: closed_port,
+                ..Default::default()
+            },
+            None,
+        )
+        .await?;
+    let gateway = Gateway::start(GatewayConfig {
+        upstream_timeout: Duration::from_millis(300),
+        ..test_config(&cluster)
+    })
+    .await?;
+    let http = http_client();
+
+    // A service with no instance: 503 with the reason.
+    let answer = json_with(
+        http.get(gateway.url("/nothing/here")).send().await?,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await?;
+    assert_eq!(answer["error"], "no_instance");
+    assert_eq!(answer["service"], "nothing");
+    assert_eq!(answer["reason"], "no instance is registered");
+
+    // A path that names no valid service: 400 naming the field.
+    let answer = json_with(
+        http.get(gateway.url("/Not_A_Service/x")).send().await?,
+        StatusCode::BAD_REQUEST,
+    )
+    .await?;
+    assert_eq!(answer["field"], "service");
+    assert!(
+        answer["reason"].as_str().is_some_and(|r| r.contains("service")),
+        "{answer}"
+    );
+    json_with(http.get(gateway.url("/")).send().await?, StatusCode::BAD_REQUEST).await?;
+
+    // The gateway's own prefix is never proxied.
+    let answer = json_with(
+        http.get(gateway.url("/gateway/other")).send().await?,
+        StatusCode::NOT_FOUND,
+    )
+    .await?;
+    assert_eq!(answer["error"], "reserved_path");
+    json_with(http.get(gateway.url("/gateway/healthz")).send().await?, StatusCode::OK).await?;
+
+    // Bodies over --max-body-bytes (1024): 413, whether their length is announced
+    // or they are streamed.
+    wait_for_instances(&gateway, &http, "slow", 1).await?;
+    let answer = json_with(
+        http.post(gateway.url("/slow/upload"))
+            .body(vec![b'x'; 4096])
+            .send()
+            .await?,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await?;
+    assert_eq!(answer["error"], "body_too_large");
+    assert_eq!(answer["service"], "slow");
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..4).map(|_| Ok(Bytes::from(vec![b'y'; 600]))).collect();
+    let streamed = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let answer = json_with(
+        http.post(gateway.url("/slow/upload")).body(streamed).send().await?,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await?;
+    assert_eq!(answer["error"], "body_too_large");
+    // A body within the limit still goes through.
+    let answer = json_with(
+        http.post(gateway.url("/slow/upload"))
+            .body(vec![b'z'; 1000])
+            .send()
+            .await?,
+        StatusCode::OK,
+    )
+    .await?;
+    assert_eq!(answer["body"].as_str().map(str::len), Some(1000));
+
+    // An instance that does not answer: 504.
+    let answer = json_with(
+        http.get(gateway.url("/slow/hang")).send().await?,
+        StatusCode::GATEWAY_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(answer["error"], "upstream_timeout");
+    assert_eq!(answer["instance"], "slow-1");
+
+    // An instance that refuses connections, with no other to go to: 502. (Until
+    // the gateway's cache has the instance, the answer is 503 "no instance is
+    // registered"; no attempt, so no failure, is made before.)
+    let first = std::sync::Mutex::new(None);
+    eventually(WAIT, "the gateway to know dead-1", || {
+        let (http, gateway, first) = (&http, &gateway, &first);
+        async move {
+            let response = http.get(gateway.url("/dead/x")).send().await?;
+            let status = response.status();
+            let answer: Value = response.json().await?;
+            if status == StatusCode::SERVICE_UNAVAILABLE && answer["reason"] == "no instance is registered" {
+                return Ok(false);
+            }
+            *first.lock().unwrap_or_else(|e| e.into_inner()) = Some((status, answer));
+            Ok(true)
+        }
+    })
+    .await?;
+    let (status, answer) = first
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .context("an answer")?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+    assert_eq!(answer["error"], "upstream_failed");
+    assert_eq!(answer["instance"], "dead-1");
+    // The second failure in a row (--breaker-failures 2) opens its breaker ...
+    let answer = json_with(http.get(gateway.url("/dead/x")).send().await?, StatusCode::BAD_GATEWAY).await?;
+    assert_eq!(answer["instance"], "dead-1");
+    let status = gateway.status(&http).await?;
+    assert_eq!(
+        breaker_of(&status, "dead", "dead-1").as_deref(),
+        Some("open"),
+        "{status:#}"
+    );
+    // ... and then no instance is left: 503 with the reason.
+    let answer = json_with(
+        http.get(gateway.url("/dead/x")).send().await?,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await?;
+    assert_eq!(answer["error"], "no_instance");
+    assert!(
+        answer["reason"].as_str().is_some_and(|r| r.contains("circuit breaker")),
+        "{answer}"
+    );
+
+    let text = http.get(gateway.url("/gateway/metrics")).send().await?.text().await?;
+    for needle in [
+        r#"muster_gateway_no_instance_total{service="nothing"} 1"#,
+        r#"muster_gateway_requests_total{service="(none)",class="4xx"} "#,
+        r#"muster_gateway_requests_total{service="slow",class="4xx"} 2"#,
+        r#"muster_gateway_requests_total{service="slow",class="5xx"} 1"#,
+    ] {
+        assert!(text.contains(needle), "/gateway/metrics lacks {needle:?}:\n{text}");
+    }
+    promtool_check(&text)?;
+
+    gateway.shutdown().await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// The value of the sample whose name and labels are `series`.
+fn metric_value(text: &str, series: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .with_context(|| format!("no sample {series} in:\n{text}"))
+}
+
+/// Runs `promtool check metrics` on an exposition. Without promtool the check fails
+/// when `MUSTER_REQUIRE_EXTERNAL=1` and is skipped, loudly, otherwise.
+fn promtool_check(text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::env::var("MUSTER_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+                bail!("promtool is required (MUSTER_REQUIRE_EXTERNAL=1) but not installed");
+            }
+            eprintln!("\n========================================================");
+            eprintln!("SKIPPED: promtool not installed (apt-get install prometheus)");
+            eprintln!("========================================================\n");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
