@@ -102,6 +102,19 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether the request failed on our side (the client's body broke off, or the
+/// request could not be written), which says nothing about the instance.
+fn is_request_side(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_user) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The error and its causes on one line.
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
@@ -304,6 +317,12 @@ impl Gateway {
                     });
                 }
                 Ok(Err(e)) if is_length_limit(&e) => return Err(ProxyError::BodyTooLarge { service, max }),
+                Ok(Err(e)) if is_request_side(&e) => {
+                    return Err(ProxyError::BadRequestBody {
+                        service,
+                        reason: describe(&e),
+                    })
+                }
                 Ok(Err(e)) => {
                     self.report_failure(&resolver, &instance);
                     let reason = describe(&e);

@@ -48,3 +48,63 @@ fn bad_values_are_refused_naming_the_flag() {
         "--breaker-cool-down",
     );
 }
+
+#[test]
+fn sigterm_stops_the_gateway_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    // No node needs to run: nothing is dialled before the first proxied request.
+    let mut child = Command::new(bin())
+        .args(["gateway", "--listen", "127.0.0.1:0", "--nodes", "127.0.0.1:1"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running muster");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => {
+                let listening = line.contains("gateway listening");
+                seen.push(line);
+                if listening {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the gateway did not start ({e}): {seen:#?}");
+            }
+        }
+    }
+
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = done
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the gateway exits after SIGTERM")
+        .expect("its exit status");
+    assert!(status.success(), "{status:?}");
+    // The process has exited, so its stderr ends and the reader thread with it.
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:#?}");
+}
