@@ -67,8 +67,9 @@ pub struct RegistrySnapshot {
     pub revision: Revision,
     /// Next lease id the registry would assign.
     pub next_lease_id: LeaseId,
-    /// Every instance, in key order.
-    pub instances: Vec<Instance>,
+    /// Every instance, in key order. Shared with the registry (an image copies no
+    /// instance data); serialized exactly as a list of [`Instance`]s.
+    pub instances: Vec<Arc<Instance>>,
     /// Every lease, in id order.
     pub leases: Vec<Lease>,
 }
@@ -616,7 +617,8 @@ impl Registry {
         removed
     }
 
-    /// A serializable image of the whole registry.
+    /// A serializable image of the whole registry. It shares the instances with the
+    /// registry, so taking one costs a pointer per instance, not a copy of each.
     pub fn to_snapshot(&self) -> RegistrySnapshot {
         RegistrySnapshot {
             revision: self.revision,
@@ -624,7 +626,7 @@ impl Registry {
             instances: self
                 .services
                 .values()
-                .flat_map(|s| s.instances.values().map(|i| (**i).clone()))
+                .flat_map(|s| s.instances.values().cloned())
                 .collect(),
             leases: self.leases.values().cloned().collect(),
         }
@@ -642,7 +644,7 @@ impl Registry {
             registry.leases.insert(lease.id, lease);
         }
         for instance in snapshot.instances {
-            registry.load_instance(instance);
+            registry.load_shared_instance(instance);
         }
         registry
     }
@@ -650,13 +652,17 @@ impl Registry {
     /// Inserts a stored instance as is (no revision change, no event); used when
     /// loading state from disk.
     pub fn load_instance(&mut self, instance: Instance) {
+        self.load_shared_instance(Arc::new(instance));
+    }
+
+    fn load_shared_instance(&mut self, instance: Arc<Instance>) {
         let key = instance.key();
         if let Some(lease) = instance.lease_id {
             self.lease_members.entry(lease).or_default().insert(key.clone());
         }
         let entry = self.services.entry(key.service_key()).or_default();
         entry.mod_revision = entry.mod_revision.max(instance.mod_revision);
-        if entry.instances.insert(key.instance_id, Arc::new(instance)).is_none() {
+        if entry.instances.insert(key.instance_id, instance).is_none() {
             self.instance_count += 1;
         }
     }

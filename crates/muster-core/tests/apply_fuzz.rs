@@ -130,7 +130,7 @@ fn command() -> impl Strategy<Value = Command> {
 }
 
 fn instances(snapshot: &RegistrySnapshot) -> BTreeMap<InstanceKey, Instance> {
-    snapshot.instances.iter().map(|i| (i.key(), i.clone())).collect()
+    snapshot.instances.iter().map(|i| (i.key(), (**i).clone())).collect()
 }
 
 proptest! {

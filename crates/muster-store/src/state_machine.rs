@@ -156,6 +156,16 @@ fn write_durably_with(
     fs::File::open(dir)?.sync_all()
 }
 
+/// Encodes a snapshot file straight into `w`: the same bytes as bincode of
+/// `SnapshotFile { meta, data: bincode(image) }`, without ever holding the encoded
+/// image in memory (at 100k instances it is tens of megabytes).
+fn write_snapshot_file(w: &mut impl Write, meta: &SnapshotMeta, image: &RegistrySnapshot) -> bincode::Result<()> {
+    bincode::serialize_into(&mut *w, meta)?;
+    // `data` is a byte vector: bincode writes its length as a u64, then the bytes.
+    bincode::serialize_into(&mut *w, &bincode::serialized_size(image)?)?;
+    bincode::serialize_into(&mut *w, image)
+}
+
 /// Writes the snapshot file durably on a blocking thread and hands it back.
 async fn save_snapshot_file(dir: PathBuf, file: SnapshotFile) -> Result<SnapshotFile, StorageError> {
     tokio::task::spawn_blocking(move || {
@@ -331,8 +341,14 @@ mod erased {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Encodes the image straight into the snapshot file.
+    ///
+    /// The [`Snapshot`] handed back carries the metadata and no data: openraft 0.9
+    /// keeps only the metadata of a snapshot it asked to build (its state machine
+    /// worker answers `BuildSnapshot(snapshot.meta)` and drops the rest), and reads the
+    /// data through [`RaftStateMachine::get_current_snapshot`] when a follower needs
+    /// it. Encoding into memory first held a second copy of the whole registry.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = bincode::serialize(&self.image).map_err(|e| snap_err(ErrorVerb::Write, e))?;
         let snapshot_id = match self.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, self.image.revision),
             None => format!("0-0-{}", self.image.revision),
@@ -342,18 +358,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.membership.clone(),
             snapshot_id,
         };
-        let file = save_snapshot_file(
-            self.snapshot_dir.clone(),
-            SnapshotFile {
-                meta: meta.clone(),
-                data,
-            },
-        )
-        .await?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = file.data.len(), "snapshot written");
+        let image = std::mem::take(&mut self.image);
+        let dir = self.snapshot_dir.clone();
+        let file_meta = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            write_durably_with(&dir, SNAPSHOT_FILE, |w| {
+                write_snapshot_file(w, &file_meta, &image).map_err(std::io::Error::other)
+            })
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot written");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(file.data)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }

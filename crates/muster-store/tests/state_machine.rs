@@ -1,0 +1,99 @@
+//! Tests of the sled state machine's snapshots: a snapshot written straight to its
+//! file reads back as the registry it was taken from, and installs on another store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use muster_core::{Command, Event, InstanceSpec, Registry, RegistrySnapshot, Revision};
+use muster_store::types::{SnapshotMeta, TypeConfig};
+use muster_store::{EventSink, StateMachineStore};
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+use serde::Deserialize;
+
+struct NoSink;
+
+impl EventSink for NoSink {
+    fn publish(&self, _events: &[Event], _revision: Revision) {}
+    fn reset(&self, _revision: Revision) {}
+}
+
+/// The layout of the snapshot file, as `state_machine.rs` defines it.
+#[derive(Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+fn register(index: u64, i: usize, lease: Option<u64>) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::Register {
+            spec: InstanceSpec {
+                service: format!("svc-{}", i % 3),
+                instance_id: format!("i-{i}"),
+                address: "10.0.0.1".into(),
+                port: 8080,
+                metadata: BTreeMap::from([("zone".to_string(), "a".to_string()), ("v".to_string(), i.to_string())])
+                    .into_iter()
+                    .collect(),
+                lease_id: lease,
+                ..Default::default()
+            },
+            grant_ttl_ms: None,
+            now_ms: 1_000 + index,
+        }),
+    }
+}
+
+fn grant(index: u64) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::GrantLease {
+            lease_id: 0,
+            ttl_ms: 60_000,
+            now_ms: 1_000,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_built_snapshot_reads_back_and_installs_as_the_same_registry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sm = StateMachineStore::open(&dir.path().join("a"), 1 << 20, Arc::new(NoSink)).expect("open");
+    let mut entries = vec![grant(1)];
+    entries.extend((0..50).map(|i| register(i as u64 + 2, i, (i % 2 == 0).then_some(1))));
+    sm.apply(entries).await.expect("apply");
+    let expected: Registry = sm.shared().read().clone();
+
+    let built = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(51));
+
+    // The current snapshot is the file just written: its image is the registry.
+    let current = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+    assert_eq!(current.meta, built.meta);
+    let bytes = current.snapshot.into_inner();
+    let image: RegistrySnapshot = bincode::deserialize(&bytes).expect("image decodes");
+    assert_eq!(image, expected.to_snapshot());
+    assert_eq!(Registry::from_snapshot(image).digest(), expected.digest());
+
+    // The file itself is `SnapshotFile { meta, data }` in bincode.
+    let file = std::fs::read(dir.path().join("a/snapshots/current.snap")).expect("snapshot file");
+    let file: SnapshotFile = bincode::deserialize(&file).expect("file decodes");
+    assert_eq!(file.meta, built.meta);
+    assert_eq!(file.data, bytes);
+
+    // Another store installs it and holds the same state, also after reopening.
+    let other_dir = dir.path().join("b");
+    {
+        let mut other = StateMachineStore::open(&other_dir, 1 << 20, Arc::new(NoSink)).expect("open");
+        other
+            .install_snapshot(&current.meta, Box::new(std::io::Cursor::new(bytes)))
+            .await
+            .expect("install");
+        assert_eq!(other.shared().read().digest(), expected.digest());
+    }
+    let reopened = StateMachineStore::open(&other_dir, 1 << 20, Arc::new(NoSink)).expect("reopen");
+    assert_eq!(reopened.shared().read().digest(), expected.digest());
+    assert_eq!(reopened.shared().read().lease_instances(1).len(), 25);
+}
