@@ -551,3 +551,53 @@ async fn concurrent_linearizable_reads_on_a_follower_all_see_a_completed_write()
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    // Through the leader and through a follower (forwarded), with leases and
+    // one invalid write among them, all at once.
+    let mut writes = Vec::new();
+    for n in 0..300u32 {
+        let node = if n % 2 == 0 { leader } else { follower };
+        let mut client = cluster.registry(node).await?;
+        let port = if n == 150 { 0 } else { 1000 + n };
+        writes.push(tokio::spawn(async move {
+            register(&mut client, instance("batch", &format!("b-{n}"), port), 5_000).await
+        }));
+    }
+    let mut revisions = BTreeSet::new();
+    let mut leases = BTreeSet::new();
+    for (n, write) in writes.into_iter().enumerate() {
+        match write.await? {
+            Ok(answer) => {
+                let stored = answer.instance.expect("the stored instance");
+                assert_eq!(
+                    stored.instance_id,
+                    format!("b-{n}"),
+                    "each writer gets its own instance back"
+                );
+                assert!(revisions.insert(stored.mod_revision), "a revision given to two writes");
+                assert!(
+                    revision(&answer.header) >= stored.mod_revision,
+                    "read-your-writes on the answering node"
+                );
+                assert!(leases.insert(answer.lease_id), "a lease granted twice");
+            }
+            Err(e) => {
+                assert_eq!(n, 150, "only the invalid write fails: {e}");
+                assert!(e.to_string().contains("port"), "{e}");
+            }
+        }
+    }
+    assert_eq!(revisions.len(), 299);
+    let mut reader = cluster.registry(follower).await?;
+    let read = discover(&mut reader, "batch", pb::ReadMode::Linearizable, 0).await?;
+    assert_eq!(read.instances.len(), 299);
+    cluster.wait_for_same_digest(Duration::from_secs(10)).await?;
+    cluster.shutdown().await;
+    Ok(())
+}

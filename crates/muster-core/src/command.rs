@@ -107,7 +107,18 @@ pub enum Command {
         /// Leader time (ms since the Unix epoch).
         now_ms: u64,
     },
+    /// Commands proposed together in one Raft entry (the leader batches concurrent
+    /// writes), applied in order exactly as if each were an entry of its own; the
+    /// outcome is [`Outcome::Batch`] with one result per command. Batches do not
+    /// nest and hold at most [`MAX_BATCH_COMMANDS`] commands.
+    Batch {
+        /// The commands, in order.
+        commands: Vec<Command>,
+    },
 }
+
+/// The most commands one [`Command::Batch`] may carry.
+pub const MAX_BATCH_COMMANDS: usize = 1024;
 
 /// Why a command changed nothing. A rejection is an answer, not a failure: every
 /// replica rejects the same command the same way.
@@ -182,6 +193,8 @@ pub enum Outcome {
     Rejected(Rejection),
     /// A Raft-internal entry (blank or membership) with no registry change.
     Nothing,
+    /// The results of a [`Command::Batch`], one per command, in order.
+    Batch(Vec<ApplyResult>),
 }
 
 /// The answer to one applied entry: the outcome and the revision after it.

@@ -16,7 +16,7 @@ pub mod registry;
 pub mod types;
 pub mod validate;
 
-pub use command::{ApplyResult, Command, Outcome, Rejection};
+pub use command::{ApplyResult, Command, Outcome, Rejection, MAX_BATCH_COMMANDS};
 pub use event::{DeleteReason, Event, EventKind};
 pub use filter::{DiscoverFilter, WatchFilter};
 pub use history::WatchHistory;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::command::{ApplyResult, Command, Outcome, Rejection};
+use crate::command::{ApplyResult, Command, Outcome, Rejection, MAX_BATCH_COMMANDS};
 use crate::event::{DeleteReason, Event, EventKind};
 use crate::filter::{DiscoverFilter, WatchFilter};
 use crate::types::{
@@ -249,6 +249,9 @@ impl Registry {
     /// result on every replica. A command that cannot be carried out is rejected in
     /// the result and changes nothing.
     pub fn apply(&mut self, command: &Command) -> Applied {
+        if let Command::Batch { commands } = command {
+            return self.apply_batch(commands);
+        }
         let mut events = Vec::new();
         let mut leases_changed = Vec::new();
         let outcome = match self.apply_inner(command, &mut events, &mut leases_changed) {
@@ -262,6 +265,48 @@ impl Registry {
             result: ApplyResult {
                 revision: self.revision,
                 outcome,
+            },
+            events,
+            leases_changed,
+        }
+    }
+
+    /// Applies each command of a batch as if it were an entry of its own; the events
+    /// and changed leases of all of them, and one result per command.
+    fn apply_batch(&mut self, commands: &[Command]) -> Applied {
+        let invalid = if commands.len() > MAX_BATCH_COMMANDS {
+            Some(format!(
+                "a batch holds at most {MAX_BATCH_COMMANDS} commands, got {}",
+                commands.len()
+            ))
+        } else if commands.iter().any(|c| matches!(c, Command::Batch { .. })) {
+            Some("batches do not nest".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = invalid {
+            return Applied {
+                result: ApplyResult {
+                    revision: self.revision,
+                    outcome: Outcome::Rejected(Rejection::Invalid(validate::ValidationError::new("commands", reason))),
+                },
+                events: Vec::new(),
+                leases_changed: Vec::new(),
+            };
+        }
+        let mut events = Vec::new();
+        let mut leases_changed = Vec::new();
+        let mut results = Vec::with_capacity(commands.len());
+        for command in commands {
+            let applied = self.apply(command);
+            events.extend(applied.events);
+            leases_changed.extend(applied.leases_changed);
+            results.push(applied.result);
+        }
+        Applied {
+            result: ApplyResult {
+                revision: self.revision,
+                outcome: Outcome::Batch(results),
             },
             events,
             leases_changed,
@@ -353,6 +398,11 @@ impl Registry {
                 Ok(Outcome::LeasesExpired { expired, removed })
             }
             Command::Barrier => Ok(Outcome::Nothing),
+            // `apply` takes batches apart before they get here.
+            Command::Batch { .. } => Err(Rejection::Invalid(validate::ValidationError::new(
+                "commands",
+                "batches do not nest",
+            ))),
             Command::CheckpointLeases { remaining } => {
                 for (id, left) in remaining {
                     if let Some(lease) = self.leases.get_mut(id) {

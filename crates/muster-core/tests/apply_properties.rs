@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use muster_core::registry::{critical_too_long, Applied};
 use muster_core::{
     CheckSpec, Command, DeleteReason, Event, EventKind, Health, InstanceKey, InstanceSpec, Outcome, Registry,
-    ServiceKey,
+    Rejection, ServiceKey,
 };
 use proptest::prelude::*;
 
@@ -112,6 +112,38 @@ proptest! {
         let c = Registry::from_snapshot(a.to_snapshot());
         prop_assert_eq!(c.digest(), a.digest());
         prop_assert_eq!(c.instance_count(), a.instance_count());
+    }
+
+    #[test]
+    fn a_batch_applies_exactly_as_its_commands_one_by_one(
+        log in prop::collection::vec(command_strategy(), 0..80),
+        cut in prop::collection::vec(1usize..12, 1..20),
+    ) {
+        // The same log, once entry by entry and once cut into batches.
+        let mut single = Registry::new();
+        let one_by_one = apply_all(&mut single, &log);
+        let mut batched = Registry::new();
+        let mut results = Vec::new();
+        let mut events = Vec::new();
+        let mut rest = &log[..];
+        for size in cut.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (batch, tail) = rest.split_at((*size).min(rest.len()));
+            rest = tail;
+            let applied = batched.apply(&Command::Batch { commands: batch.to_vec() });
+            let Outcome::Batch(inner) = applied.result.outcome else {
+                panic!("a batch answers Outcome::Batch");
+            };
+            prop_assert_eq!(inner.len(), batch.len());
+            prop_assert_eq!(applied.result.revision, inner.last().map_or(0, |r| r.revision));
+            results.extend(inner);
+            events.extend(applied.events);
+        }
+        prop_assert_eq!(batched.digest(), single.digest());
+        prop_assert_eq!(results, one_by_one.iter().map(|a| a.result.clone()).collect::<Vec<_>>());
+        prop_assert_eq!(events, one_by_one.into_iter().flat_map(|a| a.events).collect::<Vec<_>>());
     }
 
     #[test]
@@ -425,4 +457,40 @@ fn reregistering_keeps_create_revision_and_moves_lease_membership() {
     assert_eq!((i.create_revision, i.mod_revision, i.registered_at_ms), (1, 2, 2));
     assert!(r.lease_instances(1).is_empty());
     assert_eq!(r.lease_instances(2).len(), 1);
+}
+
+#[test]
+fn nested_and_oversized_batches_are_refused_whole() {
+    let mut r = Registry::new();
+    let register = Command::Register {
+        spec: InstanceSpec {
+            service: "web".into(),
+            instance_id: "w1".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            ..Default::default()
+        },
+        grant_ttl_ms: None,
+        now_ms: 1_000,
+    };
+    let nested = Command::Batch {
+        commands: vec![
+            register.clone(),
+            Command::Batch {
+                commands: vec![register.clone()],
+            },
+        ],
+    };
+    let applied = r.apply(&nested);
+    assert!(
+        matches!(&applied.result.outcome, Outcome::Rejected(Rejection::Invalid(e)) if e.field == "commands"),
+        "{:?}",
+        applied.result
+    );
+    assert!(applied.events.is_empty());
+    let oversized = Command::Batch {
+        commands: vec![Command::Barrier; muster_core::MAX_BATCH_COMMANDS + 1],
+    };
+    assert!(matches!(r.apply(&oversized).result.outcome, Outcome::Rejected(_)));
+    assert_eq!(r.revision(), 0, "nothing was applied");
 }

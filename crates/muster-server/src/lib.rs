@@ -31,6 +31,7 @@ pub mod status;
 pub mod ui;
 pub mod watch;
 pub mod watch_route;
+pub mod write_batch;
 
 pub use config::{ConfigError, LeaseSettings, NodeConfig, RaftTiming, WatchSettings};
 pub use error::ApiError;

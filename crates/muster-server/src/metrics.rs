@@ -82,6 +82,8 @@ pub struct Metrics {
     pub http_duration: HistogramFamily<HttpRouteLabels>,
     /// Writes this node forwarded to the leader.
     pub forwarded_writes: Counter,
+    /// Commands per Raft entry when concurrent writes were batched.
+    pub write_batch_size: Histogram,
     /// Leases expired by this node as leader.
     pub lease_expirations: Counter,
     /// Expiries deferred by the rate limit.
@@ -158,6 +160,11 @@ impl Metrics {
                 HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram)
             ),
             forwarded_writes: reg!("forwarded_writes", "Writes forwarded to the leader", Counter::default()),
+            write_batch_size: reg!(
+                "write_batch_size",
+                "Commands per Raft entry when concurrent writes were batched (batches of two or more)",
+                Histogram::new([2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
+            ),
             lease_expirations: reg!(
                 "lease_expirations",
                 "Leases expired by this node as leader",

@@ -116,6 +116,8 @@ pub struct NodeCore {
     pub startup_last_log_index: u64,
     /// Batches linearizable reads into one read index per round.
     pub read_index_batcher: crate::read_index::ReadIndexBatcher,
+    /// Batches concurrent writes into one Raft entry.
+    pub write_batcher: crate::write_batch::WriteBatcher,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -243,8 +245,8 @@ impl NodeCore {
         loop {
             // openraft answers ForwardToLeader only for entries it did not append or
             // truncated, so retrying after it is safe.
-            match self.raft.client_write(command.clone()).await {
-                Ok(resp) => return Ok((resp.data, maybe_applied)),
+            match self.write_batcher.write(command.clone()).await {
+                Ok(result) => return Ok((result, maybe_applied)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
                         self.metrics.forwarded_writes.inc();
@@ -603,6 +605,7 @@ impl Node {
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
+            write_batcher: Default::default(),
             startup_last_log_index,
             started: Instant::now(),
             last_leader_contact_ms: AtomicU64::new(0),
@@ -617,6 +620,7 @@ impl Node {
             tokio::spawn(crate::leases::run(core.clone())),
             tokio::spawn(crate::replication::run(core.clone())),
             tokio::spawn(crate::read_index::run(core.clone())),
+            tokio::spawn(crate::write_batch::run(core.clone())),
             tokio::spawn(crate::checks::run(core.clone())),
             tokio::spawn(crate::blocking::run(core.clone())),
             tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),
