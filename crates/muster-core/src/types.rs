@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A cluster-wide counter, +1 for each change event. Revision 0 means "nothing yet".
 pub type Revision = u64;
@@ -173,11 +173,11 @@ pub struct Instance {
     /// Main port.
     pub port: u16,
     /// Named extra ports.
-    pub ports: BTreeMap<String, u16>,
+    pub ports: CompactMap<u16>,
     /// Free-form tags.
     pub tags: Vec<String>,
     /// String metadata.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: CompactMap<String>,
     /// Relative weight for weighted picking.
     pub weight: u32,
     /// Zone or empty.
@@ -211,6 +211,159 @@ impl Instance {
     /// One check by id.
     pub fn check(&self, id: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.id == id)
+    }
+}
+
+/// A small map from names to values, for the metadata and named ports of a stored
+/// [`Instance`]: one sorted, exactly sized allocation (none when empty).
+///
+/// The registry holds one per instance for its whole life, and a `BTreeMap` node
+/// costs about half a kilobyte even for a single entry. It serializes as a map, in
+/// key order, exactly as a `BTreeMap` does, so JSON and stored bytes are unchanged.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CompactMap<V> {
+    entries: Box<[(String, V)]>,
+}
+
+impl<V> CompactMap<V> {
+    /// An empty map.
+    pub fn new() -> Self {
+        CompactMap {
+            entries: Box::default(),
+        }
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.entries
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    /// Whether `key` has a value.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries in key order.
+    pub fn iter(&self) -> CompactMapIter<'_, V> {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
+    /// The keys in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> + '_ {
+        self.entries.iter().map(|(k, _)| k)
+    }
+
+    /// The values in key order.
+    pub fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.entries.iter().map(|(_, v)| v)
+    }
+}
+
+/// Iterator over the entries of a [`CompactMap`], in key order.
+pub type CompactMapIter<'a, V> =
+    std::iter::Map<std::slice::Iter<'a, (String, V)>, fn(&'a (String, V)) -> (&'a String, &'a V)>;
+
+impl<V> Default for CompactMap<V> {
+    fn default() -> Self {
+        CompactMap::new()
+    }
+}
+
+impl<V: fmt::Debug> fmt::Debug for CompactMap<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// Later entries win over earlier ones with the same key, as when collecting into a
+/// `BTreeMap`.
+impl<V> FromIterator<(String, V)> for CompactMap<V> {
+    fn from_iter<I: IntoIterator<Item = (String, V)>>(iter: I) -> Self {
+        let mut entries: Vec<(String, V)> = iter.into_iter().collect();
+        // Stable: equal keys keep their order, so the last one is the one kept.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept: Vec<(String, V)> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match kept.last_mut() {
+                Some(last) if last.0 == entry.0 => *last = entry,
+                _ => kept.push(entry),
+            }
+        }
+        CompactMap {
+            entries: kept.into_boxed_slice(),
+        }
+    }
+}
+
+impl<V> From<BTreeMap<String, V>> for CompactMap<V> {
+    fn from(map: BTreeMap<String, V>) -> Self {
+        // Already sorted and unique.
+        CompactMap {
+            entries: map.into_iter().collect(),
+        }
+    }
+}
+
+impl<V: Clone> From<&BTreeMap<String, V>> for CompactMap<V> {
+    fn from(map: &BTreeMap<String, V>) -> Self {
+        CompactMap {
+            entries: map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+impl<V, const N: usize> From<[(String, V); N]> for CompactMap<V> {
+    fn from(entries: [(String, V); N]) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl<V> From<CompactMap<V>> for BTreeMap<String, V> {
+    fn from(map: CompactMap<V>) -> Self {
+        map.into_iter().collect()
+    }
+}
+
+impl<V> IntoIterator for CompactMap<V> {
+    type Item = (String, V);
+    type IntoIter = std::vec::IntoIter<(String, V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_vec().into_iter()
+    }
+}
+
+impl<'a, V> IntoIterator for &'a CompactMap<V> {
+    type Item = (&'a String, &'a V);
+    type IntoIter = CompactMapIter<'a, V>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<V: Serialize> Serialize for CompactMap<V> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for CompactMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, V>::deserialize(deserializer).map(CompactMap::from)
     }
 }
 
@@ -289,4 +442,90 @@ pub struct Lease {
     /// the last leader's term) from this value instead of the full TTL, so a run of elections cannot keep a
     /// dead lease alive forever.
     pub checkpoint_remaining_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_compact_map_reads_and_serializes_as_the_btree_map_it_was_built_from(
+            entries in prop::collection::vec(("[a-e]{0,3}", any::<u16>()), 0..12),
+        ) {
+            let btree: BTreeMap<String, u16> = entries.iter().cloned().collect();
+            // Collected from the same pairs, duplicates included: the last one wins.
+            let compact: CompactMap<u16> = entries.iter().cloned().collect();
+            prop_assert_eq!(&compact, &CompactMap::from(&btree));
+            prop_assert_eq!(compact.len(), btree.len());
+            prop_assert_eq!(compact.iter().collect::<Vec<_>>(), btree.iter().collect::<Vec<_>>());
+            for (k, v) in &btree {
+                prop_assert_eq!(compact.get(k), Some(v));
+            }
+            prop_assert_eq!(compact.get("zz"), None);
+            // Same bytes on disk, same JSON on the wire, and back.
+            prop_assert_eq!(bincode::serialize(&compact).unwrap(), bincode::serialize(&btree).unwrap());
+            let json = serde_json::to_string(&compact).unwrap();
+            prop_assert_eq!(&json, &serde_json::to_string(&btree).unwrap());
+            prop_assert_eq!(serde_json::from_str::<CompactMap<u16>>(&json).unwrap(), compact.clone());
+            prop_assert_eq!(BTreeMap::from(compact), btree);
+        }
+    }
+
+    #[test]
+    fn an_instance_stored_before_compact_maps_still_decodes() {
+        // The layout `Instance` had with `BTreeMap` fields, as sled and snapshot files
+        // hold it.
+        #[derive(Serialize)]
+        struct Old {
+            namespace: String,
+            service: String,
+            instance_id: String,
+            address: String,
+            port: u16,
+            ports: BTreeMap<String, u16>,
+            tags: Vec<String>,
+            metadata: BTreeMap<String, String>,
+            weight: u32,
+            zone: String,
+            health: Health,
+            lease_id: Option<LeaseId>,
+            create_revision: Revision,
+            mod_revision: Revision,
+            registered_at_ms: u64,
+            updated_at_ms: u64,
+            checks: Vec<Check>,
+        }
+        let old = Old {
+            namespace: "default".into(),
+            service: "web".into(),
+            instance_id: "w-1".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            ports: [("health".to_string(), 81)].into(),
+            tags: vec!["a".into()],
+            metadata: [("v".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())].into(),
+            weight: 100,
+            zone: String::new(),
+            health: Health::Passing,
+            lease_id: Some(7),
+            create_revision: 3,
+            mod_revision: 4,
+            registered_at_ms: 5,
+            updated_at_ms: 6,
+            checks: Vec::new(),
+        };
+        let decoded: Instance = bincode::deserialize(&bincode::serialize(&old).unwrap()).unwrap();
+        assert_eq!(decoded.ports.get("health"), Some(&81));
+        assert_eq!(
+            decoded.metadata.iter().collect::<Vec<_>>(),
+            old.metadata.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(bincode::serialize(&decoded).unwrap(), bincode::serialize(&old).unwrap());
+        assert_eq!(
+            serde_json::to_value(&decoded).unwrap(),
+            serde_json::to_value(&old).unwrap()
+        );
+    }
 }
