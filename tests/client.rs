@@ -113,7 +113,7 @@ async fn the_resolver_follows_registrations_health_and_removals() -> Result<()> 
     client.register(spec("api", "api-1", 9100), None).await?;
     ensure!(client.service_url("api", "/v1/x").await? == "http://127.0.0.1:9100/v1/x");
     ensure!(client.service_url("api", "v1/y").await? == "http://127.0.0.1:9100/v1/y");
-    ensure!(client.cached_resolvers().await.len() == 1);
+    ensure!(client.cached_resolvers().len() == 1);
     cluster.shutdown().await;
     Ok(())
 }

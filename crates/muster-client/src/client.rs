@@ -84,7 +84,7 @@ pub struct Client {
     /// The resolvers [`Client::service_url`] made, by service. Not in `Inner`: a
     /// resolver's task holds a client without this map, so that dropping the last
     /// clone of the caller's client stops the tasks.
-    resolvers: Arc<tokio::sync::Mutex<HashMap<String, Resolver>>>,
+    resolvers: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Resolver>>>>>,
 }
 
 /// Turns `host:port` (or a full `http://` URI) into a lazily connected channel.
@@ -223,19 +223,27 @@ impl Client {
     }
 
     /// The resolver [`Client::service_url`] uses for `service`, created on first use.
+    /// Concurrent first calls for one service share one creation; calls for other
+    /// services do not wait for it.
     pub async fn cached_resolver(&self, service: &str) -> Resolver {
-        let mut resolvers = self.resolvers.lock().await;
-        if let Some(resolver) = resolvers.get(service) {
-            return resolver.clone();
-        }
-        let resolver = self.resolver(service).await;
-        resolvers.insert(service.to_string(), resolver.clone());
-        resolver
+        let cell = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(service.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| self.resolver(service)).await.clone()
     }
 
     /// The resolvers [`Client::service_url`] has created so far.
-    pub async fn cached_resolvers(&self) -> Vec<Resolver> {
-        self.resolvers.lock().await.values().cloned().collect()
+    pub fn cached_resolvers(&self) -> Vec<Resolver> {
+        self.resolvers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|cell| cell.get().cloned())
+            .collect()
     }
 
     /// The address of the node in use.

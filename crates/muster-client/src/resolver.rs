@@ -363,6 +363,12 @@ impl Resolver {
     /// warning when none passes), skipping open circuit breakers, preferring the
     /// configured zone, spread by the configured strategy.
     pub fn pick(&self) -> Result<Picked, ClientError> {
+        self.pick_excluding(&[])
+    }
+
+    /// [`Resolver::pick`] leaving out the instances in `avoid` (say, the one a call
+    /// just failed on, to retry elsewhere); an error when no other is usable.
+    pub fn pick_excluding(&self, avoid: &[&str]) -> Result<Picked, ClientError> {
         let shared = self.shared();
         let (list, stale, source) = {
             let cache = read(&shared.cache);
@@ -384,11 +390,15 @@ impl Resolver {
         let now = Instant::now();
         let mut breakers = lock(&shared.breakers);
         let candidates = usable(&list, shared.options.prefer_zone.as_deref(), |id| {
-            breakers.allows(id, now)
+            !avoid.contains(&id) && breakers.allows(id, now)
         })
         .map_err(|reason| ClientError::NoInstance {
             service: shared.service.clone(),
-            reason,
+            reason: if avoid.is_empty() {
+                reason
+            } else {
+                format!("{reason} (leaving out {})", avoid.join(", "))
+            },
         })?;
         let index = lock(&shared.picker).pick(&candidates);
         let instance = candidates[index].clone();
@@ -412,12 +422,14 @@ impl Resolver {
 
     /// Reports that a call to `instance_id` failed; after
     /// [`BreakerPolicy::failure_threshold`] failures in a row the instance is
-    /// skipped for [`BreakerPolicy::cool_down`].
-    pub fn record_failure(&self, instance_id: &str) {
+    /// skipped for [`BreakerPolicy::cool_down`]. Answers whether this failure
+    /// opened (or re-opened) the breaker.
+    pub fn record_failure(&self, instance_id: &str) -> bool {
         let opened = lock(&self.shared().breakers).record_failure(instance_id, Instant::now());
         if opened {
             tracing::warn!(service = %self.service(), instance = instance_id, "circuit breaker opened");
         }
+        opened
     }
 
     /// The state of `instance_id`'s circuit breaker now.
@@ -630,7 +642,14 @@ mod tests {
         assert!(first.stale);
         let second = web.pick().unwrap();
         assert_ne!(first.instance.instance_id, second.instance.instance_id);
-        web.record_failure("10.0.0.1:80");
+        let other = web.pick_excluding(&["10.0.0.1:80"]).unwrap();
+        assert_eq!(other.instance.instance_id, "10.0.0.2:80");
+        let none = web.pick_excluding(&["10.0.0.1:80", "10.0.0.2:80"]).unwrap_err();
+        assert!(none.to_string().contains("leaving out"), "{none}");
+        assert!(
+            web.record_failure("10.0.0.1:80"),
+            "the first failure opens a breaker of threshold 1"
+        );
         for _ in 0..4 {
             assert_eq!(web.url("/x").unwrap(), "http://10.0.0.2:80/x");
         }

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body as _;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use muster_client::{BreakerState, Client, ClientError, ClientOptions, Picked, Resolver, ResolverOptions};
+use muster_client::{Client, ClientError, ClientOptions, Picked, Resolver, ResolverOptions};
 use tokio::sync::OnceCell;
 
 use crate::config::{GatewayConfig, REPLAYABLE_BODY_BYTES};
@@ -210,9 +210,7 @@ impl Gateway {
 
     /// Reports a failed call, counting the breaker if this failure opened it.
     fn report_failure(&self, resolver: &Resolver, instance_id: &str) {
-        let before = resolver.breaker_state(instance_id);
-        resolver.record_failure(instance_id);
-        if before != BreakerState::Open && resolver.breaker_state(instance_id) == BreakerState::Open {
+        if resolver.record_failure(instance_id) {
             self.metrics.breaker_opened(resolver.service());
         }
     }
@@ -363,16 +361,11 @@ impl Gateway {
     /// The next instance, avoiding `avoid` (the instance that just failed):
     /// `Ok(None)` when every usable instance is that one.
     fn pick(&self, resolver: &Resolver, avoid: Option<&str>) -> Result<Option<Picked>, ClientError> {
-        let Some(avoid) = avoid else {
-            return resolver.pick().map(Some);
-        };
-        for _ in 0..resolver.instances().len().max(1) {
-            let picked = resolver.pick()?;
-            if picked.instance.instance_id != avoid {
-                return Ok(Some(picked));
-            }
+        match avoid {
+            None => resolver.pick().map(Some),
+            // No other usable instance: no retry.
+            Some(avoid) => Ok(resolver.pick_excluding(&[avoid]).ok()),
         }
-        Ok(None)
     }
 }
 
