@@ -5,7 +5,6 @@
 //! follows (at most `max_services` of them), or `invalid` for requests whose
 //! path does not name one.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -163,43 +162,8 @@ impl Metrics {
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
-        openmetrics_to_text(&out)
+        muster_server::metrics::openmetrics_to_text(&out)
     }
-}
-
-/// Rewrites OpenMetrics text as Prometheus text format 0.0.4, as the nodes'
-/// `/metrics` does: a counter family is named with its `_total` suffix in
-/// `# HELP` and `# TYPE`, and the `# UNIT` and `# EOF` lines are dropped.
-fn openmetrics_to_text(openmetrics: &str) -> String {
-    let counters: HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = line
-            .strip_prefix("# HELP ")
-            .map(|rest| ("# HELP ", rest))
-            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
-        if let Some((kind, rest)) = meta {
-            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            if counters.contains(name) {
-                out.push_str(kind);
-                out.push_str(name);
-                out.push_str("_total ");
-                out.push_str(tail);
-                out.push('\n');
-                continue;
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
