@@ -62,8 +62,13 @@ impl Default for RaftTiming {
             heartbeat: Duration::from_millis(50),
             election_min: Duration::from_millis(300),
             election_max: Duration::from_millis(600),
-            snapshot_every: 20_000,
-            keep_behind_snapshot: 2_000,
+            // Every un-purged entry is also held in memory, and since writes are
+            // batched an entry may carry many commands: at 20,000 entries a node
+            // filled with 100k instances never snapshotted and held every command
+            // of its life (~120 MB). A snapshot shares the registry's instances and is
+            // streamed to disk, so taking one this often is cheap.
+            snapshot_every: 2_000,
+            keep_behind_snapshot: 500,
         }
     }
 }
