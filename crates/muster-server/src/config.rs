@@ -150,7 +150,10 @@ impl NodeConfig {
             leases: LeaseSettings::default(),
             watch: WatchSettings::default(),
             max_message_bytes: 4 * 1024 * 1024,
-            state_cache_bytes: 32 * 1024 * 1024,
+            // Reads are served from the in-memory registry; sled is only written in
+            // the apply path and scanned at start-up, so its cache holds little that
+            // is read again.
+            state_cache_bytes: 8 * 1024 * 1024,
         }
     }
 
