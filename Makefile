@@ -49,7 +49,8 @@ fuzz:
 ## One workload or system: make bench ARGS="--workload discover --system muster"
 bench:
 	@command -v etcd >/dev/null || (apt-get update -q && apt-get install -y -q etcd-server)
-	@command -v protoc >/dev/null || (apt-get update -q && apt-get install -y -q protobuf-compiler)
+	@command -v protoc >/dev/null && test -f /usr/include/google/protobuf/descriptor.proto \
+		|| (apt-get update -q && apt-get install -y -q protobuf-compiler libprotobuf-dev)
 	$(CARGO) build --release -p muster -p muster-bench
 	./target/release/muster-bench $(ARGS)
 

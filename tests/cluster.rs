@@ -601,3 +601,46 @@ async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> 
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_writes_still_lead_to_snapshots() -> Result<()> {
+    init_tracing();
+    // Many revisions in few entries: openraft's count of entries would not
+    // snapshot before entry 1,000; the count of revisions does.
+    let cluster = TestCluster::start_with(3, |c| c.raft.snapshot_every = 1_000).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let client = cluster.registry(leader).await?;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(1_200));
+    let mut writes = Vec::new();
+    for n in 0..1_200u32 {
+        let mut client = client.clone();
+        let start = start.clone();
+        writes.push(tokio::spawn(async move {
+            start.wait().await;
+            register(&mut client, instance("snap", &format!("s-{n}"), 1000 + n), 0).await
+        }));
+    }
+    for write in writes {
+        write.await??;
+    }
+    let core = cluster.nodes[&leader]
+        .handle
+        .as_ref()
+        .expect("leader runs")
+        .core()
+        .clone();
+    eventually(Duration::from_secs(15), "a snapshot on the leader", || {
+        let core = core.clone();
+        async move { Ok(core.raft.metrics().borrow().snapshot.is_some()) }
+    })
+    .await?;
+    let metrics = core.raft.metrics().borrow().clone();
+    let snapshot = metrics.snapshot.map_or(0, |l| l.index);
+    assert!(
+        snapshot < 1_000,
+        "snapshot at entry {snapshot}: by entry count, not revisions (last log {:?})",
+        metrics.last_log_index
+    );
+    cluster.shutdown().await;
+    Ok(())
+}

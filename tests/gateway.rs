@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::any;
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use muster_client::{BreakerPolicy, Client};
 use muster_core::InstanceSpec;
 use muster_gateway::{GatewayConfig, ServeError};
-use muster_testkit::{eventually, init_tracing, TestCluster};
+use muster_testkit::{eventually, init_tracing, promtool_check, TestCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -508,43 +508,4 @@ fn metric_value(text: &str, series: &str) -> Result<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .with_context(|| format!("no sample {series} in:\n{text}"))
-}
-
-/// Runs `promtool check metrics` on an exposition. Without promtool the check fails
-/// when `MUSTER_REQUIRE_EXTERNAL=1` and is skipped, loudly, otherwise.
-fn promtool_check(text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::env::var("MUSTER_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-                bail!("promtool is required (MUSTER_REQUIRE_EXTERNAL=1) but not installed");
-            }
-            eprintln!("\n========================================================");
-            eprintln!("SKIPPED: promtool not installed (apt-get install prometheus)");
-            eprintln!("========================================================\n");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
 use muster_proto::v1 as pb;
-use muster_testkit::{eventually, init_tracing, TestCluster};
+use muster_testkit::{eventually, init_tracing, promtool_check, TestCluster};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -1005,7 +1005,13 @@ async fn metrics_count_requests_by_route_and_method_and_pass_promtool() -> Resul
     assert_eq!(unknown.status(), 404);
     let body: serde_json::Value = unknown.json().await?;
     assert_eq!(body["error"]["field"], "path", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("/no/such/path"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/no/such/path"),
+        "{body}"
+    );
     let wrong_method = http.delete(format!("{node}/readyz")).send().await?;
     assert_eq!(wrong_method.status(), 405);
     let body: serde_json::Value = wrong_method.json().await?;
@@ -1064,44 +1070,5 @@ async fn metrics_count_requests_by_route_and_method_and_pass_promtool() -> Resul
 
     promtool_check(&text)?;
     cluster.shutdown().await;
-    Ok(())
-}
-
-/// Runs `promtool check metrics` on an exposition. Without promtool the check fails
-/// when `MUSTER_REQUIRE_EXTERNAL=1` and is skipped, loudly, otherwise.
-fn promtool_check(text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::env::var("MUSTER_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-                bail!("promtool is required (MUSTER_REQUIRE_EXTERNAL=1) but not installed");
-            }
-            eprintln!("\n========================================================");
-            eprintln!("SKIPPED: promtool not installed (apt-get install prometheus)");
-            eprintln!("========================================================\n");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- exposition ---\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
     Ok(())
 }

@@ -48,7 +48,8 @@ pub struct RaftTiming {
     pub election_min: Duration,
     /// Highest election timeout.
     pub election_max: Duration,
-    /// Build a snapshot after this many entries since the last one.
+    /// Build a snapshot after this many log entries, or this many revisions (an
+    /// entry may carry a batch of writes), since the last one.
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot (for slow followers).
     pub keep_behind_snapshot: u64,

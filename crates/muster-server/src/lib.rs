@@ -27,6 +27,7 @@ pub mod read_index;
 pub mod replication;
 pub mod request_metrics;
 pub mod rest;
+pub mod snapshots;
 pub mod status;
 pub mod ui;
 pub mod watch;

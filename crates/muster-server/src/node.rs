@@ -425,7 +425,10 @@ impl NodeCore {
                     .forward_to(&addr, &ForwardRequest::Membership(change.clone()))
                     .await
                 {
-                    Ok(ForwardResponse::MembershipChanged(i)) => return Ok(i),
+                    Ok(ForwardResponse::MembershipChanged(i)) => {
+                        self.await_membership_here(i).await;
+                        return Ok(i);
+                    }
                     Ok(ForwardResponse::Failed(e)) => return Err(e),
                     Ok(_) | Err(_) => {}
                 }
@@ -437,6 +440,23 @@ impl NodeCore {
                 });
             }
             self.wait_for_leader_change().await;
+        }
+    }
+
+    /// Waits (up to the write deadline) until this node holds the membership
+    /// entry at `index`, so that a change made through this node is what its own
+    /// member list answers next.
+    async fn await_membership_here(&self, index: u64) {
+        let held = self
+            .raft
+            .wait(Some(WRITE_DEADLINE))
+            .metrics(
+                |m| m.membership_config.log_id().is_some_and(|l| l.index >= index),
+                "membership entry held here",
+            )
+            .await;
+        if let Err(e) = held {
+            tracing::debug!(index, error = %e, "membership change not yet seen on this node");
         }
     }
 
@@ -621,6 +641,7 @@ impl Node {
             tokio::spawn(crate::replication::run(core.clone())),
             tokio::spawn(crate::read_index::run(core.clone())),
             tokio::spawn(crate::write_batch::run(core.clone())),
+            tokio::spawn(crate::snapshots::run(core.clone())),
             tokio::spawn(crate::checks::run(core.clone())),
             tokio::spawn(crate::blocking::run(core.clone())),
             tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),

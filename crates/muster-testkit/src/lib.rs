@@ -255,3 +255,45 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs `promtool check metrics` on an exposition. Without promtool the check fails
+/// when `MUSTER_REQUIRE_EXTERNAL=1` and is skipped, loudly, otherwise.
+pub fn promtool_check(text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::env::var("MUSTER_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+                return Err(anyhow!(
+                    "promtool is required (MUSTER_REQUIRE_EXTERNAL=1) but not installed"
+                ));
+            }
+            eprintln!("\n========================================================");
+            eprintln!("SKIPPED: promtool not installed (apt-get install prometheus)");
+            eprintln!("========================================================\n");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("promtool stdin"))?
+        .write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        return Err(anyhow!(
+            "promtool check metrics failed:\n{}{}\n--- exposition ---\n{text}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}

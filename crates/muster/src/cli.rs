@@ -131,19 +131,19 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_ADVERTISE_PEER_ADDR")]
     pub advertise_peer_addr: Option<String>,
 
-    /// Leader heartbeat interval in milliseconds [default: 100].
+    /// Leader heartbeat interval in milliseconds [default: 50].
     #[arg(long, env = "MUSTER_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
 
-    /// Lowest election timeout in milliseconds [default: 500].
+    /// Lowest election timeout in milliseconds [default: 300].
     #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
 
-    /// Highest election timeout in milliseconds [default: 1000].
+    /// Highest election timeout in milliseconds [default: 600].
     #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
 
-    /// Build a snapshot after this many log entries [default: 20000].
+    /// Build a snapshot after this many log entries or revisions [default: 2000].
     #[arg(long, env = "MUSTER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
 
@@ -171,7 +171,7 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
 
-    /// Page cache of the state database, in bytes [default: 33554432].
+    /// Page cache of the state database, in bytes [default: 8388608].
     #[arg(long, env = "MUSTER_STATE_CACHE_BYTES")]
     pub state_cache_bytes: Option<u64>,
 
