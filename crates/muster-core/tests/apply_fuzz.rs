@@ -102,7 +102,7 @@ fn key() -> impl Strategy<Value = InstanceKey> {
         .prop_map(|(ns, s, i)| InstanceKey::new(ns, &s, &i))
 }
 
-fn command() -> impl Strategy<Value = Command> {
+fn single_command() -> impl Strategy<Value = Command> {
     let now = prop_oneof![Just(0u64), 1u64..10_000_000, Just(u64::MAX)];
     let lease = prop_oneof![0u64..8, Just(u64::MAX)];
     let ttl = prop_oneof![Just(0u64), 999u64..1_001, Just(5_000u64), Just(u64::MAX)];
@@ -126,6 +126,18 @@ fn command() -> impl Strategy<Value = Command> {
             }),
         1 => (prop::collection::vec(key(), 0..3), now)
             .prop_map(|(keys, now_ms)| Command::EvictCritical { keys, now_ms }),
+    ]
+}
+
+/// Single commands, and now and then a batch of them (as the leader proposes
+/// concurrent writes), or a batch holding a batch (refused whole).
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        12 => single_command(),
+        2 => prop::collection::vec(single_command(), 0..8).prop_map(|commands| Command::Batch { commands }),
+        1 => prop::collection::vec(single_command(), 0..3).prop_map(|inner| Command::Batch {
+            commands: vec![Command::Batch { commands: inner }],
+        }),
     ]
 }
 
