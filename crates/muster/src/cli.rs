@@ -147,6 +147,10 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
 
+    /// Log entries kept behind a snapshot, for followers slightly behind [default: 500].
+    #[arg(long, env = "MUSTER_KEEP_BEHIND_SNAPSHOT")]
+    pub keep_behind_snapshot: Option<u64>,
+
     /// Most leases expired per second, as a share of all leases [default: 0.1].
     #[arg(long, env = "MUSTER_LEASE_EXPIRY_RATE")]
     pub lease_expiry_rate: Option<f64>,

@@ -68,6 +68,9 @@ pub fn node_config(args: &ServerArgs, id: u64) -> NodeConfig {
     if let Some(n) = args.snapshot_every {
         config.raft.snapshot_every = n;
     }
+    if let Some(n) = args.keep_behind_snapshot {
+        config.raft.keep_behind_snapshot = n;
+    }
     if let Some(rate) = args.lease_expiry_rate {
         config.leases.expiry_rate = rate;
     }
@@ -190,7 +193,13 @@ mod tests {
             "600",
             "--lease-expiry-rate",
             "0.5",
+            "--snapshot-every",
+            "5000",
+            "--keep-behind-snapshot",
+            "100",
         ]));
+        assert_eq!(config.raft.snapshot_every, 5000);
+        assert_eq!(config.raft.keep_behind_snapshot, 100);
         assert_eq!(config.raft.heartbeat, Duration::from_millis(50));
         assert_eq!(config.raft.election_min, Duration::from_millis(300));
         assert_eq!(config.raft.election_max, Duration::from_millis(600));
