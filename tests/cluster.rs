@@ -559,13 +559,20 @@ async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> 
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let follower = cluster.follower().await?;
     // Through the leader and through a follower (forwarded), with leases and
-    // one invalid write among them, all at once.
+    // one invalid write among them, all released at once.
+    let (to_leader, to_follower) = (cluster.registry(leader).await?, cluster.registry(follower).await?);
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(300));
     let mut writes = Vec::new();
     for n in 0..300u32 {
-        let node = if n % 2 == 0 { leader } else { follower };
-        let mut client = cluster.registry(node).await?;
+        let mut client = if n % 2 == 0 {
+            to_leader.clone()
+        } else {
+            to_follower.clone()
+        };
+        let start = start.clone();
         let port = if n == 150 { 0 } else { 1000 + n };
         writes.push(tokio::spawn(async move {
+            start.wait().await;
             register(&mut client, instance("batch", &format!("b-{n}"), port), 5_000).await
         }));
     }
@@ -597,6 +604,17 @@ async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> 
     let mut reader = cluster.registry(follower).await?;
     let read = discover(&mut reader, "batch", pb::ReadMode::Linearizable, 0).await?;
     assert_eq!(read.instances.len(), 299);
+    // 300 writes released together outrun the 4 entries in flight: the leader
+    // proposed some of them as batches.
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.nodes[&leader].config.http_addr))
+        .await?
+        .text()
+        .await?;
+    let batches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("muster_write_batch_size_count ")?.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(batches > 0, "no write was batched");
     cluster.wait_for_same_digest(Duration::from_secs(10)).await?;
     cluster.shutdown().await;
     Ok(())

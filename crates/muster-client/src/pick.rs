@@ -43,30 +43,34 @@ impl std::str::FromStr for PickStrategy {
 /// Critical instances and those `allowed` refuses (open breakers) are left out;
 /// passing instances are preferred, warning ones used only when no passing one is
 /// left; with `prefer_zone`, instances of that zone are used while any is usable.
-pub(crate) fn usable(
-    all: &[Arc<Instance>],
+pub(crate) fn usable<'a>(
+    all: &'a [Arc<Instance>],
     prefer_zone: Option<&str>,
     allowed: impl Fn(&str) -> bool,
-) -> Result<Vec<Arc<Instance>>, String> {
-    if all.is_empty() {
-        return Err("no instance is registered".into());
+) -> Result<Vec<&'a Arc<Instance>>, String> {
+    // One vector per pick, narrowed in place.
+    let mut pool: Vec<&Arc<Instance>> = all
+        .iter()
+        .filter(|i| i.health != Health::Critical && allowed(&i.instance_id))
+        .collect();
+    if pool.is_empty() {
+        return Err(if all.is_empty() {
+            "no instance is registered".into()
+        } else if all.iter().all(|i| i.health == Health::Critical) {
+            format!("all {} instance(s) are critical", all.len())
+        } else {
+            "every healthy instance is skipped by an open circuit breaker".into()
+        });
     }
-    let alive: Vec<&Arc<Instance>> = all.iter().filter(|i| i.health != Health::Critical).collect();
-    if alive.is_empty() {
-        return Err(format!("all {} instance(s) are critical", all.len()));
+    if pool.iter().any(|i| i.health == Health::Passing) {
+        pool.retain(|i| i.health == Health::Passing);
     }
-    let open: Vec<&Arc<Instance>> = alive.into_iter().filter(|i| allowed(&i.instance_id)).collect();
-    if open.is_empty() {
-        return Err("every healthy instance is skipped by an open circuit breaker".into());
+    if let Some(zone) = prefer_zone {
+        if pool.iter().any(|i| i.zone == zone) {
+            pool.retain(|i| i.zone == zone);
+        }
     }
-    let passing: Vec<&Arc<Instance>> = open.iter().copied().filter(|i| i.health == Health::Passing).collect();
-    let pool = if passing.is_empty() { open } else { passing };
-    let in_zone: Vec<&Arc<Instance>> = match prefer_zone {
-        Some(zone) => pool.iter().copied().filter(|i| i.zone == zone).collect(),
-        None => Vec::new(),
-    };
-    let chosen = if in_zone.is_empty() { pool } else { in_zone };
-    Ok(chosen.into_iter().cloned().collect())
+    Ok(pool)
 }
 
 /// The picking state of one resolver.
@@ -87,7 +91,7 @@ impl Picker {
     }
 
     /// The index in `candidates` (not empty) of the next call's instance.
-    pub(crate) fn pick(&mut self, candidates: &[Arc<Instance>]) -> usize {
+    pub(crate) fn pick(&mut self, candidates: &[&Arc<Instance>]) -> usize {
         debug_assert!(!candidates.is_empty());
         match self.strategy {
             PickStrategy::RoundRobin => {
@@ -134,8 +138,12 @@ mod tests {
         })
     }
 
-    fn ids(list: &[Arc<Instance>]) -> Vec<&str> {
+    fn ids<'a>(list: &[&'a Arc<Instance>]) -> Vec<&'a str> {
         list.iter().map(|i| i.instance_id.as_str()).collect()
+    }
+
+    fn refs(list: &[Arc<Instance>]) -> Vec<&Arc<Instance>> {
+        list.iter().collect()
     }
 
     #[test]
@@ -174,7 +182,7 @@ mod tests {
             inst("c", Health::Passing, "", 1),
         ];
         let mut p = Picker::new(PickStrategy::RoundRobin);
-        let picks: Vec<usize> = (0..6).map(|_| p.pick(&all)).collect();
+        let picks: Vec<usize> = (0..6).map(|_| p.pick(&refs(&all))).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -182,7 +190,7 @@ mod tests {
     fn weighted_follows_the_weights_interleaved() {
         let all = vec![inst("a", Health::Passing, "", 3), inst("b", Health::Passing, "", 1)];
         let mut p = Picker::new(PickStrategy::Weighted);
-        let picks: Vec<&str> = (0..8).map(|_| all[p.pick(&all)].instance_id.as_str()).collect();
+        let picks: Vec<&str> = (0..8).map(|_| all[p.pick(&refs(&all))].instance_id.as_str()).collect();
         assert_eq!(picks, ["a", "a", "b", "a", "a", "a", "b", "a"]);
     }
 
@@ -190,10 +198,10 @@ mod tests {
     fn weighted_treats_zero_as_one_and_forgets_removed_instances() {
         let mut all = vec![inst("a", Health::Passing, "", 0), inst("b", Health::Passing, "", 0)];
         let mut p = Picker::new(PickStrategy::Weighted);
-        let picks: Vec<usize> = (0..4).map(|_| p.pick(&all)).collect();
+        let picks: Vec<usize> = (0..4).map(|_| p.pick(&refs(&all))).collect();
         assert_eq!(picks, [0, 1, 0, 1]);
         all.remove(0);
-        assert_eq!(p.pick(&all), 0);
+        assert_eq!(p.pick(&refs(&all)), 0);
         assert_eq!(p.current_weight.len(), 1);
     }
 
@@ -203,7 +211,7 @@ mod tests {
         let mut p = Picker::new(PickStrategy::Random);
         let mut seen = [0u32; 2];
         for _ in 0..200 {
-            seen[p.pick(&all)] += 1;
+            seen[p.pick(&refs(&all))] += 1;
         }
         assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
     }

@@ -401,7 +401,7 @@ impl Resolver {
             },
         })?;
         let index = lock(&shared.picker).pick(&candidates);
-        let instance = candidates[index].clone();
+        let instance = Arc::clone(candidates[index]);
         breakers.on_pick(&instance.instance_id, now);
         Ok(Picked {
             instance,
