@@ -35,7 +35,7 @@ pub struct AgentService {
     /// Tags.
     pub tags: Vec<String>,
     /// Metadata.
-    pub meta: BTreeMap<String, String>,
+    pub meta: muster_core::CompactMap<String>,
     /// Port.
     pub port: u16,
     /// Address.
@@ -59,7 +59,7 @@ impl AgentService {
             id: i.instance_id.clone(),
             service: i.service.clone(),
             tags: i.tags.clone(),
-            meta: i.metadata.clone().into(),
+            meta: i.metadata.clone(),
             port: i.port,
             address: i.address.clone(),
             weights: Weights {
@@ -275,7 +275,7 @@ pub struct CatalogService {
     /// Weights.
     pub service_weights: Weights,
     /// Metadata.
-    pub service_meta: BTreeMap<String, String>,
+    pub service_meta: muster_core::CompactMap<String>,
     /// Port.
     pub service_port: u16,
     /// Always false.
@@ -306,7 +306,7 @@ impl CatalogService {
                 passing: i.weight,
                 warning: 1,
             },
-            service_meta: i.metadata.clone().into(),
+            service_meta: i.metadata.clone(),
             service_port: i.port,
             service_enable_tag_override: false,
             create_index: i.create_revision,

@@ -2,8 +2,6 @@
 //! services, watch events and the node header every answer carries. Core types are
 //! converted here, once, so the REST answers and the SSE watch agree.
 
-use std::collections::BTreeMap;
-
 use muster_core::{Check, Event, EventKind, Instance, ServiceSummary};
 use serde::Serialize;
 
@@ -23,11 +21,11 @@ pub struct InstanceJson {
     /// Main port.
     pub port: u16,
     /// Named extra ports.
-    pub ports: BTreeMap<String, u16>,
+    pub ports: muster_core::CompactMap<u16>,
     /// Tags.
     pub tags: Vec<String>,
     /// String metadata.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: muster_core::CompactMap<String>,
     /// Relative weight.
     pub weight: u32,
     /// Zone, or empty.
@@ -87,9 +85,9 @@ impl From<&Instance> for InstanceJson {
             instance_id: i.instance_id.clone(),
             address: i.address.clone(),
             port: i.port,
-            ports: i.ports.clone().into(),
+            ports: i.ports.clone(),
             tags: i.tags.clone(),
-            metadata: i.metadata.clone().into(),
+            metadata: i.metadata.clone(),
             weight: i.weight,
             zone: i.zone.clone(),
             health: i.health.as_str(),
