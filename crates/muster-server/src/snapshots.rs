@@ -15,14 +15,14 @@ use crate::node::NodeCore;
 pub async fn run(core: Arc<NodeCore>) {
     let every = core.config.raft.snapshot_every.max(1);
     let mut revisions = core.shared.revision();
-    let mut metrics = core.raft.metrics();
+    let metrics = core.raft.metrics();
     let mut snapshot_index = metrics.borrow().snapshot.map(|l| l.index);
     let mut since = *revisions.borrow();
     loop {
+        // Looked at when the revision moves: a snapshot only matters once it has.
         tokio::select! {
             _ = core.shutdown.cancelled() => return,
             changed = revisions.changed() => if changed.is_err() { return },
-            changed = metrics.changed() => if changed.is_err() { return },
         }
         let current = metrics.borrow().snapshot.map(|l| l.index);
         if current != snapshot_index {
