@@ -162,7 +162,52 @@ impl ProcessCluster {
     }
 
     /// Starts a cluster as `options` say and waits for a leader.
+    ///
+    /// On loopback, ports are found free and released before the servers bind
+    /// them, so another test's connection can take one meanwhile; a start that
+    /// failed because a node could not bind is tried again (three times at most)
+    /// on fresh ports. Any other failure names the nodes that exited, with the end
+    /// of their logs.
     pub async fn start_with(bin: &Path, options: ClusterOptions) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let (mut cluster, started) = Self::start_once(bin, options.clone()).await?;
+            let Err(e) = started else {
+                return Ok(cluster);
+            };
+            let exited = cluster.exited_logs();
+            let port_lost = exited.iter().any(|(_, log)| log.contains("in use"));
+            if port_lost && matches!(options.network, Network::Loopback) && attempt < 3 {
+                attempt += 1;
+                tracing::warn!("a node lost its port before binding it; starting the cluster again");
+                continue;
+            }
+            let report: String = exited
+                .iter()
+                .map(|(id, log)| format!("\n--- node {id} exited; its log ends:\n{log}"))
+                .collect();
+            return Err(e.context(format!("starting the cluster{report}")));
+        }
+    }
+
+    /// The nodes whose process has exited, with the last lines of their logs.
+    fn exited_logs(&mut self) -> Vec<(u64, String)> {
+        let mut exited = Vec::new();
+        for node in self.nodes.values_mut() {
+            let gone = node.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if gone {
+                let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                exited.push((node.id, tail));
+            }
+        }
+        exited
+    }
+
+    /// One attempt of [`ProcessCluster::start_with`]: the cluster, and whether a
+    /// leader was agreed on.
+    async fn start_once(bin: &Path, options: ClusterOptions) -> Result<(Self, Result<u64>)> {
         let dir = tempfile::tempdir()?;
         let mut nodes = BTreeMap::new();
         for id in 1..=options.nodes {
@@ -212,8 +257,8 @@ impl ProcessCluster {
         for id in 1..=options.nodes {
             cluster.spawn(id)?;
         }
-        cluster.wait_for_leader(options.leader_timeout).await?;
-        Ok(cluster)
+        let leader = cluster.wait_for_leader(options.leader_timeout).await;
+        Ok((cluster, leader))
     }
 
     /// The directory holding data directories and logs.
