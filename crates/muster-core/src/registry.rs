@@ -403,10 +403,10 @@ impl Registry {
                 "commands",
                 "batches do not nest",
             ))),
-            Command::CheckpointLeases { remaining } => {
-                for (id, left) in remaining {
+            Command::CheckpointLeases { deadlines } => {
+                for (id, deadline) in deadlines {
                     if let Some(lease) = self.leases.get_mut(id) {
-                        lease.checkpoint_remaining_ms = left.map(|l| l.min(lease.ttl_ms));
+                        lease.idle_deadline_ms = *deadline;
                         leases_changed.push(*id);
                     }
                 }
@@ -528,7 +528,7 @@ impl Registry {
                 id,
                 ttl_ms,
                 granted_at_ms: now_ms,
-                checkpoint_remaining_ms: None,
+                idle_deadline_ms: Some(now_ms.saturating_add(ttl_ms)),
             },
         );
         Ok(id)
@@ -789,7 +789,7 @@ impl Registry {
             feed(&l.id.to_le_bytes());
             feed(&l.ttl_ms.to_le_bytes());
             feed(&l.granted_at_ms.to_le_bytes());
-            feed(&l.checkpoint_remaining_ms.map_or(u64::MAX, |r| r).to_le_bytes());
+            feed(&l.idle_deadline_ms.map_or(u64::MAX, |d| d).to_le_bytes());
         }
         hex::encode(h.finalize())
     }

@@ -288,12 +288,11 @@ impl NodeCore {
     /// left; a follower answers an upper bound and says so (`remaining_exact`).
     pub fn leases_local(&self, ids: Option<&[LeaseId]>) -> (Vec<LeaseInfo>, Revision) {
         let leading = self.is_leader();
+        let now_ms = Self::now_ms();
         let registry = self.shared.read();
         let info = |lease: &muster_core::Lease| {
             // What a keeper that has not seen the lease yet starts it from.
-            let initial = lease
-                .checkpoint_remaining_ms
-                .map_or(lease.ttl_ms, |left| left.min(lease.ttl_ms));
+            let initial = lease.unrenewed_remaining_ms(now_ms);
             let remaining_ms = if leading {
                 self.leases.remaining_ms(lease.id).unwrap_or(initial)
             } else {

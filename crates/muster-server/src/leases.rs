@@ -5,17 +5,26 @@
 //!
 //! A new leader starts the clock of every lease that was renewed under the previous
 //! leader afresh (now + TTL), so a leader change causes no expiry storm. A lease not
-//! renewed during the current term is checkpointed into the log with its remaining
-//! TTL (about once a second while it stays idle), and a new leader resumes such a
-//! lease from its checkpoint, so a run of elections cannot keep a dead lease alive
-//! forever (etcd issue 9888). Leases that are kept alive cost one checkpoint entry
-//! per election (to clear their checkpoint), not one per second.
+//! renewed during the current term carries its idle deadline in the log (leader
+//! time at which it ends): the grant records one, and the leader's checkpoint (at
+//! most once a second) records it for a lease seen idle whose record is missing or
+//! off by half a second or more. A new leader resumes such a lease from that
+//! deadline, so a run of elections cannot keep a dead lease alive forever (etcd
+//! issue 9888). Because the deadline is absolute, an idle lease is recorded once,
+//! not once a second: a thousand idle leases cost no entries while they wait to
+//! expire. A lease that is kept alive costs one entry to clear its record after its
+//! first renewal and about two per election (recorded idle until its holder's next
+//! keep-alive reaches the new leader, then cleared).
+//!
+//! The deadline is read with each leader's own clock, so clock skew between nodes
+//! moves an idle lease's end after an election by that skew, once: it does not add
+//! up over elections, since the recorded deadline stays where it is.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use muster_core::{Command, LeaseId, Registry};
+use muster_core::{Command, Lease, LeaseId, Registry};
 
 use crate::config::LeaseSettings;
 use crate::metrics::Metrics;
@@ -34,6 +43,8 @@ struct KeeperState {
     deadlines: HashMap<LeaseId, Instant>,
     /// Leases renewed during this term (their checkpoints are cleared).
     renewed: HashSet<LeaseId>,
+    /// Leases whose expiry is being proposed (not due again, not checkpointed).
+    expiring: HashSet<LeaseId>,
     tokens: f64,
     last_refill: Instant,
     last_sync: Instant,
@@ -41,26 +52,53 @@ struct KeeperState {
     last_throttle_log: Option<Instant>,
 }
 
-impl KeeperState {
-    /// Deadline for a lease this leader has not seen renewed yet.
-    fn initial_deadline(now: Instant, lease: &muster_core::Lease) -> Instant {
-        let ms = match lease.checkpoint_remaining_ms {
-            Some(remaining) => remaining.min(lease.ttl_ms),
-            None => lease.ttl_ms,
-        };
-        now + Duration::from_millis(ms)
-    }
+/// How far a recorded idle deadline may be from the keeper's before a checkpoint
+/// records it again (the two are computed from different clocks and rounded).
+const IDLE_DEADLINE_TOLERANCE_MS: u64 = 500;
 
-    /// Adds leases the registry has and the keeper lacks; drops the ones gone.
-    fn sync(&mut self, now: Instant, registry: &Registry) {
+impl KeeperState {
+    /// Adds leases the registry has and the keeper lacks (`now_ms` is the same
+    /// moment as `now` on the wall clock); drops the ones gone.
+    fn sync(&mut self, now: Instant, now_ms: u64, registry: &Registry) {
         self.deadlines.retain(|id, _| registry.lease(*id).is_some());
         self.renewed.retain(|id| registry.lease(*id).is_some());
+        self.expiring.retain(|id| registry.lease(*id).is_some());
         for lease in registry.leases() {
             self.deadlines
                 .entry(lease.id)
-                .or_insert_with(|| Self::initial_deadline(now, lease));
+                .or_insert_with(|| now + Duration::from_millis(lease.unrenewed_remaining_ms(now_ms)));
         }
         self.last_sync = now;
+    }
+
+    /// The idle deadlines to record: for each lease not renewed this term, its
+    /// deadline on the wall clock where the log lacks it or holds another one;
+    /// `None` for each renewed lease whose log still holds one. Leases in `skip`
+    /// (being expired) are left out.
+    fn checkpoints<'a>(
+        &self,
+        leases: impl Iterator<Item = &'a Lease>,
+        now: Instant,
+        now_ms: u64,
+        skip: &HashSet<LeaseId>,
+    ) -> Vec<(LeaseId, Option<u64>)> {
+        let mut checkpoint = Vec::new();
+        for lease in leases {
+            let Some(deadline) = self.deadlines.get(&lease.id) else {
+                continue;
+            };
+            let idle = !self.renewed.contains(&lease.id);
+            let wanted = idle.then(|| now_ms + deadline.saturating_duration_since(now).as_millis() as u64);
+            let changed = match (wanted, lease.idle_deadline_ms) {
+                (None, None) => false,
+                (Some(w), Some(recorded)) => recorded.abs_diff(w) >= IDLE_DEADLINE_TOLERANCE_MS,
+                _ => true,
+            };
+            if changed && !skip.contains(&lease.id) {
+                checkpoint.push((lease.id, wanted));
+            }
+        }
+        checkpoint
     }
 }
 
@@ -75,6 +113,7 @@ impl LeaseKeeper {
                 term: None,
                 deadlines: HashMap::new(),
                 renewed: HashSet::new(),
+                expiring: HashSet::new(),
                 tokens: 0.0,
                 last_refill: now,
                 last_sync: now,
@@ -96,10 +135,11 @@ impl LeaseKeeper {
         }
         state.deadlines.clear();
         state.renewed.clear();
+        state.expiring.clear();
         state.term = leader_term;
         if let Some(term) = leader_term {
             let now = Instant::now();
-            state.sync(now, registry);
+            state.sync(now, NodeCore::now_ms(), registry);
             state.last_checkpoint = now;
             state.tokens = 0.0;
             state.last_refill = now;
@@ -163,6 +203,14 @@ impl LeaseKeeper {
         Some(deadline.saturating_duration_since(Instant::now()).as_millis() as u64)
     }
 
+    /// Makes leases whose expiry could not be proposed due again.
+    fn expiry_failed(&self, ids: &[LeaseId]) {
+        let mut state = self.lock();
+        for id in ids {
+            state.expiring.remove(id);
+        }
+    }
+
     /// One tick: what to expire and what to checkpoint.
     fn tick(&self, core: &NodeCore) -> (Vec<LeaseId>, Vec<(LeaseId, Option<u64>)>) {
         let term = core.leader_term();
@@ -173,10 +221,11 @@ impl LeaseKeeper {
             return (Vec::new(), Vec::new());
         }
         let now = Instant::now();
+        let now_ms = NodeCore::now_ms();
         if state.deadlines.len() != registry.lease_count()
             || now.duration_since(state.last_sync) >= Duration::from_secs(1)
         {
-            state.sync(now, &registry);
+            state.sync(now, now_ms, &registry);
         }
 
         // Token bucket: at most `rate` expiries per second.
@@ -190,7 +239,7 @@ impl LeaseKeeper {
         let mut due: Vec<(Instant, LeaseId)> = state
             .deadlines
             .iter()
-            .filter(|(_, d)| **d <= now)
+            .filter(|(id, d)| **d <= now && !state.expiring.contains(id))
             .map(|(id, d)| (*d, *id))
             .collect();
         due.sort();
@@ -211,30 +260,12 @@ impl LeaseKeeper {
         }
         state.tokens -= allowed as f64;
         let expire: Vec<LeaseId> = due.into_iter().take(allowed).map(|(_, id)| id).collect();
-        for id in &expire {
-            // Not expired again while the proposal is in flight.
-            state.deadlines.insert(*id, now + Duration::from_secs(3600));
-        }
+        state.expiring.extend(expire.iter().copied());
 
         let mut checkpoint = Vec::new();
         if now.duration_since(state.last_checkpoint) >= self.settings.checkpoint_interval {
             state.last_checkpoint = now;
-            for lease in registry.leases() {
-                let Some(deadline) = state.deadlines.get(&lease.id) else {
-                    continue;
-                };
-                let remaining = deadline.saturating_duration_since(now).as_millis() as u64;
-                let idle = !state.renewed.contains(&lease.id);
-                let wanted = idle.then_some(remaining / 100 * 100);
-                let changed = match (wanted, lease.checkpoint_remaining_ms) {
-                    (None, None) => false,
-                    (Some(w), Some(c)) => c.abs_diff(w) >= 500,
-                    _ => true,
-                };
-                if changed && !expire.contains(&lease.id) {
-                    checkpoint.push((lease.id, wanted));
-                }
-            }
+            checkpoint = state.checkpoints(registry.leases(), now, now_ms, &state.expiring);
         }
         (expire, checkpoint)
     }
@@ -253,7 +284,7 @@ pub async fn run(core: Arc<NodeCore>) {
         if !expire.is_empty() {
             let count = expire.len();
             let command = Command::ExpireLeases {
-                lease_ids: expire,
+                lease_ids: expire.clone(),
                 now_ms: NodeCore::now_ms(),
             };
             match core.propose_on_leader(command).await {
@@ -263,14 +294,151 @@ pub async fn run(core: Arc<NodeCore>) {
                         tracing::info!(leases = expired.len(), instances = removed, "leases expired");
                     }
                 }
-                Err(e) => tracing::warn!(leases = count, error = %e, "proposing lease expiry failed"),
+                Err(e) => {
+                    tracing::warn!(leases = count, error = %e, "proposing lease expiry failed; will try again");
+                    core.leases.expiry_failed(&expire);
+                }
             }
         }
         if !checkpoint.is_empty() {
-            let command = Command::CheckpointLeases { remaining: checkpoint };
-            if let Err(e) = core.propose_on_leader(command).await {
-                tracing::debug!(error = %e, "lease checkpoint failed");
+            let count = checkpoint.len() as u64;
+            let command = Command::CheckpointLeases { deadlines: checkpoint };
+            match core.propose_on_leader(command).await {
+                Ok(_) => {
+                    core.metrics.lease_checkpoints.inc_by(count);
+                }
+                // The next checkpoint compares with the log again and retries.
+                Err(e) => tracing::debug!(error = %e, "lease checkpoint failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL_MS: u64 = 10_000;
+
+    fn state() -> KeeperState {
+        let now = Instant::now();
+        KeeperState {
+            term: Some(1),
+            deadlines: HashMap::new(),
+            renewed: HashSet::new(),
+            expiring: HashSet::new(),
+            tokens: 0.0,
+            last_refill: now,
+            last_sync: now,
+            last_checkpoint: now,
+            last_throttle_log: None,
+        }
+    }
+
+    fn registry_with_leases(ids: &[LeaseId], granted_at_ms: u64) -> Registry {
+        let mut registry = Registry::new();
+        for id in ids {
+            let applied = registry.apply(&Command::GrantLease {
+                lease_id: *id,
+                ttl_ms: TTL_MS,
+                now_ms: granted_at_ms,
+            });
+            assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
+        }
+        registry
+    }
+
+    fn record(registry: &mut Registry, deadlines: Vec<(LeaseId, Option<u64>)>) {
+        let applied = registry.apply(&Command::CheckpointLeases { deadlines });
+        assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
+    }
+
+    #[test]
+    fn an_idle_lease_is_recorded_once_and_not_again_while_it_waits_to_expire() {
+        let granted_ms = 1_000_000;
+        let registry = registry_with_leases(&[1, 2], granted_ms);
+        let mut state = state();
+        let start = Instant::now();
+        state.sync(start, granted_ms, &registry);
+        // Born idle: the grant recorded the deadline, so no checkpoint is due, at the
+        // start or seconds later.
+        for elapsed_ms in [0u64, 1_000, 5_000, 9_000] {
+            let now = start + Duration::from_millis(elapsed_ms);
+            let due = state.checkpoints(registry.leases(), now, granted_ms + elapsed_ms, &HashSet::new());
+            assert_eq!(due, vec![], "nothing to record {elapsed_ms} ms after the grant");
+        }
+    }
+
+    #[test]
+    fn a_renewed_lease_is_cleared_once_and_recorded_again_when_it_goes_idle_in_a_new_term() {
+        let granted_ms = 1_000_000;
+        let mut registry = registry_with_leases(&[1, 2], granted_ms);
+        let mut state = state();
+        let start = Instant::now();
+        state.sync(start, granted_ms, &registry);
+        state.renewed.insert(1);
+        state.deadlines.insert(1, start + Duration::from_millis(TTL_MS));
+        let due = state.checkpoints(registry.leases(), start, granted_ms, &HashSet::new());
+        assert_eq!(due, vec![(1, None)]);
+        record(&mut registry, due);
+        assert_eq!(
+            state.checkpoints(registry.leases(), start, granted_ms, &HashSet::new()),
+            vec![]
+        );
+
+        // A new leader 3 s later: lease 1 was renewed (full TTL from now), lease 2 was
+        // idle and resumes from its recorded deadline.
+        let mut next = state_after_election();
+        let now = start + Duration::from_millis(3_000);
+        let now_ms = granted_ms + 3_000;
+        next.sync(now, now_ms, &registry);
+        assert_eq!(next.deadlines[&1], now + Duration::from_millis(TTL_MS));
+        assert_eq!(next.deadlines[&2], now + Duration::from_millis(TTL_MS - 3_000));
+        // Lease 1 is idle under this leader: recorded once with its deadline.
+        let due = next.checkpoints(registry.leases(), now, now_ms, &HashSet::new());
+        assert_eq!(due, vec![(1, Some(now_ms + TTL_MS))]);
+        record(&mut registry, due);
+        let later = now + Duration::from_millis(2_000);
+        assert_eq!(
+            next.checkpoints(registry.leases(), later, now_ms + 2_000, &HashSet::new()),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_recorded_deadline_off_by_the_tolerance_is_recorded_again_and_expiring_leases_are_skipped() {
+        let granted_ms = 1_000_000;
+        let registry = registry_with_leases(&[1, 2], granted_ms);
+        let mut state = state();
+        let start = Instant::now();
+        state.sync(start, granted_ms, &registry);
+        // The wall clock stepped forward by a second after the grant.
+        let due = state.checkpoints(registry.leases(), start, granted_ms + 1_000, &HashSet::from([2]));
+        assert_eq!(due, vec![(1, Some(granted_ms + 1_000 + TTL_MS))]);
+        // Within the tolerance nothing is due.
+        let due = state.checkpoints(registry.leases(), start, granted_ms + 400, &HashSet::new());
+        assert_eq!(due, vec![]);
+    }
+
+    #[test]
+    fn elections_cannot_extend_an_idle_lease() {
+        let granted_ms = 1_000_000;
+        let registry = registry_with_leases(&[7], granted_ms);
+        let start = Instant::now();
+        // Whatever the number of new leaders, each gives the lease only what is left
+        // until the deadline recorded at the grant.
+        for elapsed_ms in [1_500u64, 3_000, 4_500, 6_000, 9_999, 10_000, 20_000] {
+            let mut leader = state_after_election();
+            let now = start + Duration::from_millis(elapsed_ms);
+            leader.sync(now, granted_ms + elapsed_ms, &registry);
+            let left = leader.deadlines[&7].saturating_duration_since(now).as_millis() as u64;
+            assert_eq!(left, TTL_MS.saturating_sub(elapsed_ms));
+        }
+    }
+
+    fn state_after_election() -> KeeperState {
+        let mut s = state();
+        s.term = Some(2);
+        s
     }
 }

@@ -88,6 +88,8 @@ pub struct Metrics {
     pub lease_expirations: Counter,
     /// Expiries deferred by the rate limit.
     pub lease_expiry_throttled: Counter,
+    /// Idle deadlines recorded or cleared by this node's lease checkpoints.
+    pub lease_checkpoints: Counter,
     /// Watch streams open now (gRPC and SSE).
     pub watchers: Gauge,
     /// Watch events sent.
@@ -173,6 +175,11 @@ impl Metrics {
             lease_expiry_throttled: reg!(
                 "lease_expiry_throttled",
                 "Lease expiries deferred by the expiry rate limit",
+                Counter::default()
+            ),
+            lease_checkpoints: reg!(
+                "lease_checkpoints",
+                "Idle lease deadlines recorded or cleared by this node's lease checkpoints as leader",
                 Counter::default()
             ),
             watchers: reg!("watchers", "Open watch streams (gRPC and SSE)", Gauge::default()),
