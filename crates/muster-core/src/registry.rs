@@ -32,6 +32,9 @@ pub struct Registry {
     services: BTreeMap<ServiceKey, ServiceEntry>,
     leases: BTreeMap<LeaseId, Lease>,
     lease_members: BTreeMap<LeaseId, BTreeSet<InstanceKey>>,
+    /// Instances that have checks (derived: lets the check keeper look at these
+    /// instead of every instance).
+    checked: BTreeSet<InstanceKey>,
     instance_count: usize,
     /// Revision at which each recently emptied service lost its last instance, so a
     /// blocking query on a service that disappeared still sees its index move.
@@ -130,6 +133,19 @@ impl Registry {
     /// Every lease, in id order.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
+    }
+
+    /// Leases with an id above `id`, in id order.
+    pub fn leases_after(&self, id: LeaseId) -> impl Iterator<Item = &Lease> {
+        use std::ops::Bound;
+        self.leases
+            .range((Bound::Excluded(id), Bound::Unbounded))
+            .map(|(_, lease)| lease)
+    }
+
+    /// Instances that have at least one check, in key order.
+    pub fn instances_with_checks(&self) -> impl Iterator<Item = &Arc<Instance>> {
+        self.checked.iter().filter_map(|key| self.instance(key))
     }
 
     /// Keys of the instances attached to a lease.
@@ -596,6 +612,13 @@ impl Registry {
             instance.create_revision = self.revision;
         }
         let instance = Arc::new(instance);
+        if instance.checks.is_empty() {
+            if !self.checked.is_empty() {
+                self.checked.remove(&instance.key());
+            }
+        } else {
+            self.checked.insert(instance.key());
+        }
         let service_key = ServiceKey {
             namespace: instance.namespace.clone(),
             service: instance.service.clone(),
@@ -627,6 +650,9 @@ impl Registry {
         };
         self.revision += 1;
         self.instance_count -= 1;
+        if !removed.checks.is_empty() {
+            self.checked.remove(key);
+        }
         entry.mod_revision = self.revision;
         if entry.instances.is_empty() {
             self.services.remove(&service_key);
@@ -709,6 +735,9 @@ impl Registry {
         let key = instance.key();
         if let Some(lease) = instance.lease_id {
             self.lease_members.entry(lease).or_default().insert(key.clone());
+        }
+        if !instance.checks.is_empty() {
+            self.checked.insert(key.clone());
         }
         let entry = self.services.entry(key.service_key()).or_default();
         entry.mod_revision = entry.mod_revision.max(instance.mod_revision);

@@ -201,6 +201,28 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
+    fn the_instances_with_checks_are_exactly_those_whose_checks_are_not_empty(
+        log in prop::collection::vec(command_strategy(), 0..80),
+    ) {
+        let mut r = Registry::new();
+        for command in &log {
+            r.apply(command);
+            let expected: Vec<InstanceKey> = r
+                .to_snapshot()
+                .instances
+                .iter()
+                .filter(|i| !i.checks.is_empty())
+                .map(|i| i.key())
+                .collect();
+            let listed: Vec<InstanceKey> = r.instances_with_checks().map(|i| i.key()).collect();
+            prop_assert_eq!(&listed, &expected);
+            let restored = Registry::from_snapshot(r.to_snapshot());
+            let relisted: Vec<InstanceKey> = restored.instances_with_checks().map(|i| i.key()).collect();
+            prop_assert_eq!(relisted, expected);
+        }
+    }
+
+    #[test]
     fn an_instance_with_checks_is_as_healthy_as_its_worst_check(log in prop::collection::vec(command_strategy(), 0..80)) {
         let mut r = Registry::new();
         for command in &log {

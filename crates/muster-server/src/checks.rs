@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use muster_core::registry::critical_too_long;
-use muster_core::{ApplyResult, Command, Health, InstanceKey, Outcome, Registry, Revision, WatchFilter};
+use muster_core::{ApplyResult, Command, Health, InstanceKey, Outcome, Registry, Revision};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -72,7 +72,7 @@ impl KeeperState {
     /// `now`), and drops the ones gone.
     fn sync(&mut self, now: Instant, registry: &Registry) {
         let mut deadlines = HashMap::with_capacity(self.deadlines.len());
-        for instance in registry.matching(&WatchFilter::default()) {
+        for instance in registry.instances_with_checks() {
             for check in &instance.checks {
                 let key = (instance.key(), check.id.clone());
                 let deadline = self

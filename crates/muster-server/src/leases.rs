@@ -45,6 +45,8 @@ struct KeeperState {
     renewed: HashSet<LeaseId>,
     /// Leases whose expiry is being proposed (not due again, not checkpointed).
     expiring: HashSet<LeaseId>,
+    /// The highest lease id seen: leases above it are new since the last look.
+    newest_lease: LeaseId,
     tokens: f64,
     last_refill: Instant,
     last_sync: Instant,
@@ -63,12 +65,24 @@ impl KeeperState {
         self.deadlines.retain(|id, _| registry.lease(*id).is_some());
         self.renewed.retain(|id| registry.lease(*id).is_some());
         self.expiring.retain(|id| registry.lease(*id).is_some());
-        for lease in registry.leases() {
+        self.add(now, now_ms, registry.leases());
+        self.last_sync = now;
+    }
+
+    /// Adds the leases granted with ids above any seen so far: between full syncs
+    /// a tick looks only at these (a lease granted with a lower id the client chose
+    /// waits for the next full sync; its idle deadline does not move meanwhile).
+    fn add_new(&mut self, now: Instant, now_ms: u64, registry: &Registry) {
+        self.add(now, now_ms, registry.leases_after(self.newest_lease));
+    }
+
+    fn add<'a>(&mut self, now: Instant, now_ms: u64, leases: impl Iterator<Item = &'a Lease>) {
+        for lease in leases {
+            self.newest_lease = self.newest_lease.max(lease.id);
             self.deadlines
                 .entry(lease.id)
                 .or_insert_with(|| now + Duration::from_millis(lease.unrenewed_remaining_ms(now_ms)));
         }
-        self.last_sync = now;
     }
 
     /// The idle deadlines to record: for each lease not renewed this term, its
@@ -114,6 +128,7 @@ impl LeaseKeeper {
                 deadlines: HashMap::new(),
                 renewed: HashSet::new(),
                 expiring: HashSet::new(),
+                newest_lease: 0,
                 tokens: 0.0,
                 last_refill: now,
                 last_sync: now,
@@ -136,6 +151,7 @@ impl LeaseKeeper {
         state.deadlines.clear();
         state.renewed.clear();
         state.expiring.clear();
+        state.newest_lease = 0;
         state.term = leader_term;
         if let Some(term) = leader_term {
             let now = Instant::now();
@@ -222,10 +238,10 @@ impl LeaseKeeper {
         }
         let now = Instant::now();
         let now_ms = NodeCore::now_ms();
-        if state.deadlines.len() != registry.lease_count()
-            || now.duration_since(state.last_sync) >= Duration::from_secs(1)
-        {
+        if now.duration_since(state.last_sync) >= Duration::from_secs(1) {
             state.sync(now, now_ms, &registry);
+        } else {
+            state.add_new(now, now_ms, &registry);
         }
 
         // Token bucket: at most `rate` expiries per second.
@@ -239,7 +255,7 @@ impl LeaseKeeper {
         let mut due: Vec<(Instant, LeaseId)> = state
             .deadlines
             .iter()
-            .filter(|(id, d)| **d <= now && !state.expiring.contains(id))
+            .filter(|(id, d)| **d <= now && !state.expiring.contains(id) && registry.lease(**id).is_some())
             .map(|(id, d)| (*d, *id))
             .collect();
         due.sort();
@@ -327,6 +343,7 @@ mod tests {
             deadlines: HashMap::new(),
             renewed: HashSet::new(),
             expiring: HashSet::new(),
+            newest_lease: 0,
             tokens: 0.0,
             last_refill: now,
             last_sync: now,
@@ -434,6 +451,25 @@ mod tests {
             let left = leader.deadlines[&7].saturating_duration_since(now).as_millis() as u64;
             assert_eq!(left, TTL_MS.saturating_sub(elapsed_ms));
         }
+    }
+
+    #[test]
+    fn a_lease_granted_between_full_syncs_gets_its_deadline_at_the_next_tick() {
+        let granted_ms = 1_000_000;
+        let mut registry = registry_with_leases(&[1], granted_ms);
+        let mut state = state();
+        let start = Instant::now();
+        state.sync(start, granted_ms, &registry);
+        let applied = registry.apply(&Command::GrantLease {
+            lease_id: 0,
+            ttl_ms: TTL_MS,
+            now_ms: granted_ms + 2_000,
+        });
+        assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
+        let now = start + Duration::from_millis(3_000);
+        state.add_new(now, granted_ms + 3_000, &registry);
+        assert_eq!(state.deadlines.len(), 2);
+        assert_eq!(state.deadlines[&2], now + Duration::from_millis(TTL_MS - 1_000));
     }
 
     fn state_after_election() -> KeeperState {
