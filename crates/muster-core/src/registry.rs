@@ -31,7 +31,7 @@ pub struct Registry {
     next_lease_id: LeaseId,
     services: BTreeMap<ServiceKey, ServiceEntry>,
     leases: BTreeMap<LeaseId, Lease>,
-    lease_members: BTreeMap<LeaseId, BTreeSet<InstanceKey>>,
+    lease_members: BTreeMap<LeaseId, BTreeSet<MemberKey>>,
     /// Instances that have checks (derived: lets the check keeper look at these
     /// instead of every instance).
     checked: BTreeSet<InstanceKey>,
@@ -44,6 +44,33 @@ pub struct Registry {
     /// loaded at (changes before it are not tracked per service), raised when the
     /// tombstones are dropped.
     index_floor: Revision,
+}
+
+/// An instance key as one allocation: its parts joined by NUL, which no valid part
+/// contains. Lease membership is kept for every instance on a lease, so this saves
+/// two allocations and 56 bytes per member against an [`InstanceKey`]. Joined keys
+/// sort as the keys do (NUL sorts before every character a part may hold), so
+/// members leave a dropped lease in the same order either way.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct MemberKey(Box<str>);
+
+impl MemberKey {
+    const SEPARATOR: char = '\0';
+
+    fn new(key: &InstanceKey) -> Self {
+        let sep = Self::SEPARATOR;
+        MemberKey(format!("{}{sep}{}{sep}{}", key.namespace, key.service, key.instance_id).into_boxed_str())
+    }
+
+    fn key(&self) -> InstanceKey {
+        let mut parts = self.0.splitn(3, Self::SEPARATOR);
+        let mut next = || parts.next().unwrap_or_default().to_string();
+        InstanceKey {
+            namespace: next(),
+            service: next(),
+            instance_id: next(),
+        }
+    }
 }
 
 /// Most tombstones kept before they are folded into the index floor.
@@ -152,7 +179,7 @@ impl Registry {
     pub fn lease_instances(&self, id: LeaseId) -> Vec<InstanceKey> {
         self.lease_members
             .get(&id)
-            .map(|m| m.iter().cloned().collect())
+            .map(|m| m.iter().map(MemberKey::key).collect())
             .unwrap_or_default()
     }
 
@@ -561,7 +588,7 @@ impl Registry {
             }
         }
         if let Some(lease) = spec.lease_id {
-            self.lease_members.entry(lease).or_default().insert(key.clone());
+            self.lease_members.entry(lease).or_default().insert(MemberKey::new(&key));
         }
         // A check that already exists keeps its status and output (Consul does the
         // same), so re-registering does not flap a passing instance to critical.
@@ -676,7 +703,7 @@ impl Registry {
 
     fn detach(&mut self, lease: LeaseId, key: &InstanceKey) {
         if let Some(members) = self.lease_members.get_mut(&lease) {
-            members.remove(key);
+            members.remove(&MemberKey::new(key));
             if members.is_empty() {
                 self.lease_members.remove(&lease);
             }
@@ -687,8 +714,8 @@ impl Registry {
         self.leases.remove(&id);
         let members = self.lease_members.remove(&id).unwrap_or_default();
         let removed = members.len() as u32;
-        for key in &members {
-            self.remove_instance(key, reason, events);
+        for member in &members {
+            self.remove_instance(&member.key(), reason, events);
         }
         removed
     }
@@ -734,7 +761,7 @@ impl Registry {
     fn load_shared_instance(&mut self, instance: Arc<Instance>) {
         let key = instance.key();
         if let Some(lease) = instance.lease_id {
-            self.lease_members.entry(lease).or_default().insert(key.clone());
+            self.lease_members.entry(lease).or_default().insert(MemberKey::new(&key));
         }
         if !instance.checks.is_empty() {
             self.checked.insert(key.clone());
@@ -841,4 +868,27 @@ pub fn critical_too_long(check: &Check, now_ms: u64) -> bool {
         && check
             .deregister_critical_after_ms
             .is_some_and(|after| now_ms >= check.status_since_ms.saturating_add(after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn part() -> impl Strategy<Value = String> {
+        "[a-z0-9.:_-]{1,6}"
+    }
+
+    proptest! {
+        #[test]
+        fn a_member_key_gives_back_its_key_and_sorts_as_the_keys_do(
+            a in (part(), part(), part()),
+            b in (part(), part(), part()),
+        ) {
+            let a = InstanceKey { namespace: a.0, service: a.1, instance_id: a.2 };
+            let b = InstanceKey { namespace: b.0, service: b.1, instance_id: b.2 };
+            prop_assert_eq!(MemberKey::new(&a).key(), a.clone());
+            prop_assert_eq!(MemberKey::new(&a).cmp(&MemberKey::new(&b)), a.cmp(&b));
+        }
+    }
 }
