@@ -239,8 +239,8 @@ pub struct Resolver {
 /// An instance known only by its address (a fallback entry): passing, weight 1.
 pub(crate) fn bare_instance(service: &str, instance_id: &str, address: &str, port: u16) -> Instance {
     Instance {
-        namespace: String::new(),
-        service: service.to_string(),
+        namespace: "".into(),
+        service: service.into(),
         instance_id: instance_id.to_string(),
         address: address.to_string(),
         port,

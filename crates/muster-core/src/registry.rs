@@ -21,6 +21,14 @@ struct ServiceEntry {
     mod_revision: Revision,
 }
 
+impl ServiceEntry {
+    /// The namespace and service name its instances share, if it has any.
+    fn shared_names(&self) -> Option<(Arc<str>, Arc<str>)> {
+        let any = self.instances.values().next()?;
+        Some((any.namespace.clone(), any.service.clone()))
+    }
+}
+
 /// The whole registry: instances indexed by service, leases, and the revision.
 ///
 /// Reads take `&self` and return shared `Arc<Instance>`s, so a read copies no
@@ -588,7 +596,10 @@ impl Registry {
             }
         }
         if let Some(lease) = spec.lease_id {
-            self.lease_members.entry(lease).or_default().insert(MemberKey::new(&key));
+            self.lease_members
+                .entry(lease)
+                .or_default()
+                .insert(MemberKey::new(&key));
         }
         // A check that already exists keeps its status and output (Consul does the
         // same), so re-registering does not flap a passing instance to critical.
@@ -609,9 +620,10 @@ impl Registry {
                 }
             })
             .collect();
+        let (namespace, service) = self.names_for(&key);
         let instance = Instance {
-            namespace: key.namespace.clone(),
-            service: key.service.clone(),
+            namespace,
+            service,
             instance_id: key.instance_id.clone(),
             address: spec.address.clone(),
             port: spec.port,
@@ -631,6 +643,15 @@ impl Registry {
         self.store_instance(instance, events)
     }
 
+    /// The namespace and service name for an instance of `key`'s service: the ones
+    /// its instances already share, or new ones.
+    fn names_for(&self, key: &InstanceKey) -> (Arc<str>, Arc<str>) {
+        self.services
+            .get(&key.service_key())
+            .and_then(ServiceEntry::shared_names)
+            .unwrap_or_else(|| (Arc::from(key.namespace.as_str()), Arc::from(key.service.as_str())))
+    }
+
     /// Stamps `instance` with the next revision, stores it and emits its `Put`.
     fn store_instance(&mut self, mut instance: Instance, events: &mut Vec<Event>) -> Arc<Instance> {
         self.revision += 1;
@@ -647,8 +668,8 @@ impl Registry {
             self.checked.insert(instance.key());
         }
         let service_key = ServiceKey {
-            namespace: instance.namespace.clone(),
-            service: instance.service.clone(),
+            namespace: instance.namespace.to_string(),
+            service: instance.service.to_string(),
         };
         self.tombstones.remove(&service_key);
         let entry = self.services.entry(service_key).or_default();
@@ -758,15 +779,23 @@ impl Registry {
         self.load_shared_instance(Arc::new(instance));
     }
 
-    fn load_shared_instance(&mut self, instance: Arc<Instance>) {
+    fn load_shared_instance(&mut self, mut instance: Arc<Instance>) {
         let key = instance.key();
         if let Some(lease) = instance.lease_id {
-            self.lease_members.entry(lease).or_default().insert(MemberKey::new(&key));
+            self.lease_members
+                .entry(lease)
+                .or_default()
+                .insert(MemberKey::new(&key));
         }
         if !instance.checks.is_empty() {
             self.checked.insert(key.clone());
         }
         let entry = self.services.entry(key.service_key()).or_default();
+        // A freshly decoded instance takes the names its service's instances share.
+        if let (Some((namespace, service)), Some(own)) = (entry.shared_names(), Arc::get_mut(&mut instance)) {
+            own.namespace = namespace;
+            own.service = service;
+        }
         entry.mod_revision = entry.mod_revision.max(instance.mod_revision);
         if entry.instances.insert(key.instance_id, instance).is_none() {
             self.instance_count += 1;
@@ -877,6 +906,36 @@ mod tests {
 
     fn part() -> impl Strategy<Value = String> {
         "[a-z0-9.:_-]{1,6}"
+    }
+
+    #[test]
+    fn the_instances_of_a_service_share_its_names_also_after_a_reload() {
+        let mut registry = Registry::new();
+        for id in ["a", "b", "c"] {
+            let spec = InstanceSpec {
+                service: "web".into(),
+                instance_id: id.into(),
+                address: "10.0.0.1".into(),
+                port: 80,
+                ..Default::default()
+            };
+            registry.apply(&Command::Register {
+                spec,
+                grant_ttl_ms: None,
+                now_ms: 1,
+            });
+        }
+        let shared = |r: &Registry| {
+            let all = r.to_snapshot().instances;
+            assert_eq!(all.len(), 3);
+            all.windows(2)
+                .all(|w| Arc::ptr_eq(&w[0].namespace, &w[1].namespace) && Arc::ptr_eq(&w[0].service, &w[1].service))
+        };
+        assert!(shared(&registry));
+        let image = bincode::serialize(&registry.to_snapshot()).expect("encode");
+        let reloaded = Registry::from_snapshot(bincode::deserialize(&image).expect("decode"));
+        assert!(shared(&reloaded));
+        assert_eq!(reloaded.digest(), registry.digest());
     }
 
     proptest! {

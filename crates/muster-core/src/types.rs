@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -162,10 +163,10 @@ impl InstanceSpec {
 /// A registered instance, as stored and served.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    /// Namespace of the service.
-    pub namespace: String,
-    /// Service name.
-    pub service: String,
+    /// Namespace of the service (shared by the service's instances in a registry).
+    pub namespace: Arc<str>,
+    /// Service name (shared by the service's instances in a registry).
+    pub service: Arc<str>,
     /// Instance id, unique within the service.
     pub instance_id: String,
     /// Host name or IP address clients connect to.
@@ -202,8 +203,8 @@ impl Instance {
     /// The key of this instance.
     pub fn key(&self) -> InstanceKey {
         InstanceKey {
-            namespace: self.namespace.clone(),
-            service: self.service.clone(),
+            namespace: self.namespace.to_string(),
+            service: self.service.to_string(),
             instance_id: self.instance_id.clone(),
         }
     }

@@ -48,8 +48,8 @@ pub fn health_filter_from_pb(values: &[i32]) -> Result<Vec<Health>, ValidationEr
 impl From<&Instance> for pb::Instance {
     fn from(i: &Instance) -> Self {
         pb::Instance {
-            namespace: i.namespace.clone(),
-            service: i.service.clone(),
+            namespace: i.namespace.to_string(),
+            service: i.service.to_string(),
             instance_id: i.instance_id.clone(),
             address: i.address.clone(),
             port: u32::from(i.port),
@@ -106,8 +106,8 @@ pub fn key_from_parts(namespace: &str, service: &str, instance_id: &str) -> Resu
 /// Reads an instance as served back into a core instance (clients, caches).
 pub fn instance_from_pb(i: &pb::Instance) -> Instance {
     Instance {
-        namespace: i.namespace.clone(),
-        service: i.service.clone(),
+        namespace: i.namespace.as_str().into(),
+        service: i.service.as_str().into(),
         instance_id: i.instance_id.clone(),
         address: i.address.clone(),
         port: u16::try_from(i.port).unwrap_or(0),

@@ -273,7 +273,7 @@ async fn register(State(core): State<Arc<NodeCore>>, body: Bytes) -> Result<Resp
         .read()
         .instances_with_id(NAMESPACE, &spec.instance_id)
         .into_iter()
-        .filter(|i| i.service != spec.service)
+        .filter(|i| *i.service != *spec.service)
         .map(|i| i.key())
         .collect();
     // Each write returns once this node has applied it (`NodeCore::propose`).
@@ -497,7 +497,7 @@ async fn catalog_services(State(core): State<Arc<NodeCore>>, params: Params) -> 
                 return services;
             }
             for i in r.namespace_instances(NAMESPACE) {
-                let tags = services.entry(i.service.clone()).or_default();
+                let tags = services.entry(i.service.to_string()).or_default();
                 for t in &i.tags {
                     if !tags.contains(t) {
                         tags.push(t.clone());

@@ -57,7 +57,7 @@ impl AgentService {
     pub fn of(i: &Instance) -> Self {
         AgentService {
             id: i.instance_id.clone(),
-            service: i.service.clone(),
+            service: i.service.to_string(),
             tags: i.tags.clone(),
             meta: i.metadata.clone(),
             port: i.port,
@@ -136,7 +136,7 @@ impl HealthCheck {
             notes: String::new(),
             output: String::new(),
             service_id: i.instance_id.clone(),
-            service_name: i.service.clone(),
+            service_name: i.service.to_string(),
             service_tags: i.tags.clone(),
             kind: "ttl",
             ttl: String::new(),
@@ -299,7 +299,7 @@ impl CatalogService {
             node_meta: node.meta,
             service_kind: String::new(),
             service_id: i.instance_id.clone(),
-            service_name: i.service.clone(),
+            service_name: i.service.to_string(),
             service_tags: i.tags.clone(),
             service_address: i.address.clone(),
             service_weights: Weights {

@@ -80,8 +80,8 @@ impl From<&Check> for CheckJson {
 impl From<&Instance> for InstanceJson {
     fn from(i: &Instance) -> Self {
         InstanceJson {
-            namespace: i.namespace.clone(),
-            service: i.service.clone(),
+            namespace: i.namespace.to_string(),
+            service: i.service.to_string(),
             instance_id: i.instance_id.clone(),
             address: i.address.clone(),
             port: i.port,
