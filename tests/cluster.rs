@@ -552,6 +552,72 @@ async fn concurrent_linearizable_reads_on_a_follower_all_see_a_completed_write()
     Ok(())
 }
 
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A leader that a quorum accepted within its lease gives read indexes without a
+/// heartbeat round; cut off from its followers it stops once the lease runs out,
+/// and its linearizable reads fail instead of answering from a stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_reads_from_its_lease_only_while_a_quorum_accepts_it() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    let mut writer = cluster.registry(leader).await?;
+    let mut reader = cluster.registry(follower).await?;
+    let mut on_leader = cluster.registry(leader).await?;
+    let lease_reads = |cluster: &TestCluster| {
+        let core = cluster.nodes[&leader].handle.as_ref().expect("running").core();
+        counter(&core.metrics.render(), "muster_lease_reads_total")
+    };
+    let before = lease_reads(&cluster);
+    for n in 0..5u32 {
+        register(&mut writer, instance("leased", &format!("l-{n}"), 80), 0).await?;
+        let seen = discover(&mut reader, "leased", pb::ReadMode::Linearizable, 0).await?;
+        assert_eq!(
+            seen.instances.len(),
+            n as usize + 1,
+            "the follower's read missed a write"
+        );
+        let seen = discover(&mut on_leader, "leased", pb::ReadMode::Linearizable, 0).await?;
+        assert_eq!(seen.instances.len(), n as usize + 1, "the leader's read missed a write");
+    }
+    assert!(
+        lease_reads(&cluster) >= before + 10.0,
+        "the leader gave read indexes from its lease"
+    );
+
+    // Without its followers the lease runs out and no read is answered.
+    for id in cluster.running() {
+        if id != leader {
+            cluster.stop(id).await;
+        }
+    }
+    let mut on_leader = cluster.registry(leader).await?;
+    eventually(
+        Duration::from_secs(20),
+        "a leader without a quorum refuses linearizable reads",
+        || {
+            let mut c = on_leader.clone();
+            async move { Ok(discover(&mut c, "leased", pb::ReadMode::Linearizable, 0).await.is_err()) }
+        },
+    )
+    .await?;
+    let after = lease_reads(&cluster);
+    assert!(discover(&mut on_leader, "leased", pb::ReadMode::Linearizable, 0)
+        .await
+        .is_err());
+    assert_eq!(lease_reads(&cluster), after, "no lease read once the quorum is gone");
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> Result<()> {
     init_tracing();

@@ -270,9 +270,11 @@ pub struct LeaseInfo {
     /// Leader time (ms since the Unix epoch) of the grant.
     pub granted_at_ms: u64,
     /// Time left before it expires: exact on the leader (which alone holds the
-    /// deadlines; a lease granted since the keeper's last tick has its whole TTL, as
-    /// the keeper will give it); elsewhere an upper bound — the leader's last
-    /// checkpoint for an idle lease, or the TTL.
+    /// deadlines; a lease the keeper has not picked up yet shows what the keeper
+    /// will give it); elsewhere what a new leader would give it — the time left
+    /// until its recorded idle deadline when nobody renews it, or the TTL. That is
+    /// an upper bound except for a lease renewed within the last second, whose
+    /// record the leader clears at its next checkpoint.
     pub remaining_ms: u64,
     /// Whether `remaining_ms` comes from the leader's deadline.
     pub remaining_exact: bool,
@@ -285,7 +287,8 @@ impl NodeCore {
     /// in id order, with the node's applied revision.
     ///
     /// Keep-alives are not replicated, so only the leader knows how long a lease has
-    /// left; a follower answers an upper bound and says so (`remaining_exact`).
+    /// left; a follower answers what a new leader would give and says so
+    /// (`remaining_exact`).
     pub fn leases_local(&self, ids: Option<&[LeaseId]>) -> (Vec<LeaseInfo>, Revision) {
         let leading = self.is_leader();
         let now_ms = Self::now_ms();

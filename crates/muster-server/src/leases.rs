@@ -167,31 +167,18 @@ impl LeaseKeeper {
         }
     }
 
-    /// Whether this leader heard from a quorum recently enough to renew leases.
-    ///
-    /// A leader cut off from its followers believes it leads until it hears a higher
-    /// term (openraft 0.9 has no check-quorum step-down), while the majority elects
-    /// a new leader after an election timeout and starts lease clocks afresh there.
-    /// Renewing on the cut-off leader acknowledged keep-alives for leases the
-    /// majority then expired (found by the fault suite's `leader-isolated` fault;
-    /// regression test in `crates/muster-chaos/tests/regressions.rs`). Half the
-    /// election timeout ends renewals here before the majority can elect anyone.
-    fn quorum_is_fresh(core: &NodeCore) -> bool {
-        let limit = (core.config.raft.election_min / 2).max(core.config.raft.heartbeat * 2);
-        core.raft
-            .metrics()
-            .borrow()
-            .millis_since_quorum_ack
-            .is_some_and(|ms| u128::from(ms) <= limit.as_millis())
-    }
-
     /// Renews leases when this node leads and a quorum recently confirmed it;
     /// `None` otherwise (the caller forwards, or retries until a leader is known).
     pub fn keep_alive_local(&self, core: &NodeCore, ids: &[LeaseId]) -> Option<Vec<(LeaseId, u64)>> {
         let term = core.leader_term()?;
-        if !Self::quorum_is_fresh(core) {
-            return None;
-        }
+        // A leader cut off from its followers believes it leads until it hears a
+        // higher term (openraft 0.9 has no check-quorum step-down), while the majority
+        // elects a new leader and starts lease clocks afresh there. Renewing on the
+        // cut-off leader acknowledged keep-alives for leases the majority then expired
+        // (found by the fault suite's `leader-isolated` fault; regression test in
+        // `crates/muster-chaos/tests/regressions.rs`), so renewals need the leader
+        // lease, which ends before the majority can elect anyone.
+        core.leased_leadership()?;
         let registry = core.shared.read();
         let mut state = self.lock();
         self.align(&mut state, Some(term), &registry);

@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod join;
+pub mod leader_lease;
 pub mod leases;
 pub mod metrics;
 pub mod network;

@@ -90,6 +90,8 @@ pub struct Metrics {
     pub lease_expiry_throttled: Counter,
     /// Idle deadlines recorded or cleared by this node's lease checkpoints.
     pub lease_checkpoints: Counter,
+    /// Read indexes this node gave as leader from its leader lease (no heartbeat round).
+    pub lease_reads: Counter,
     /// Watch streams open now (gRPC and SSE).
     pub watchers: Gauge,
     /// Watch events sent.
@@ -175,6 +177,11 @@ impl Metrics {
             lease_expiry_throttled: reg!(
                 "lease_expiry_throttled",
                 "Lease expiries deferred by the expiry rate limit",
+                Counter::default()
+            ),
+            lease_reads: reg!(
+                "lease_reads",
+                "Read indexes given as leader from the leader lease, without a heartbeat round",
                 Counter::default()
             ),
             lease_checkpoints: reg!(

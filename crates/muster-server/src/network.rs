@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use muster_proto::v1::peer::raft_peer_client::RaftPeerClient;
 use muster_proto::v1::peer::PeerMessage;
@@ -20,6 +20,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::forward::{ForwardRequest, ForwardResponse};
+use crate::leader_lease::QuorumClock;
 
 /// Largest peer message (snapshot chunks, append batches).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -94,12 +95,13 @@ impl PeerChannels {
 /// Builds a connection per Raft target.
 pub struct NetworkFactory {
     channels: PeerChannels,
+    quorum_clock: Arc<QuorumClock>,
 }
 
 impl NetworkFactory {
-    /// A factory sharing `channels`.
-    pub fn new(channels: PeerChannels) -> Self {
-        NetworkFactory { channels }
+    /// A factory sharing `channels`, recording accepted appends in `quorum_clock`.
+    pub fn new(channels: PeerChannels, quorum_clock: Arc<QuorumClock>) -> Self {
+        NetworkFactory { channels, quorum_clock }
     }
 }
 
@@ -108,6 +110,7 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
+    quorum_clock: Arc<QuorumClock>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -118,6 +121,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             channels: self.channels.clone(),
+            quorum_clock: self.quorum_clock.clone(),
         }
     }
 }
@@ -177,7 +181,18 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Rpc::Append, &rpc, &option).await
+        let sent = Instant::now();
+        let vote = rpc.vote;
+        let response = self.call(Rpc::Append, &rpc, &option).await;
+        // Anything but a higher vote means the follower accepted this leader (a
+        // conflict only says its log differs).
+        if let Ok(
+            AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict,
+        ) = &response
+        {
+            self.quorum_clock.record(self.target, &vote, sent);
+        }
+        response
     }
 
     async fn install_snapshot(

@@ -1,7 +1,7 @@
 //! A running node: storage, Raft, the servers on their listeners, and the background
 //! tasks, started together and stopped in order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -114,6 +114,10 @@ pub struct NodeCore {
     pub shutdown: CancellationToken,
     /// The last log index on disk when this node started (see `read_index_local`).
     pub startup_last_log_index: u64,
+    /// Whether this node held a vote or log entries when it started.
+    pub voted_before: bool,
+    /// When a quorum last accepted this node as leader (lease reads, keep-alives).
+    pub quorum_clock: Arc<crate::leader_lease::QuorumClock>,
     /// Batches linearizable reads into one read index per round.
     pub read_index_batcher: crate::read_index::ReadIndexBatcher,
     /// Batches concurrent writes into one Raft entry.
@@ -177,6 +181,34 @@ impl NodeCore {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
         (m.state == ServerState::Leader && m.current_leader == Some(self.id)).then_some(m.current_term)
+    }
+
+    /// This node's last log index when it leads and its leader lease holds: a quorum
+    /// accepted appends it sent within half the minimum election timeout, so no other
+    /// leader can have been elected since (see [`crate::leader_lease`]). `None` when it
+    /// does not lead, leads a joint membership, or the lease ran out.
+    pub fn leased_leadership(&self) -> Option<u64> {
+        let (vote, voters, last_log_index) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
+                return None;
+            }
+            let membership = m.membership_config.membership();
+            if membership.get_joint_config().len() != 1 {
+                return None;
+            }
+            let voters: BTreeSet<u64> = membership.voter_ids().collect();
+            (m.vote, voters, m.last_log_index.unwrap_or(0))
+        };
+        let now = Instant::now();
+        let accepted = self.quorum_clock.quorum_accepted_at(self.id, &vote, &voters, now)?;
+        (now.saturating_duration_since(accepted) <= self.config.raft.election_min / 2).then_some(last_log_index)
+    }
+
+    /// Time since this node started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Whether this node is the leader now.
@@ -395,6 +427,14 @@ impl NodeCore {
 
     /// The read index when this node is the leader; `Err(None)` when it is not.
     pub async fn read_index_local(&self) -> Result<u64, Option<ApiError>> {
+        // Within the leader lease every entry committed so far is in this leader's
+        // log (entries are acknowledged only once committed, after the metrics
+        // showing them appended were published), so its last index is a read index
+        // without a heartbeat round.
+        if let Some(last_log_index) = self.leased_leadership() {
+            self.metrics.lease_reads.inc();
+            return Ok(last_log_index.max(self.startup_last_log_index));
+        }
         match self.raft.get_read_log_id().await {
             // A leader restored at start-up in its old term computes its read index
             // from the commit index it persisted before the crash, which may be
@@ -583,6 +623,13 @@ impl Node {
             .map_err(|e| NodeError::Storage(e.to_string()))?
             .last_log_id
             .map_or(0, |l| l.index);
+        // A node that never voted nor holds entries never accepted a leader, so it
+        // has no promise to keep after starting (see `crate::peer`'s vote).
+        let voted_before = openraft::storage::RaftLogStorage::read_vote(&mut log)
+            .await
+            .map_err(|e| NodeError::Storage(e.to_string()))?
+            .is_some()
+            || startup_last_log_index > 0;
         let state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
         let shared = state_machine.shared();
@@ -602,10 +649,11 @@ impl Node {
         .validate()
         .map_err(|e| NodeError::Raft(e.to_string()))?;
         let channels = PeerChannels::default();
+        let quorum_clock = Arc::new(crate::leader_lease::QuorumClock::default());
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            NetworkFactory::new(channels.clone()),
+            NetworkFactory::new(channels.clone(), quorum_clock.clone()),
             log,
             state_machine,
         )
@@ -626,6 +674,8 @@ impl Node {
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
             write_batcher: Default::default(),
+            quorum_clock,
+            voted_before,
             startup_last_log_index,
             started: Instant::now(),
             last_leader_contact_ms: AtomicU64::new(0),

@@ -64,6 +64,18 @@ impl RaftPeer for PeerApi {
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let req: VoteRequest<u64> = decode(request)?;
+        // Before it stopped, this node may have accepted a leader moments ago and
+        // promised (by openraft's leader lease) not to vote for another one for an
+        // election timeout; it forgot when, so it keeps that promise from its start.
+        // The leader's lease reads and keep-alives rely on it (`crate::leader_lease`).
+        let since_start = self.core.uptime();
+        if self.core.voted_before && since_start < self.core.config.raft.election_max {
+            return Err(Status::unavailable(format!(
+                "node started {} ms ago: not voting until an election timeout ({} ms) has passed",
+                since_start.as_millis(),
+                self.core.config.raft.election_max.as_millis()
+            )));
+        }
         encode(&self.core.raft.vote(req).await)
     }
 
