@@ -99,6 +99,86 @@ async fn a_forwarded_deregistration_retried_after_the_leader_died_is_not_answere
     eprintln!("figure: outcomes of deregistrations in flight when the leader died: {outcomes:?}");
 }
 
+/// Bug (found by `muster-chaos --seed 40019 --faults clock-fast`, with the leader
+/// killed): a follower forwarded a registration to the leader, which appended and
+/// replicated it and died before answering; the follower sent it again to the new
+/// leader, so it was applied twice, the second time over a newer write of the same
+/// key that a client had already read (a linearizability violation). Now a
+/// forwarded write whose leader stopped answering is answered "outcome unknown"
+/// (DEADLINE_EXCEEDED) instead of being sent again.
+///
+/// Kills the leader while forty registrations of new keys are in flight through a
+/// follower, a few times; every key must have been applied at most once (its
+/// create and mod revisions equal), whatever each call answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_registration_whose_leader_died_unanswered_is_applied_at_most_once() {
+    let bin = muster_bin();
+    assert!(bin.exists(), "no muster binary at {}", bin.display());
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for attempt in 0..4u64 {
+        let mut cluster = ProcessCluster::start(&bin, 3).await.expect("cluster");
+        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.expect("leader");
+        let follower = cluster
+            .running()
+            .into_iter()
+            .find(|id| *id != leader)
+            .expect("follower");
+        let client = muster_proto::v1::registry_client::RegistryClient::connect(format!(
+            "http://{}",
+            cluster.grpc_addr(follower).expect("address")
+        ))
+        .await
+        .expect("client");
+        let calls: Vec<_> = (0..40)
+            .map(|i| {
+                let mut c = client.clone();
+                let key = format!("r-{attempt}-{i}");
+                tokio::spawn(async move {
+                    c.register(pb::RegisterRequest {
+                        instance: Some(instance(&key)),
+                        ttl_ms: 0,
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(2 + attempt * 3)).await;
+        cluster.kill9(leader).expect("kill");
+        for call in calls {
+            let label = match call.await.expect("task") {
+                Ok(()) => "ok".to_string(),
+                Err(code) => format!("{code:?}"),
+            };
+            *outcomes.entry(label).or_default() += 1;
+        }
+        cluster
+            .wait_for_leader(Duration::from_secs(20))
+            .await
+            .expect("new leader");
+        let found = client
+            .clone()
+            .discover(pb::DiscoverRequest {
+                service: "orders".into(),
+                mode: pb::ReadMode::Linearizable as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("discover")
+            .into_inner()
+            .instances;
+        for i in &found {
+            assert_eq!(
+                i.create_revision, i.mod_revision,
+                "{} was registered once but applied at revisions {} and {}",
+                i.instance_id, i.create_revision, i.mod_revision
+            );
+        }
+    }
+    eprintln!("figure: outcomes of registrations in flight when the leader died: {outcomes:?}");
+}
+
 /// Bug (found by the fault suite's `leader-isolated` fault): a leader cut off from
 /// its followers still believes it leads (openraft 0.9 has no check-quorum
 /// step-down) and kept acknowledging keep-alives from its local lease table, while
