@@ -58,12 +58,12 @@ pub enum Command {
     /// has stalled (openraft 0.9 resumes replication to a follower that was
     /// unreachable only when a new entry arrives).
     Barrier,
-    /// Record when idle leases end (leader time, ms since the Unix epoch), so a new
-    /// leader does not restart their clocks from the full TTL. `None` clears a
-    /// previous record (the lease is being kept alive again).
+    /// Record the remaining TTL of leases nobody renews, so a new leader does not
+    /// restart their clocks from the full TTL. `None` clears a previous checkpoint
+    /// (the lease is being kept alive again).
     CheckpointLeases {
-        /// `(lease, idle deadline or None)`.
-        deadlines: Vec<(LeaseId, Option<u64>)>,
+        /// `(lease, remaining ms or None)`.
+        remaining: Vec<(LeaseId, Option<u64>)>,
     },
     /// Change the health of one instance (one without checks: the health of an
     /// instance with checks follows them).

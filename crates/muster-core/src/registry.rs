@@ -454,11 +454,12 @@ impl Registry {
                 "commands",
                 "batches do not nest",
             ))),
-            Command::CheckpointLeases { deadlines } => {
-                for (id, deadline) in deadlines {
+            Command::CheckpointLeases { remaining } => {
+                // Not in `leases_changed`: checkpoints are soft state, not rewritten
+                // in the state database lease by lease (see `Lease`).
+                for (id, left) in remaining {
                     if let Some(lease) = self.leases.get_mut(id) {
-                        lease.idle_deadline_ms = *deadline;
-                        leases_changed.push(*id);
+                        lease.checkpoint_remaining_ms = left.map(|l| l.min(lease.ttl_ms));
                     }
                 }
                 Ok(Outcome::Checkpointed)
@@ -579,7 +580,7 @@ impl Registry {
                 id,
                 ttl_ms,
                 granted_at_ms: now_ms,
-                idle_deadline_ms: Some(now_ms.saturating_add(ttl_ms)),
+                checkpoint_remaining_ms: None,
             },
         );
         Ok(id)
@@ -874,7 +875,7 @@ impl Registry {
             feed(&l.id.to_le_bytes());
             feed(&l.ttl_ms.to_le_bytes());
             feed(&l.granted_at_ms.to_le_bytes());
-            feed(&l.idle_deadline_ms.map_or(u64::MAX, |d| d).to_le_bytes());
+            // Not the checkpoint: soft state a restarted node lacks until the next one.
         }
         hex::encode(h.finalize())
     }

@@ -437,27 +437,25 @@ pub struct Lease {
     pub ttl_ms: u64,
     /// Leader time (ms since the Unix epoch) at which the lease was granted.
     pub granted_at_ms: u64,
-    /// When the lease ends unless it is renewed (leader time, ms since the Unix
-    /// epoch), recorded while nobody renews it: set at the grant and by a leader's
-    /// checkpoint of a lease left idle during its term; `None` once a leader has
-    /// seen it renewed.
+    /// Remaining TTL recorded by the leader's last checkpoint of the lease while
+    /// nobody renewed it; `None` once a leader has seen it renewed.
     ///
-    /// A new leader starts an idle lease from the time left until this deadline
-    /// instead of the full TTL, so a run of elections cannot keep a dead lease alive
-    /// forever. The deadline is absolute, so it stays valid as time passes and an
-    /// idle lease is recorded once per term, not once per checkpoint interval.
-    pub idle_deadline_ms: Option<u64>,
+    /// A new leader starts a lease whose checkpoint shows it idle (not renewed during
+    /// the last leader's term) from this value instead of the full TTL, so a run of
+    /// elections cannot keep a dead lease alive forever. It is a time left, not a
+    /// point in time, so clock offsets between nodes do not move it. Soft state:
+    /// replicated through the log and kept in snapshots, but not written to the
+    /// state database on every checkpoint and not part of the digest; a node that
+    /// restarts has it again from the leader's next checkpoint.
+    pub checkpoint_remaining_ms: Option<u64>,
 }
 
 impl Lease {
-    /// The time in ms a leader that has not seen this lease renewed gives it at
-    /// `now_ms` (leader time): what is left until its idle deadline, at most the TTL;
-    /// the full TTL when it was last seen renewed.
-    pub fn unrenewed_remaining_ms(&self, now_ms: u64) -> u64 {
-        match self.idle_deadline_ms {
-            Some(deadline) => deadline.saturating_sub(now_ms).min(self.ttl_ms),
-            None => self.ttl_ms,
-        }
+    /// The time in ms a leader that has not seen this lease renewed gives it: its
+    /// last checkpoint, at most the TTL; the full TTL when it was seen renewed.
+    pub fn unrenewed_remaining_ms(&self) -> u64 {
+        self.checkpoint_remaining_ms
+            .map_or(self.ttl_ms, |left| left.min(self.ttl_ms))
     }
 }
 

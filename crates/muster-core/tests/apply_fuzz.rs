@@ -115,7 +115,7 @@ fn single_command() -> impl Strategy<Value = Command> {
         1 => (prop::collection::vec(lease.clone(), 0..4), now.clone())
             .prop_map(|(lease_ids, now_ms)| Command::ExpireLeases { lease_ids, now_ms }),
         1 => prop::collection::vec((lease, prop::option::of(any::<u64>())), 0..4)
-            .prop_map(|deadlines| Command::CheckpointLeases { deadlines }),
+            .prop_map(|remaining| Command::CheckpointLeases { remaining }),
         1 => (key(), health(), now.clone()).prop_map(|(key, health, now_ms)| Command::SetHealth { key, health, now_ms }),
         1 => (key(), prop::sample::select(vec!["c1", "c2", "x"]), health(), ".{0,10}", now.clone())
             .prop_map(|(key, c, status, output, now_ms)| Command::UpdateCheck { key, check_id: c.into(), status, output, now_ms }),

@@ -78,7 +78,7 @@ fn command_strategy() -> impl Strategy<Value = Command> {
         1 => (prop::collection::vec(1u64..6, 0..3), now.clone())
             .prop_map(|(lease_ids, now_ms)| Command::ExpireLeases { lease_ids, now_ms }),
         1 => prop::collection::vec((1u64..6, prop::option::of(0u64..10_000)), 0..3)
-            .prop_map(|deadlines| Command::CheckpointLeases { deadlines }),
+            .prop_map(|remaining| Command::CheckpointLeases { remaining }),
         1 => Just(Command::Barrier),
         1 => (key_strategy(), health_strategy(), now.clone())
             .prop_map(|(key, health, now_ms)| Command::SetHealth { key, health, now_ms }),

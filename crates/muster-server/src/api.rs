@@ -271,10 +271,8 @@ pub struct LeaseInfo {
     pub granted_at_ms: u64,
     /// Time left before it expires: exact on the leader (which alone holds the
     /// deadlines; a lease the keeper has not picked up yet shows what the keeper
-    /// will give it); elsewhere what a new leader would give it — the time left
-    /// until its recorded idle deadline when nobody renews it, or the TTL. That is
-    /// an upper bound except for a lease renewed within the last second, whose
-    /// record the leader clears at its next checkpoint.
+    /// will give it); elsewhere an upper bound — the leader's last checkpoint for an
+    /// idle lease, or the TTL.
     pub remaining_ms: u64,
     /// Whether `remaining_ms` comes from the leader's deadline.
     pub remaining_exact: bool,
@@ -287,15 +285,13 @@ impl NodeCore {
     /// in id order, with the node's applied revision.
     ///
     /// Keep-alives are not replicated, so only the leader knows how long a lease has
-    /// left; a follower answers what a new leader would give and says so
-    /// (`remaining_exact`).
+    /// left; a follower answers an upper bound and says so (`remaining_exact`).
     pub fn leases_local(&self, ids: Option<&[LeaseId]>) -> (Vec<LeaseInfo>, Revision) {
         let leading = self.is_leader();
-        let now_ms = Self::now_ms();
         let registry = self.shared.read();
         let info = |lease: &muster_core::Lease| {
             // What a keeper that has not seen the lease yet starts it from.
-            let initial = lease.unrenewed_remaining_ms(now_ms);
+            let initial = lease.unrenewed_remaining_ms();
             let remaining_ms = if leading {
                 self.leases.remaining_ms(lease.id).unwrap_or(initial)
             } else {

@@ -5,20 +5,17 @@
 //!
 //! A new leader starts the clock of every lease that was renewed under the previous
 //! leader afresh (now + TTL), so a leader change causes no expiry storm. A lease not
-//! renewed during the current term carries its idle deadline in the log (leader
-//! time at which it ends): the grant records one, and the leader's checkpoint (at
-//! most once a second) records it for a lease seen idle whose record is missing or
-//! off by half a second or more. A new leader resumes such a lease from that
-//! deadline, so a run of elections cannot keep a dead lease alive forever (etcd
-//! issue 9888). Because the deadline is absolute, an idle lease is recorded once,
-//! not once a second: a thousand idle leases cost no entries while they wait to
-//! expire. A lease that is kept alive costs one entry to clear its record after its
-//! first renewal and about two per election (recorded idle until its holder's next
-//! keep-alive reaches the new leader, then cleared).
+//! renewed during the current term is checkpointed into the log with its remaining
+//! TTL (about once a second while it stays idle), and a new leader resumes such a
+//! lease from its checkpoint, so a run of elections cannot keep a dead lease alive
+//! forever (etcd issue 9888). Leases that are kept alive cost one checkpoint entry
+//! per election (to clear their checkpoint), not one per second.
 //!
-//! The deadline is read with each leader's own clock, so clock skew between nodes
-//! moves an idle lease's end after an election by that skew, once: it does not add
-//! up over elections, since the recorded deadline stays where it is.
+//! Checkpoints record a time left, not a point in time, so clock offsets between
+//! nodes do not move a lease's end. They are soft state: applying one changes the
+//! replicated registry in memory only (a lease's record in the state database is
+//! not rewritten), which keeps the once-a-second entry for thousands of idle leases
+//! cheap to apply.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -54,46 +51,44 @@ struct KeeperState {
     last_throttle_log: Option<Instant>,
 }
 
-/// How far a recorded idle deadline may be from the keeper's before a checkpoint
-/// records it again (the two are computed from different clocks and rounded).
-const IDLE_DEADLINE_TOLERANCE_MS: u64 = 500;
+/// How far a lease's checkpoint may be from the time it has left before the next
+/// checkpoint records it again.
+const CHECKPOINT_TOLERANCE_MS: u64 = 500;
 
 impl KeeperState {
-    /// Adds leases the registry has and the keeper lacks (`now_ms` is the same
-    /// moment as `now` on the wall clock); drops the ones gone.
-    fn sync(&mut self, now: Instant, now_ms: u64, registry: &Registry) {
+    /// Adds leases the registry has and the keeper lacks; drops the ones gone.
+    fn sync(&mut self, now: Instant, registry: &Registry) {
         self.deadlines.retain(|id, _| registry.lease(*id).is_some());
         self.renewed.retain(|id| registry.lease(*id).is_some());
         self.expiring.retain(|id| registry.lease(*id).is_some());
-        self.add(now, now_ms, registry.leases());
+        self.add(now, registry.leases());
         self.last_sync = now;
     }
 
     /// Adds the leases granted with ids above any seen so far: between full syncs
     /// a tick looks only at these (a lease granted with a lower id the client chose
-    /// waits for the next full sync; its idle deadline does not move meanwhile).
-    fn add_new(&mut self, now: Instant, now_ms: u64, registry: &Registry) {
-        self.add(now, now_ms, registry.leases_after(self.newest_lease));
+    /// waits for the next full sync, at most a second).
+    fn add_new(&mut self, now: Instant, registry: &Registry) {
+        self.add(now, registry.leases_after(self.newest_lease));
     }
 
-    fn add<'a>(&mut self, now: Instant, now_ms: u64, leases: impl Iterator<Item = &'a Lease>) {
+    fn add<'a>(&mut self, now: Instant, leases: impl Iterator<Item = &'a Lease>) {
         for lease in leases {
             self.newest_lease = self.newest_lease.max(lease.id);
             self.deadlines
                 .entry(lease.id)
-                .or_insert_with(|| now + Duration::from_millis(lease.unrenewed_remaining_ms(now_ms)));
+                .or_insert_with(|| now + Duration::from_millis(lease.unrenewed_remaining_ms()));
         }
     }
 
-    /// The idle deadlines to record: for each lease not renewed this term, its
-    /// deadline on the wall clock where the log lacks it or holds another one;
-    /// `None` for each renewed lease whose log still holds one. Leases in `skip`
-    /// (being expired) are left out.
+    /// The checkpoints to record: for each lease not renewed this term, the time it
+    /// has left (in whole 100 ms) where its checkpoint is missing or off by
+    /// [`CHECKPOINT_TOLERANCE_MS`]; `None` for each renewed lease that still has
+    /// one. Leases in `skip` (being expired) are left out.
     fn checkpoints<'a>(
         &self,
         leases: impl Iterator<Item = &'a Lease>,
         now: Instant,
-        now_ms: u64,
         skip: &HashSet<LeaseId>,
     ) -> Vec<(LeaseId, Option<u64>)> {
         let mut checkpoint = Vec::new();
@@ -102,10 +97,10 @@ impl KeeperState {
                 continue;
             };
             let idle = !self.renewed.contains(&lease.id);
-            let wanted = idle.then(|| now_ms + deadline.saturating_duration_since(now).as_millis() as u64);
-            let changed = match (wanted, lease.idle_deadline_ms) {
+            let wanted = idle.then(|| deadline.saturating_duration_since(now).as_millis() as u64 / 100 * 100);
+            let changed = match (wanted, lease.checkpoint_remaining_ms) {
                 (None, None) => false,
-                (Some(w), Some(recorded)) => recorded.abs_diff(w) >= IDLE_DEADLINE_TOLERANCE_MS,
+                (Some(w), Some(recorded)) => recorded.abs_diff(w) >= CHECKPOINT_TOLERANCE_MS,
                 _ => true,
             };
             if changed && !skip.contains(&lease.id) {
@@ -155,7 +150,7 @@ impl LeaseKeeper {
         state.term = leader_term;
         if let Some(term) = leader_term {
             let now = Instant::now();
-            state.sync(now, NodeCore::now_ms(), registry);
+            state.sync(now, registry);
             state.last_checkpoint = now;
             state.tokens = 0.0;
             state.last_refill = now;
@@ -186,6 +181,9 @@ impl LeaseKeeper {
         Some(
             ids.iter()
                 .map(|id| match registry.lease(*id) {
+                    // Its expiry is being proposed: it is as good as gone (if the
+                    // proposal fails, the holder registers again).
+                    Some(_) if state.expiring.contains(id) => (*id, 0),
                     Some(lease) => {
                         state.deadlines.insert(*id, now + Duration::from_millis(lease.ttl_ms));
                         state.renewed.insert(*id);
@@ -224,11 +222,10 @@ impl LeaseKeeper {
             return (Vec::new(), Vec::new());
         }
         let now = Instant::now();
-        let now_ms = NodeCore::now_ms();
         if now.duration_since(state.last_sync) >= Duration::from_secs(1) {
-            state.sync(now, now_ms, &registry);
+            state.sync(now, &registry);
         } else {
-            state.add_new(now, now_ms, &registry);
+            state.add_new(now, &registry);
         }
 
         // Token bucket: at most `rate` expiries per second.
@@ -268,7 +265,7 @@ impl LeaseKeeper {
         let mut checkpoint = Vec::new();
         if now.duration_since(state.last_checkpoint) >= self.settings.checkpoint_interval {
             state.last_checkpoint = now;
-            checkpoint = state.checkpoints(registry.leases(), now, now_ms, &state.expiring);
+            checkpoint = state.checkpoints(registry.leases(), now, &state.expiring);
         }
         (expire, checkpoint)
     }
@@ -305,7 +302,7 @@ pub async fn run(core: Arc<NodeCore>) {
         }
         if !checkpoint.is_empty() {
             let count = checkpoint.len() as u64;
-            let command = Command::CheckpointLeases { deadlines: checkpoint };
+            let command = Command::CheckpointLeases { remaining: checkpoint };
             match core.propose_on_leader(command).await {
                 Ok(_) => {
                     core.metrics.lease_checkpoints.inc_by(count);
@@ -323,10 +320,10 @@ mod tests {
 
     const TTL_MS: u64 = 10_000;
 
-    fn state() -> KeeperState {
+    fn state(term: u64) -> KeeperState {
         let now = Instant::now();
         KeeperState {
-            term: Some(1),
+            term: Some(term),
             deadlines: HashMap::new(),
             renewed: HashSet::new(),
             expiring: HashSet::new(),
@@ -339,129 +336,94 @@ mod tests {
         }
     }
 
-    fn registry_with_leases(ids: &[LeaseId], granted_at_ms: u64) -> Registry {
+    fn apply(registry: &mut Registry, command: Command) {
+        let applied = registry.apply(&command);
+        assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
+    }
+
+    fn registry_with_leases(ids: &[LeaseId]) -> Registry {
         let mut registry = Registry::new();
         for id in ids {
-            let applied = registry.apply(&Command::GrantLease {
-                lease_id: *id,
-                ttl_ms: TTL_MS,
-                now_ms: granted_at_ms,
-            });
-            assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
+            apply(
+                &mut registry,
+                Command::GrantLease {
+                    lease_id: *id,
+                    ttl_ms: TTL_MS,
+                    now_ms: 1,
+                },
+            );
         }
         registry
     }
 
-    fn record(registry: &mut Registry, deadlines: Vec<(LeaseId, Option<u64>)>) {
-        let applied = registry.apply(&Command::CheckpointLeases { deadlines });
-        assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
-    }
-
     #[test]
-    fn an_idle_lease_is_recorded_once_and_not_again_while_it_waits_to_expire() {
-        let granted_ms = 1_000_000;
-        let registry = registry_with_leases(&[1, 2], granted_ms);
-        let mut state = state();
+    fn an_idle_lease_is_checkpointed_with_the_time_it_has_left_and_again_once_that_moved() {
+        let mut registry = registry_with_leases(&[1]);
+        let mut keeper = state(1);
         let start = Instant::now();
-        state.sync(start, granted_ms, &registry);
-        // Born idle: the grant recorded the deadline, so no checkpoint is due, at the
-        // start or seconds later.
-        for elapsed_ms in [0u64, 1_000, 5_000, 9_000] {
-            let now = start + Duration::from_millis(elapsed_ms);
-            let due = state.checkpoints(registry.leases(), now, granted_ms + elapsed_ms, &HashSet::new());
-            assert_eq!(due, vec![], "nothing to record {elapsed_ms} ms after the grant");
-        }
-    }
-
-    #[test]
-    fn a_renewed_lease_is_cleared_once_and_recorded_again_when_it_goes_idle_in_a_new_term() {
-        let granted_ms = 1_000_000;
-        let mut registry = registry_with_leases(&[1, 2], granted_ms);
-        let mut state = state();
-        let start = Instant::now();
-        state.sync(start, granted_ms, &registry);
-        state.renewed.insert(1);
-        state.deadlines.insert(1, start + Duration::from_millis(TTL_MS));
-        let due = state.checkpoints(registry.leases(), start, granted_ms, &HashSet::new());
-        assert_eq!(due, vec![(1, None)]);
-        record(&mut registry, due);
+        keeper.sync(start, &registry);
+        let later = start + Duration::from_millis(1_000);
+        let due = keeper.checkpoints(registry.leases(), later, &HashSet::new());
+        assert_eq!(due, vec![(1, Some(TTL_MS - 1_000))]);
+        apply(&mut registry, Command::CheckpointLeases { remaining: due });
+        // Within the tolerance nothing is due; a second later it is again.
+        let soon = later + Duration::from_millis(300);
+        assert_eq!(keeper.checkpoints(registry.leases(), soon, &HashSet::new()), vec![]);
+        let next = later + Duration::from_millis(1_000);
         assert_eq!(
-            state.checkpoints(registry.leases(), start, granted_ms, &HashSet::new()),
-            vec![]
+            keeper.checkpoints(registry.leases(), next, &HashSet::new()),
+            vec![(1, Some(TTL_MS - 2_000))]
         );
+        // Leases being expired are left out.
+        assert_eq!(keeper.checkpoints(registry.leases(), next, &HashSet::from([1])), vec![]);
+    }
 
-        // A new leader 3 s later: lease 1 was renewed (full TTL from now), lease 2 was
-        // idle and resumes from its recorded deadline.
-        let mut next = state_after_election();
-        let now = start + Duration::from_millis(3_000);
-        let now_ms = granted_ms + 3_000;
-        next.sync(now, now_ms, &registry);
+    #[test]
+    fn a_new_leader_resumes_an_idle_lease_from_its_checkpoint_and_gives_a_renewed_one_its_ttl() {
+        let mut registry = registry_with_leases(&[1, 2]);
+        let mut keeper = state(1);
+        let start = Instant::now();
+        keeper.sync(start, &registry);
+        keeper.renewed.insert(1);
+        let at = start + Duration::from_millis(3_000);
+        let due = keeper.checkpoints(registry.leases(), at, &HashSet::new());
+        assert_eq!(due, vec![(2, Some(TTL_MS - 3_000))]);
+        apply(&mut registry, Command::CheckpointLeases { remaining: due });
+
+        let mut next = state(2);
+        let now = at + Duration::from_millis(500);
+        next.sync(now, &registry);
         assert_eq!(next.deadlines[&1], now + Duration::from_millis(TTL_MS));
         assert_eq!(next.deadlines[&2], now + Duration::from_millis(TTL_MS - 3_000));
-        // Lease 1 is idle under this leader: recorded once with its deadline.
-        let due = next.checkpoints(registry.leases(), now, now_ms, &HashSet::new());
-        assert_eq!(due, vec![(1, Some(now_ms + TTL_MS))]);
-        record(&mut registry, due);
-        let later = now + Duration::from_millis(2_000);
-        assert_eq!(
-            next.checkpoints(registry.leases(), later, now_ms + 2_000, &HashSet::new()),
-            vec![]
-        );
     }
 
     #[test]
-    fn a_recorded_deadline_off_by_the_tolerance_is_recorded_again_and_expiring_leases_are_skipped() {
-        let granted_ms = 1_000_000;
-        let registry = registry_with_leases(&[1, 2], granted_ms);
-        let mut state = state();
-        let start = Instant::now();
-        state.sync(start, granted_ms, &registry);
-        // The wall clock stepped forward by a second after the grant.
-        let due = state.checkpoints(registry.leases(), start, granted_ms + 1_000, &HashSet::from([2]));
-        assert_eq!(due, vec![(1, Some(granted_ms + 1_000 + TTL_MS))]);
-        // Within the tolerance nothing is due.
-        let due = state.checkpoints(registry.leases(), start, granted_ms + 400, &HashSet::new());
-        assert_eq!(due, vec![]);
-    }
-
-    #[test]
-    fn elections_cannot_extend_an_idle_lease() {
-        let granted_ms = 1_000_000;
-        let registry = registry_with_leases(&[7], granted_ms);
-        let start = Instant::now();
-        // Whatever the number of new leaders, each gives the lease only what is left
-        // until the deadline recorded at the grant.
-        for elapsed_ms in [1_500u64, 3_000, 4_500, 6_000, 9_999, 10_000, 20_000] {
-            let mut leader = state_after_election();
-            let now = start + Duration::from_millis(elapsed_ms);
-            leader.sync(now, granted_ms + elapsed_ms, &registry);
-            let left = leader.deadlines[&7].saturating_duration_since(now).as_millis() as u64;
-            assert_eq!(left, TTL_MS.saturating_sub(elapsed_ms));
-        }
+    fn applying_a_checkpoint_does_not_rewrite_lease_records() {
+        let mut registry = registry_with_leases(&[1]);
+        let applied = registry.apply(&Command::CheckpointLeases {
+            remaining: vec![(1, Some(4_000))],
+        });
+        assert!(applied.leases_changed.is_empty(), "soft state: no state database write");
+        assert_eq!(registry.lease(1).and_then(|l| l.checkpoint_remaining_ms), Some(4_000));
     }
 
     #[test]
     fn a_lease_granted_between_full_syncs_gets_its_deadline_at_the_next_tick() {
-        let granted_ms = 1_000_000;
-        let mut registry = registry_with_leases(&[1], granted_ms);
-        let mut state = state();
+        let mut registry = registry_with_leases(&[1]);
+        let mut keeper = state(1);
         let start = Instant::now();
-        state.sync(start, granted_ms, &registry);
-        let applied = registry.apply(&Command::GrantLease {
-            lease_id: 0,
-            ttl_ms: TTL_MS,
-            now_ms: granted_ms + 2_000,
-        });
-        assert!(!matches!(applied.result.outcome, muster_core::Outcome::Rejected(_)));
-        let now = start + Duration::from_millis(3_000);
-        state.add_new(now, granted_ms + 3_000, &registry);
-        assert_eq!(state.deadlines.len(), 2);
-        assert_eq!(state.deadlines[&2], now + Duration::from_millis(TTL_MS - 1_000));
-    }
-
-    fn state_after_election() -> KeeperState {
-        let mut s = state();
-        s.term = Some(2);
-        s
+        keeper.sync(start, &registry);
+        apply(
+            &mut registry,
+            Command::GrantLease {
+                lease_id: 0,
+                ttl_ms: TTL_MS,
+                now_ms: 2,
+            },
+        );
+        let now = start + Duration::from_millis(100);
+        keeper.add_new(now, &registry);
+        assert_eq!(keeper.deadlines.len(), 2);
+        assert_eq!(keeper.deadlines[&2], now + Duration::from_millis(TTL_MS));
     }
 }
