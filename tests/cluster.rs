@@ -552,14 +552,6 @@ async fn concurrent_linearizable_reads_on_a_follower_all_see_a_completed_write()
     Ok(())
 }
 
-fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A leader that a quorum accepted within its lease gives read indexes without a
 /// heartbeat round; cut off from its followers it stops once the lease runs out,
 /// and its linearizable reads fail instead of answering from a stale state.
@@ -574,7 +566,7 @@ async fn a_leader_reads_from_its_lease_only_while_a_quorum_accepts_it() -> Resul
     let mut on_leader = cluster.registry(leader).await?;
     let lease_reads = |cluster: &TestCluster| {
         let core = cluster.nodes[&leader].handle.as_ref().expect("running").core();
-        counter(&core.metrics.render(), "muster_lease_reads_total")
+        muster_testkit::metric_value(&core.metrics.render(), "muster_lease_reads_total")
     };
     let before = lease_reads(&cluster);
     for n in 0..5u32 {

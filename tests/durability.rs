@@ -174,12 +174,7 @@ async fn mass_expiry_is_rate_limited_and_drains_gradually() -> Result<()> {
         "the registry drained in steps, not in one tick: {samples:?}"
     );
     let metrics = cluster.nodes[&leader].handle.as_ref().unwrap().core().metrics.render();
-    let throttled = metrics
-        .lines()
-        .find(|l| l.starts_with("muster_lease_expiry_throttled_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let throttled = muster_testkit::metric_value(&metrics, "muster_lease_expiry_throttled_total");
     assert!(throttled > 0.0, "the rate limit engaged and was counted");
     cluster.shutdown().await;
     Ok(())

@@ -14,6 +14,18 @@ fn muster_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/debug/muster")))
 }
 
+/// A three-node process cluster, its leader and one follower.
+async fn cluster_with_follower(bin: &std::path::Path) -> (ProcessCluster, u64, u64) {
+    let cluster = ProcessCluster::start(bin, 3).await.expect("cluster");
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.expect("leader");
+    let follower = cluster
+        .running()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("follower");
+    (cluster, leader, follower)
+}
+
 fn instance(id: &str) -> pb::Instance {
     pb::Instance {
         service: "orders".into(),
@@ -40,13 +52,7 @@ async fn a_forwarded_deregistration_retried_after_the_leader_died_is_not_answere
     assert!(bin.exists(), "no muster binary at {}", bin.display());
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for attempt in 0..4u64 {
-        let mut cluster = ProcessCluster::start(&bin, 3).await.expect("cluster");
-        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.expect("leader");
-        let follower = cluster
-            .running()
-            .into_iter()
-            .find(|id| *id != leader)
-            .expect("follower");
+        let (mut cluster, leader, follower) = cluster_with_follower(&bin).await;
         // No client-side deadline: the answer the server gives is what is checked.
         let client = muster_proto::v1::registry_client::RegistryClient::connect(format!(
             "http://{}",
@@ -116,13 +122,7 @@ async fn a_forwarded_registration_whose_leader_died_unanswered_is_applied_at_mos
     assert!(bin.exists(), "no muster binary at {}", bin.display());
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for attempt in 0..4u64 {
-        let mut cluster = ProcessCluster::start(&bin, 3).await.expect("cluster");
-        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.expect("leader");
-        let follower = cluster
-            .running()
-            .into_iter()
-            .find(|id| *id != leader)
-            .expect("follower");
+        let (mut cluster, leader, follower) = cluster_with_follower(&bin).await;
         let client = muster_proto::v1::registry_client::RegistryClient::connect(format!(
             "http://{}",
             cluster.grpc_addr(follower).expect("address")

@@ -56,6 +56,22 @@ struct KeeperState {
 const CHECKPOINT_TOLERANCE_MS: u64 = 500;
 
 impl KeeperState {
+    /// Empty, for a leader of `term` (none: not leading) from `now`.
+    fn new(term: Option<u64>, now: Instant) -> Self {
+        KeeperState {
+            term,
+            deadlines: HashMap::new(),
+            renewed: HashSet::new(),
+            expiring: HashSet::new(),
+            newest_lease: 0,
+            tokens: 0.0,
+            last_refill: now,
+            last_sync: now,
+            last_checkpoint: now,
+            last_throttle_log: None,
+        }
+    }
+
     /// Adds leases the registry has and the keeper lacks; drops the ones gone.
     fn sync(&mut self, now: Instant, registry: &Registry) {
         self.deadlines.retain(|id, _| registry.lease(*id).is_some());
@@ -114,22 +130,10 @@ impl KeeperState {
 impl LeaseKeeper {
     /// A keeper that is idle until its node leads.
     pub fn new(settings: LeaseSettings, metrics: Arc<Metrics>) -> Self {
-        let now = Instant::now();
         LeaseKeeper {
             settings,
             metrics,
-            state: Mutex::new(KeeperState {
-                term: None,
-                deadlines: HashMap::new(),
-                renewed: HashSet::new(),
-                expiring: HashSet::new(),
-                newest_lease: 0,
-                tokens: 0.0,
-                last_refill: now,
-                last_sync: now,
-                last_checkpoint: now,
-                last_throttle_log: None,
-            }),
+            state: Mutex::new(KeeperState::new(None, Instant::now())),
         }
     }
 
@@ -321,19 +325,7 @@ mod tests {
     const TTL_MS: u64 = 10_000;
 
     fn state(term: u64) -> KeeperState {
-        let now = Instant::now();
-        KeeperState {
-            term: Some(term),
-            deadlines: HashMap::new(),
-            renewed: HashSet::new(),
-            expiring: HashSet::new(),
-            newest_lease: 0,
-            tokens: 0.0,
-            last_refill: now,
-            last_sync: now,
-            last_checkpoint: now,
-            last_throttle_log: None,
-        }
+        KeeperState::new(Some(term), Instant::now())
     }
 
     fn apply(registry: &mut Registry, command: Command) {

@@ -256,6 +256,16 @@ where
     }
 }
 
+/// The value of the first sample of `series` (a metric name, with labels if any) in
+/// a Prometheus text exposition; 0 when it is absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Runs `promtool check metrics` on an exposition. Without promtool the check fails
 /// when `MUSTER_REQUIRE_EXTERNAL=1` and is skipped, loudly, otherwise.
 pub fn promtool_check(text: &str) -> Result<()> {
