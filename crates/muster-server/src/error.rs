@@ -39,11 +39,6 @@ pub enum ApiError {
     /// A membership change was refused.
     #[error("membership change refused: {0}")]
     Membership(String),
-    /// The leader stopped answering while it held this write: it may have been
-    /// applied or not. Read before retrying (a blind retry could apply it twice, the
-    /// second time over a newer write).
-    #[error("outcome unknown: {0}")]
-    OutcomeUnknown(String),
     /// Something that should not happen; the request may or may not have been applied.
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,8 +74,7 @@ impl From<ApiError> for tonic::Status {
                 }
                 status
             }
-            // gRPC's code for "may have completed even so".
-            ApiError::Timeout(_) | ApiError::OutcomeUnknown(_) => tonic::Status::deadline_exceeded(message),
+            ApiError::Timeout(_) => tonic::Status::deadline_exceeded(message),
             ApiError::ShuttingDown => tonic::Status::unavailable(message),
             ApiError::Membership(_) => tonic::Status::failed_precondition(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
@@ -96,7 +90,7 @@ impl ApiError {
             ApiError::LeaseNotFound(_) | ApiError::InstanceNotFound(_) | ApiError::CheckNotFound(_) => 404,
             ApiError::LeaseExists(_) | ApiError::Membership(_) => 409,
             ApiError::NoLeader { .. } | ApiError::ShuttingDown => 503,
-            ApiError::Timeout(_) | ApiError::OutcomeUnknown(_) => 504,
+            ApiError::Timeout(_) => 504,
             ApiError::Internal(_) => 500,
         }
     }
@@ -121,15 +115,6 @@ mod tests {
         });
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(status.metadata().get("retry-after-ms").unwrap(), "250");
-    }
-
-    #[test]
-    fn an_unknown_outcome_maps_to_deadline_exceeded_which_clients_do_not_retry_blindly() {
-        let error = ApiError::OutcomeUnknown("the leader did not answer".into());
-        assert_eq!(error.http_status(), 504);
-        let status = tonic::Status::from(error);
-        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
-        assert!(status.message().contains("outcome unknown"));
     }
 
     #[test]

@@ -47,22 +47,6 @@ pub enum PeerError {
     Codec(#[from] bincode::Error),
 }
 
-impl PeerError {
-    /// Whether the request certainly never reached the peer: no connection could be
-    /// opened, or it was never encoded. A request cut off later may have been
-    /// handled.
-    pub fn not_sent(&self) -> bool {
-        match self {
-            PeerError::Codec(_) => true,
-            PeerError::Unreachable { message, .. } => {
-                ["tcp connect error", "error trying to connect", "Connection refused"]
-                    .iter()
-                    .any(|m| message.contains(m))
-            }
-        }
-    }
-}
-
 impl PeerChannels {
     /// A gRPC client for the peer at `addr` (`host:port`), reusing its channel.
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {

@@ -257,54 +257,39 @@ impl NodeCore {
     /// `muster-chaos --faults kill-leader`; regression test in
     /// `crates/muster-chaos/tests/regressions.rs`.)
     pub async fn propose(&self, command: Command) -> Result<ApplyResult, ApiError> {
-        let result = self.propose_raw(command).await?;
+        let (result, maybe_applied_before) = self.propose_raw(command).await?;
         self.await_applied_here(result.revision).await;
         match result.outcome {
+            Outcome::Rejected(r) if maybe_applied_before => Err(ApiError::Internal(format!(
+                "outcome unknown: the leader failed while handling this write, which may have been applied; \
+                 the retry was refused: {r}"
+            ))),
             Outcome::Rejected(r) => Err(r.into()),
             _ => Ok(result),
         }
     }
 
-    /// Proposes `command` here or on the leader, trying again only while no
-    /// attempt can have been applied.
-    async fn propose_raw(&self, command: Command) -> Result<ApplyResult, ApiError> {
+    /// Proposes `command`; answers the result and whether an earlier forwarded
+    /// attempt may have been applied without an answer.
+    async fn propose_raw(&self, command: Command) -> Result<(ApplyResult, bool), ApiError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut maybe_applied = false;
         loop {
             // openraft answers ForwardToLeader only for entries it did not append or
             // truncated, so retrying after it is safe.
             match self.write_batcher.write(command.clone()).await {
-                Ok(result) => return Ok(result),
+                Ok(result) => return Ok((result, maybe_applied)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
                         self.metrics.forwarded_writes.inc();
                         match self
-                            .channels
-                            .forward(&node.addr, &ForwardRequest::Write(Box::new(command.clone())), WRITE_DEADLINE)
+                            .forward_to(&node.addr, &ForwardRequest::Write(Box::new(command.clone())))
                             .await
                         {
-                            Ok(ForwardResponse::Written(r)) => return Ok(r),
+                            Ok(ForwardResponse::Written(r)) => return Ok((r, maybe_applied)),
                             Ok(ForwardResponse::Failed(e)) => return Err(e),
-                            // It did not lead: nothing was appended there.
-                            Ok(ForwardResponse::NotLeader) => {}
-                            // Never delivered: nothing to have applied.
-                            Err(e) if e.not_sent() => {}
-                            // The leader took the write and gave no answer: it may
-                            // have been committed (a new leader would then apply it),
-                            // so sending it again could apply it twice, the second
-                            // time over a newer write of the same key (found by the
-                            // fault suite: seed 40019, clock-fast with the leader
-                            // killed).
-                            Ok(other) => {
-                                return Err(ApiError::OutcomeUnknown(format!(
-                                    "the leader at {} answered {other:?} to a write",
-                                    node.addr
-                                )))
-                            }
-                            Err(e) => {
-                                return Err(ApiError::OutcomeUnknown(format!(
-                                    "the leader stopped answering while it held this write ({e}); it may have been applied: read before retrying"
-                                )))
-                            }
+                            // No answer: the leader may have applied it.
+                            Ok(_) | Err(_) => maybe_applied = true,
                         }
                     }
                 }
