@@ -610,6 +610,52 @@ async fn a_leader_reads_from_its_lease_only_while_a_quorum_accepts_it() -> Resul
     Ok(())
 }
 
+/// A restarted node may have accepted a leader just before it stopped and forgot
+/// when, so for an election timeout after it starts it refuses votes (the leader
+/// lease of the current leader relies on that promise); afterwards it votes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_refuses_votes_for_an_election_timeout() -> Result<()> {
+    use muster_proto::v1::peer::raft_peer_client::RaftPeerClient;
+    use muster_proto::v1::peer::PeerMessage;
+    init_tracing();
+    // A window long enough that the first request surely falls inside it.
+    let election_max = Duration::from_secs(10);
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.raft.election_min = Duration::from_secs(1);
+        c.raft.election_max = election_max;
+    })
+    .await?;
+    cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let follower = cluster.follower().await?;
+    cluster.stop(follower).await;
+    cluster.restart(follower).await?;
+    let restarted = tokio::time::Instant::now();
+    let peer_addr = cluster.nodes[&follower].config.peer_addr;
+    let mut peer = RaftPeerClient::connect(format!("http://{peer_addr}")).await?;
+    let vote_request = || -> Result<PeerMessage> {
+        let request = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1_000, 99), None);
+        Ok(PeerMessage {
+            data: bincode::serialize(&request)?,
+        })
+    };
+    let refused = peer.vote(vote_request()?).await;
+    assert!(restarted.elapsed() < election_max, "the check ran inside the window");
+    let status = refused.expect_err("a node restarted moments ago must not vote");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("not voting"), "{}", status.message());
+
+    // Once the window has passed it answers vote requests again.
+    eventually(Duration::from_secs(30), "the restarted node votes again", || {
+        let mut peer = peer.clone();
+        let message = vote_request();
+        async move { Ok(peer.vote(message?).await.is_ok()) }
+    })
+    .await?;
+    assert!(restarted.elapsed() >= election_max);
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> Result<()> {
     init_tracing();

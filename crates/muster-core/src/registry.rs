@@ -621,7 +621,10 @@ impl Registry {
                 }
             })
             .collect();
-        let (namespace, service) = self.names_for(&key);
+        let (namespace, service) = match &previous {
+            Some(p) => (p.namespace.clone(), p.service.clone()),
+            None => self.names_for(&key),
+        };
         let instance = Instance {
             namespace,
             service,
@@ -644,8 +647,8 @@ impl Registry {
         self.store_instance(instance, events)
     }
 
-    /// The namespace and service name for an instance of `key`'s service: the ones
-    /// its instances already share, or new ones.
+    /// The namespace and service name for a new instance of `key`'s service: the
+    /// ones its instances already share, or new ones.
     fn names_for(&self, key: &InstanceKey) -> (Arc<str>, Arc<str>) {
         self.services
             .get(&key.service_key())
@@ -661,13 +664,6 @@ impl Registry {
             instance.create_revision = self.revision;
         }
         let instance = Arc::new(instance);
-        if instance.checks.is_empty() {
-            if !self.checked.is_empty() {
-                self.checked.remove(&instance.key());
-            }
-        } else {
-            self.checked.insert(instance.key());
-        }
         let service_key = ServiceKey {
             namespace: instance.namespace.to_string(),
             service: instance.service.to_string(),
@@ -675,12 +671,21 @@ impl Registry {
         self.tombstones.remove(&service_key);
         let entry = self.services.entry(service_key).or_default();
         entry.mod_revision = self.revision;
-        if entry
-            .instances
-            .insert(instance.instance_id.clone(), instance.clone())
-            .is_none()
-        {
+        let previous = entry.instances.insert(instance.instance_id.clone(), instance.clone());
+        if previous.is_none() {
             self.instance_count += 1;
+        }
+        // The index of instances with checks changes only when that changes (no key
+        // is built for the common write of an instance without checks).
+        let had_checks = previous.is_some_and(|p| !p.checks.is_empty());
+        match (had_checks, !instance.checks.is_empty()) {
+            (false, true) => {
+                self.checked.insert(instance.key());
+            }
+            (true, false) => {
+                self.checked.remove(&instance.key());
+            }
+            _ => {}
         }
         events.push(Event {
             revision: self.revision,

@@ -16,7 +16,7 @@
 //! `millis_since_quorum_ack` metric is computed when the metrics are published, so a
 //! process paused after publishing would read a stale, too fresh value.)
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -49,20 +49,22 @@ impl QuorumClock {
         &self,
         me: NodeId,
         vote: &Vote<NodeId>,
-        voters: &BTreeSet<NodeId>,
+        voters: impl IntoIterator<Item = NodeId>,
         now: Instant,
     ) -> Option<Instant> {
         let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut voter_count = 0;
         let mut times: Vec<Instant> = voters
-            .iter()
+            .into_iter()
+            .inspect(|_| voter_count += 1)
             .filter_map(|id| {
-                if *id == me {
+                if id == me {
                     return Some(now);
                 }
-                acks.get(id).filter(|(v, _)| v == vote).map(|(_, at)| *at)
+                acks.get(&id).filter(|(v, _)| v == vote).map(|(_, at)| *at)
             })
             .collect();
-        let quorum = voters.len() / 2 + 1;
+        let quorum = voter_count / 2 + 1;
         if times.len() < quorum {
             return None;
         }
@@ -73,6 +75,7 @@ impl QuorumClock {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::time::Duration;
 
     use super::*;
@@ -87,21 +90,21 @@ mod tests {
         let voters = BTreeSet::from([1, 2, 3]);
         let now = Instant::now();
         let v = vote(4, 1);
-        assert_eq!(clock.quorum_accepted_at(1, &v, &voters, now), None);
+        assert_eq!(clock.quorum_accepted_at(1, &v, voters.iter().copied(), now), None);
         clock.record(2, &v, now - Duration::from_millis(80));
         assert_eq!(
-            clock.quorum_accepted_at(1, &v, &voters, now),
+            clock.quorum_accepted_at(1, &v, voters.iter().copied(), now),
             Some(now - Duration::from_millis(80))
         );
         clock.record(3, &v, now - Duration::from_millis(20));
         assert_eq!(
-            clock.quorum_accepted_at(1, &v, &voters, now),
+            clock.quorum_accepted_at(1, &v, voters.iter().copied(), now),
             Some(now - Duration::from_millis(20))
         );
         // An older acceptance arriving late does not move a follower's time back.
         clock.record(3, &v, now - Duration::from_millis(90));
         assert_eq!(
-            clock.quorum_accepted_at(1, &v, &voters, now),
+            clock.quorum_accepted_at(1, &v, voters.iter().copied(), now),
             Some(now - Duration::from_millis(20))
         );
     }
@@ -113,11 +116,11 @@ mod tests {
         let now = Instant::now();
         let v = vote(2, 1);
         clock.record(2, &v, now - Duration::from_millis(10));
-        assert_eq!(clock.quorum_accepted_at(1, &v, &voters, now), None);
+        assert_eq!(clock.quorum_accepted_at(1, &v, voters.iter().copied(), now), None);
         clock.record(3, &v, now - Duration::from_millis(30));
         clock.record(4, &v, now - Duration::from_millis(50));
         assert_eq!(
-            clock.quorum_accepted_at(1, &v, &voters, now),
+            clock.quorum_accepted_at(1, &v, voters.iter().copied(), now),
             Some(now - Duration::from_millis(30))
         );
     }
@@ -129,19 +132,22 @@ mod tests {
         let now = Instant::now();
         clock.record(2, &vote(3, 1), now);
         clock.record(3, &vote(4, 2), now);
-        assert_eq!(clock.quorum_accepted_at(1, &vote(4, 1), &voters, now), None);
+        assert_eq!(
+            clock.quorum_accepted_at(1, &vote(4, 1), voters.iter().copied(), now),
+            None
+        );
         // A node that is not a voter does not count, even when it accepted.
         clock.record(9, &vote(4, 1), now);
-        assert_eq!(clock.quorum_accepted_at(1, &vote(4, 1), &voters, now), None);
+        assert_eq!(
+            clock.quorum_accepted_at(1, &vote(4, 1), voters.iter().copied(), now),
+            None
+        );
     }
 
     #[test]
     fn a_single_voter_is_its_own_quorum() {
         let clock = QuorumClock::default();
         let now = Instant::now();
-        assert_eq!(
-            clock.quorum_accepted_at(1, &vote(1, 1), &BTreeSet::from([1]), now),
-            Some(now)
-        );
+        assert_eq!(clock.quorum_accepted_at(1, &vote(1, 1), [1], now), Some(now));
     }
 }

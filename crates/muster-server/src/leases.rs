@@ -100,13 +100,8 @@ impl KeeperState {
     /// The checkpoints to record: for each lease not renewed this term, the time it
     /// has left (in whole 100 ms) where its checkpoint is missing or off by
     /// [`CHECKPOINT_TOLERANCE_MS`]; `None` for each renewed lease that still has
-    /// one. Leases in `skip` (being expired) are left out.
-    fn checkpoints<'a>(
-        &self,
-        leases: impl Iterator<Item = &'a Lease>,
-        now: Instant,
-        skip: &HashSet<LeaseId>,
-    ) -> Vec<(LeaseId, Option<u64>)> {
+    /// one. Leases being expired are left out.
+    fn checkpoints<'a>(&self, leases: impl Iterator<Item = &'a Lease>, now: Instant) -> Vec<(LeaseId, Option<u64>)> {
         let mut checkpoint = Vec::new();
         for lease in leases {
             let Some(deadline) = self.deadlines.get(&lease.id) else {
@@ -119,7 +114,7 @@ impl KeeperState {
                 (Some(w), Some(recorded)) => recorded.abs_diff(w) >= CHECKPOINT_TOLERANCE_MS,
                 _ => true,
             };
-            if changed && !skip.contains(&lease.id) {
+            if changed && !self.expiring.contains(&lease.id) {
                 checkpoint.push((lease.id, wanted));
             }
         }
@@ -269,7 +264,7 @@ impl LeaseKeeper {
         let mut checkpoint = Vec::new();
         if now.duration_since(state.last_checkpoint) >= self.settings.checkpoint_interval {
             state.last_checkpoint = now;
-            checkpoint = state.checkpoints(registry.leases(), now, &state.expiring);
+            checkpoint = state.checkpoints(registry.leases(), now);
         }
         (expire, checkpoint)
     }
@@ -355,19 +350,20 @@ mod tests {
         let start = Instant::now();
         keeper.sync(start, &registry);
         let later = start + Duration::from_millis(1_000);
-        let due = keeper.checkpoints(registry.leases(), later, &HashSet::new());
+        let due = keeper.checkpoints(registry.leases(), later);
         assert_eq!(due, vec![(1, Some(TTL_MS - 1_000))]);
         apply(&mut registry, Command::CheckpointLeases { remaining: due });
         // Within the tolerance nothing is due; a second later it is again.
         let soon = later + Duration::from_millis(300);
-        assert_eq!(keeper.checkpoints(registry.leases(), soon, &HashSet::new()), vec![]);
+        assert_eq!(keeper.checkpoints(registry.leases(), soon), vec![]);
         let next = later + Duration::from_millis(1_000);
         assert_eq!(
-            keeper.checkpoints(registry.leases(), next, &HashSet::new()),
+            keeper.checkpoints(registry.leases(), next),
             vec![(1, Some(TTL_MS - 2_000))]
         );
         // Leases being expired are left out.
-        assert_eq!(keeper.checkpoints(registry.leases(), next, &HashSet::from([1])), vec![]);
+        keeper.expiring.insert(1);
+        assert_eq!(keeper.checkpoints(registry.leases(), next), vec![]);
     }
 
     #[test]
@@ -378,7 +374,7 @@ mod tests {
         keeper.sync(start, &registry);
         keeper.renewed.insert(1);
         let at = start + Duration::from_millis(3_000);
-        let due = keeper.checkpoints(registry.leases(), at, &HashSet::new());
+        let due = keeper.checkpoints(registry.leases(), at);
         assert_eq!(due, vec![(2, Some(TTL_MS - 3_000))]);
         apply(&mut registry, Command::CheckpointLeases { remaining: due });
 

@@ -88,7 +88,8 @@ pub struct Metrics {
     pub lease_expirations: Counter,
     /// Expiries deferred by the rate limit.
     pub lease_expiry_throttled: Counter,
-    /// Idle deadlines recorded or cleared by this node's lease checkpoints.
+    /// Leases whose checkpoint (time left while nobody renews them) this node
+    /// recorded or cleared as leader.
     pub lease_checkpoints: Counter,
     /// Read indexes this node gave as leader from its leader lease (no heartbeat round).
     pub lease_reads: Counter,
@@ -186,7 +187,7 @@ impl Metrics {
             ),
             lease_checkpoints: reg!(
                 "lease_checkpoints",
-                "Idle lease deadlines recorded or cleared by this node's lease checkpoints as leader",
+                "Leases whose checkpoint (time left while nobody renews them) this node recorded or cleared as leader",
                 Counter::default()
             ),
             watchers: reg!("watchers", "Open watch streams (gRPC and SSE)", Gauge::default()),

@@ -1,7 +1,7 @@
 //! A running node: storage, Raft, the servers on their listeners, and the background
 //! tasks, started together and stopped in order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -188,22 +188,21 @@ impl NodeCore {
     /// leader can have been elected since (see [`crate::leader_lease`]). `None` when it
     /// does not lead, leads a joint membership, or the lease ran out.
     pub fn leased_leadership(&self) -> Option<u64> {
-        let (vote, voters, last_log_index) = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow();
-            if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
-                return None;
-            }
-            let membership = m.membership_config.membership();
-            if membership.get_joint_config().len() != 1 {
-                return None;
-            }
-            let voters: BTreeSet<u64> = membership.voter_ids().collect();
-            (m.vote, voters, m.last_log_index.unwrap_or(0))
-        };
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
+            return None;
+        }
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() != 1 {
+            return None;
+        }
         let now = Instant::now();
-        let accepted = self.quorum_clock.quorum_accepted_at(self.id, &vote, &voters, now)?;
-        (now.saturating_duration_since(accepted) <= self.config.raft.election_min / 2).then_some(last_log_index)
+        let accepted = self
+            .quorum_clock
+            .quorum_accepted_at(self.id, &m.vote, membership.voter_ids(), now)?;
+        (now.saturating_duration_since(accepted) <= self.config.raft.election_min / 2)
+            .then_some(m.last_log_index.unwrap_or(0))
     }
 
     /// Time since this node started.
