@@ -628,8 +628,11 @@ async fn a_restarted_node_refuses_votes_for_an_election_timeout() -> Result<()> 
     cluster.wait_for_leader(Duration::from_secs(30)).await?;
     let follower = cluster.follower().await?;
     cluster.stop(follower).await;
-    cluster.restart(follower).await?;
+    // Taken before the restart: the node's window starts after this, so a request
+    // sent within `election_max` of it is inside the window, and the node cannot
+    // vote again sooner than `election_max` after it.
     let restarted = tokio::time::Instant::now();
+    cluster.restart(follower).await?;
     let peer_addr = cluster.nodes[&follower].config.peer_addr;
     let mut peer = RaftPeerClient::connect(format!("http://{peer_addr}")).await?;
     let vote_request = || -> Result<PeerMessage> {
