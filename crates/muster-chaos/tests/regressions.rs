@@ -40,12 +40,13 @@ fn instance(id: &str) -> pb::Instance {
 /// deregistration to the leader; the leader commits it and dies before answering;
 /// the follower's `propose_raw` retried the command on the new leader, where it was
 /// rejected as "instance not found", and the client got NOT_FOUND for a
-/// deregistration that had happened. The same held for lease revocation.
+/// deregistration that had happened. The same held for lease revocation. A retry
+/// now carries the first attempt's number in the follower's forwarding session, and
+/// the state machine answers it with the first attempt's result.
 ///
 /// Kills the leader while forty deregistrations are in flight through a follower,
 /// a few times; none of them may answer NOT_FOUND (every key was registered and is
-/// deregistered once): each must answer OK or an error that says the outcome is
-/// unknown.
+/// deregistered once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_deregistration_retried_after_the_leader_died_is_not_answered_not_found() {
     let bin = muster_bin();
@@ -105,27 +106,19 @@ async fn a_forwarded_deregistration_retried_after_the_leader_died_is_not_answere
     eprintln!("figure: outcomes of deregistrations in flight when the leader died: {outcomes:?}");
 }
 
-/// Known bug, not fixed yet (found by `muster-chaos --seed 40019 --faults
-/// clock-fast`, with the leader killed): a follower forwards a registration to the
-/// leader, which appends and replicates it and dies before answering; the
-/// follower sends it again to the new leader, so it is applied twice, the second
-/// time over a newer write of the same key that a client may already have read (a
-/// linearizability violation).
+/// Bug (found by `muster-chaos --seed 40019 --faults clock-fast`, with the leader
+/// killed): a follower forwards a registration to the leader, which appends and
+/// replicates it and dies before answering; the follower sent it again to the new
+/// leader, so it was applied twice, the second time over a newer write of the same
+/// key that a client may already have read (a linearizability violation).
 ///
-/// Answering "outcome unknown" instead of retrying fixes it but fails every write
-/// in flight through a follower when the leader fails, and a write through a
-/// healthy node while the old leader is cut off (`make compose-test`). The fix
-/// that keeps the retry: after an unanswered forward, take a read index from the
-/// new leader (at least its last log index), wait until it is applied here, and
-/// answer from a cache of recent apply results keyed by the command if the first
-/// attempt was applied; send it again only if it was not (it can no longer be
-/// committed once the new leader committed an entry of its own term).
+/// Forwarded writes now travel numbered in the follower's forwarding session and
+/// the state machine applies each number once (`muster_core::sessions`).
 ///
 /// Kills the leader while forty registrations of new keys are in flight through a
 /// follower, a few times; every key must have been applied at most once (its
-/// create and mod revisions equal), whatever each call answered. It fails on the
-/// current code in most runs.
-#[ignore = "known bug: a forwarded write retried after the leader died can apply twice"]
+/// create and mod revisions equal), whatever each call answered. It failed on the
+/// retrying code without sessions in most runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_registration_whose_leader_died_unanswered_is_applied_at_most_once() {
     let bin = muster_bin();

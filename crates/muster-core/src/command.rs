@@ -107,6 +107,22 @@ pub enum Command {
         /// Leader time (ms since the Unix epoch).
         now_ms: u64,
     },
+    /// A write a node forwarded to the leader, numbered so that sending it again
+    /// after an unanswered attempt cannot apply it twice: the state machine keeps the
+    /// result of each numbered write until the forwarding node says it was answered,
+    /// and answers a repeat with the first result, changing nothing (see
+    /// [`crate::sessions`]).
+    Forwarded {
+        /// The forwarding node's session: random, new each time the node starts.
+        session: u64,
+        /// The write's number in its session; every attempt of it carries the same.
+        seq: u64,
+        /// Every write of the session numbered below this was answered, so the
+        /// state machine may forget their results.
+        answered_below: u64,
+        /// The write itself (neither a batch nor another forwarded write).
+        command: Box<Command>,
+    },
     /// Commands proposed together in one Raft entry (the leader batches concurrent
     /// writes), applied in order exactly as if each were an entry of its own; the
     /// outcome is [`Outcome::Batch`] with one result per command. Batches do not

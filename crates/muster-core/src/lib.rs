@@ -13,6 +13,7 @@ pub mod event;
 pub mod filter;
 pub mod history;
 pub mod registry;
+pub mod sessions;
 pub mod types;
 pub mod validate;
 

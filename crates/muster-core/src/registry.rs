@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::command::{ApplyResult, Command, Outcome, Rejection, MAX_BATCH_COMMANDS};
 use crate::event::{DeleteReason, Event, EventKind};
 use crate::filter::{DiscoverFilter, WatchFilter};
+use crate::sessions::{Attempt, ForwardSession, ForwardSessions, SessionChanges};
 use crate::types::{
     worst_status, Check, Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey,
     DEFAULT_WEIGHT,
@@ -40,6 +41,8 @@ pub struct Registry {
     services: BTreeMap<ServiceKey, ServiceEntry>,
     leases: BTreeMap<LeaseId, Lease>,
     lease_members: BTreeMap<LeaseId, BTreeSet<MemberKey>>,
+    /// Results of forwarded writes that may still be unanswered (replicated).
+    forward_sessions: ForwardSessions,
     /// Instances that have checks (derived: lets the check keeper look at these
     /// instead of every instance).
     checked: BTreeSet<InstanceKey>,
@@ -96,6 +99,8 @@ pub struct Applied {
     pub events: Vec<Event>,
     /// Leases created, changed or removed (storage rewrites or deletes them).
     pub leases_changed: Vec<LeaseId>,
+    /// Forwarding sessions and results recorded or dropped.
+    pub sessions_changed: SessionChanges,
 }
 
 /// A serializable image of the registry (snapshots, state transfer).
@@ -110,6 +115,8 @@ pub struct RegistrySnapshot {
     pub instances: Vec<Arc<Instance>>,
     /// Every lease, in id order.
     pub leases: Vec<Lease>,
+    /// Every forwarding session, in id order.
+    pub forward_sessions: Vec<ForwardSession>,
 }
 
 /// One line of a service listing.
@@ -300,8 +307,15 @@ impl Registry {
     /// result on every replica. A command that cannot be carried out is rejected in
     /// the result and changes nothing.
     pub fn apply(&mut self, command: &Command) -> Applied {
-        if let Command::Batch { commands } = command {
-            return self.apply_batch(commands);
+        match command {
+            Command::Batch { commands } => return self.apply_batch(commands),
+            Command::Forwarded {
+                session,
+                seq,
+                answered_below,
+                command,
+            } => return self.apply_forwarded(*session, *seq, *answered_below, command),
+            _ => {}
         }
         let mut events = Vec::new();
         let mut leases_changed = Vec::new();
@@ -319,6 +333,44 @@ impl Registry {
             },
             events,
             leases_changed,
+            sessions_changed: SessionChanges::default(),
+        }
+    }
+
+    /// Applies write `seq` of forwarding session `session` unless an earlier attempt
+    /// of it was applied, whose result it then answers (see [`crate::sessions`]).
+    fn apply_forwarded(&mut self, session: u64, seq: u64, answered_below: u64, command: &Command) -> Applied {
+        let mut changes = SessionChanges::default();
+        let mut applied = match self.forward_sessions.begin(session, seq, answered_below, &mut changes) {
+            Attempt::Repeat(result) => self.unchanged(result),
+            Attempt::Stale => self.unchanged(self.nothing()),
+            Attempt::First => {
+                let applied = match command {
+                    Command::Batch { .. } | Command::Forwarded { .. } => self.unchanged(ApplyResult {
+                        revision: self.revision,
+                        outcome: Outcome::Rejected(Rejection::Invalid(validate::ValidationError::new(
+                            "command",
+                            "a forwarded write is one command, not a batch or another forwarded write",
+                        ))),
+                    }),
+                    single => self.apply(single),
+                };
+                self.forward_sessions
+                    .record(session, seq, applied.result.clone(), &mut changes);
+                applied
+            }
+        };
+        applied.sessions_changed.extend(changes);
+        applied
+    }
+
+    /// An answer that changed no instance or lease.
+    fn unchanged(&self, result: ApplyResult) -> Applied {
+        Applied {
+            result,
+            events: Vec::new(),
+            leases_changed: Vec::new(),
+            sessions_changed: SessionChanges::default(),
         }
     }
 
@@ -336,22 +388,20 @@ impl Registry {
             None
         };
         if let Some(reason) = invalid {
-            return Applied {
-                result: ApplyResult {
-                    revision: self.revision,
-                    outcome: Outcome::Rejected(Rejection::Invalid(validate::ValidationError::new("commands", reason))),
-                },
-                events: Vec::new(),
-                leases_changed: Vec::new(),
-            };
+            return self.unchanged(ApplyResult {
+                revision: self.revision,
+                outcome: Outcome::Rejected(Rejection::Invalid(validate::ValidationError::new("commands", reason))),
+            });
         }
         let mut events = Vec::new();
         let mut leases_changed = Vec::new();
+        let mut sessions_changed = SessionChanges::default();
         let mut results = Vec::with_capacity(commands.len());
         for command in commands {
             let applied = self.apply(command);
             events.extend(applied.events);
             leases_changed.extend(applied.leases_changed);
+            sessions_changed.extend(applied.sessions_changed);
             results.push(applied.result);
         }
         Applied {
@@ -361,6 +411,7 @@ impl Registry {
             },
             events,
             leases_changed,
+            sessions_changed,
         }
     }
 
@@ -449,11 +500,10 @@ impl Registry {
                 Ok(Outcome::LeasesExpired { expired, removed })
             }
             Command::Barrier => Ok(Outcome::Nothing),
-            // `apply` takes batches apart before they get here.
-            Command::Batch { .. } => Err(Rejection::Invalid(validate::ValidationError::new(
-                "commands",
-                "batches do not nest",
-            ))),
+            // `apply` takes batches and forwarded writes apart before they get here.
+            Command::Batch { .. } | Command::Forwarded { .. } => Err(Rejection::Invalid(
+                validate::ValidationError::new("commands", "batches do not nest"),
+            )),
             Command::CheckpointLeases { remaining } => {
                 // Not in `leases_changed`: checkpoints are soft state, not rewritten
                 // in the state database lease by lease (see `Lease`).
@@ -759,6 +809,7 @@ impl Registry {
                 .flat_map(|s| s.instances.values().cloned())
                 .collect(),
             leases: self.leases.values().cloned().collect(),
+            forward_sessions: self.forward_sessions.iter().cloned().collect(),
         }
     }
 
@@ -772,6 +823,9 @@ impl Registry {
         };
         for lease in snapshot.leases {
             registry.leases.insert(lease.id, lease);
+        }
+        for session in snapshot.forward_sessions {
+            registry.forward_sessions.load(session);
         }
         for instance in snapshot.instances {
             registry.load_shared_instance(instance);
@@ -806,6 +860,28 @@ impl Registry {
         if entry.instances.insert(key.instance_id, instance).is_none() {
             self.instance_count += 1;
         }
+    }
+
+    /// The forwarding sessions (see [`crate::sessions`]).
+    pub fn forward_sessions(&self) -> &ForwardSessions {
+        &self.forward_sessions
+    }
+
+    /// Inserts a stored forwarding session as is, without its results; used when
+    /// loading state from disk.
+    pub fn load_forward_session(&mut self, session: ForwardSession) {
+        let results = self
+            .forward_sessions
+            .get(session.id)
+            .map(|s| s.results.clone())
+            .unwrap_or_default();
+        self.forward_sessions.load(ForwardSession { results, ..session });
+    }
+
+    /// Inserts a stored forwarded write's result as is; used when loading state
+    /// from disk.
+    pub fn load_forward_result(&mut self, session: u64, seq: u64, result: ApplyResult) {
+        self.forward_sessions.load_result(session, seq, result);
     }
 
     /// Inserts a stored lease as is; used when loading state from disk.
@@ -881,6 +957,16 @@ impl Registry {
             feed(&l.ttl_ms.to_le_bytes());
             feed(&l.granted_at_ms.to_le_bytes());
             // Not the checkpoint: soft state a restarted node lacks until the next one.
+        }
+        feed(b"sessions");
+        for session in self.forward_sessions.iter() {
+            feed(&session.id.to_le_bytes());
+            feed(&session.answered_below.to_le_bytes());
+            feed(&session.last_revision.to_le_bytes());
+            for (seq, result) in &session.results {
+                feed(&seq.to_le_bytes());
+                feed(&result.revision.to_le_bytes());
+            }
         }
         hex::encode(h.finalize())
     }

@@ -130,10 +130,21 @@ fn single_command() -> impl Strategy<Value = Command> {
 }
 
 /// Single commands, and now and then a batch of them (as the leader proposes
-/// concurrent writes), or a batch holding a batch (refused whole).
+/// concurrent writes), or a batch holding a batch (refused whole), or a forwarded
+/// write, numbered in a session with any bounds, sometimes holding a batch
+/// (refused).
 fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         12 => single_command(),
+        2 => (single_command(), 0u64..3, 0u64..8, 0u64..8).prop_map(|(command, session, seq, answered_below)| {
+            Command::Forwarded { session, seq, answered_below, command: Box::new(command) }
+        }),
+        1 => prop::collection::vec(single_command(), 0..3).prop_map(|commands| Command::Forwarded {
+            session: 0,
+            seq: 0,
+            answered_below: 0,
+            command: Box::new(Command::Batch { commands }),
+        }),
         2 => prop::collection::vec(single_command(), 0..8).prop_map(|commands| Command::Batch { commands }),
         1 => prop::collection::vec(single_command(), 0..3).prop_map(|inner| Command::Batch {
             commands: vec![Command::Batch { commands: inner }],

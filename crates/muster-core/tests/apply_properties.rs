@@ -516,3 +516,115 @@ fn nested_and_oversized_batches_are_refused_whole() {
     assert!(matches!(r.apply(&oversized).result.outcome, Outcome::Rejected(_)));
     assert_eq!(r.revision(), 0, "nothing was applied");
 }
+
+/// Commands as a follower forwards them: numbered in one of two sessions, each
+/// saying that writes up to a few numbers back were answered.
+fn forwarded_strategy() -> impl Strategy<Value = Command> {
+    (command_strategy(), 1u64..3, 0u64..12, 0u64..4).prop_map(|(command, session, seq, back)| Command::Forwarded {
+        session,
+        seq,
+        answered_below: seq.saturating_sub(back),
+        command: Box::new(command),
+    })
+}
+
+fn mixed_strategy() -> impl Strategy<Value = Command> {
+    prop_oneof![2 => command_strategy(), 1 => forwarded_strategy()]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn replicas_agree_on_forwarded_writes_also_in_batches_and_from_snapshots(
+        log in prop::collection::vec(mixed_strategy(), 0..80),
+        cut in prop::collection::vec(1usize..12, 1..20),
+    ) {
+        let mut a = Registry::new();
+        let mut b = Registry::new();
+        prop_assert_eq!(apply_all(&mut a, &log), apply_all(&mut b, &log));
+        prop_assert_eq!(a.digest(), b.digest());
+        let c = Registry::from_snapshot(a.to_snapshot());
+        prop_assert_eq!(c.digest(), a.digest());
+        prop_assert_eq!(c.forward_sessions(), a.forward_sessions());
+        let mut batched = Registry::new();
+        let mut rest = &log[..];
+        for size in cut.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (batch, tail) = rest.split_at((*size).min(rest.len()));
+            rest = tail;
+            batched.apply(&Command::Batch { commands: batch.to_vec() });
+        }
+        prop_assert_eq!(batched.digest(), a.digest());
+    }
+
+    #[test]
+    fn a_forwarded_write_sent_again_answers_its_first_result_and_changes_nothing(
+        log in prop::collection::vec(command_strategy(), 1..60),
+        repeats in prop::collection::vec((any::<bool>(), 0usize..6), 1..60),
+    ) {
+        const WINDOW: u64 = 3;
+        let numbered = |seq: usize| Command::Forwarded {
+            session: 9,
+            seq: seq as u64,
+            answered_below: (seq as u64).saturating_sub(WINDOW),
+            command: Box::new(log[seq].clone()),
+        };
+        let mut once = Registry::new();
+        let mut again = Registry::new();
+        let mut first_results = Vec::new();
+        for (seq, (repeat, back)) in (0..log.len()).zip(repeats.iter().cycle()) {
+            let first = once.apply(&numbered(seq));
+            prop_assert_eq!(&again.apply(&numbered(seq)), &first);
+            first_results.push(first.result);
+            if !repeat {
+                continue;
+            }
+            // Sent again after a later write: remembered while within the window
+            // the session's latest write keeps, stale (answered) below it.
+            let earlier = seq.saturating_sub(*back);
+            let applied = again.apply(&numbered(earlier));
+            prop_assert!(applied.events.is_empty());
+            prop_assert!(applied.leases_changed.is_empty());
+            if (earlier as u64) >= (seq as u64).saturating_sub(WINDOW) {
+                prop_assert_eq!(&applied.result, &first_results[earlier]);
+            } else {
+                prop_assert_eq!(applied.result.outcome, Outcome::Nothing);
+            }
+            prop_assert_eq!(again.digest(), once.digest());
+        }
+        prop_assert_eq!(again.digest(), once.digest());
+    }
+}
+
+#[test]
+fn a_forwarded_write_holds_one_command() {
+    let mut r = Registry::new();
+    for (seq, inner) in [
+        Command::Batch {
+            commands: vec![Command::Barrier],
+        },
+        Command::Forwarded {
+            session: 1,
+            seq: 0,
+            answered_below: 0,
+            command: Box::new(Command::Barrier),
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let applied = r.apply(&Command::Forwarded {
+            session: 1,
+            seq: 5 + seq as u64,
+            answered_below: 0,
+            command: Box::new(inner),
+        });
+        assert!(
+            matches!(&applied.result.outcome, Outcome::Rejected(Rejection::Invalid(e)) if e.field == "command"),
+            "{applied:?}"
+        );
+    }
+}

@@ -122,6 +122,8 @@ pub struct NodeCore {
     pub read_index_batcher: crate::read_index::ReadIndexBatcher,
     /// Batches concurrent writes into one Raft entry.
     pub write_batcher: crate::write_batch::WriteBatcher,
+    /// Numbers the writes this node forwards, so a retry cannot apply one twice.
+    pub forwarded_writes: crate::forward::ForwardedWrites,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -247,48 +249,51 @@ impl NodeCore {
 
     /// Proposes a command through Raft, forwarding it to the leader when this node is
     /// not. A rejected command comes back as its `ApiError`.
-    ///
-    /// When a forwarded attempt got no answer (the leader died or the connection
-    /// broke after sending), the leader may have applied it, so the command is
-    /// retried but a rejection of the retry (e.g. "instance not found" for a
-    /// deregistration the first attempt carried out) is not reported as such: the
-    /// answer is an error saying the outcome is unknown. (Found by the fault suite,
-    /// `muster-chaos --faults kill-leader`; regression test in
-    /// `crates/muster-chaos/tests/regressions.rs`.)
     pub async fn propose(&self, command: Command) -> Result<ApplyResult, ApiError> {
-        let (result, maybe_applied_before) = self.propose_raw(command).await?;
+        let result = self.propose_raw(command).await?;
         self.await_applied_here(result.revision).await;
         match result.outcome {
-            Outcome::Rejected(r) if maybe_applied_before => Err(ApiError::Internal(format!(
-                "outcome unknown: the leader failed while handling this write, which may have been applied; \
-                 the retry was refused: {r}"
-            ))),
             Outcome::Rejected(r) => Err(r.into()),
             _ => Ok(result),
         }
     }
 
-    /// Proposes `command`; answers the result and whether an earlier forwarded
-    /// attempt may have been applied without an answer.
-    async fn propose_raw(&self, command: Command) -> Result<(ApplyResult, bool), ApiError> {
+    /// Proposes `command` here when this node leads, else forwards it to the leader,
+    /// until one answers or the write deadline passes.
+    ///
+    /// A forwarded attempt that got no answer (the leader died, or the connection
+    /// broke after sending) may still be committed, so once a command has been
+    /// forwarded it travels numbered in this node's forwarding session, and every
+    /// later attempt, forwarded or proposed here, carries the same number: the state
+    /// machine applies it once and answers a repeat with the first result. (Found by
+    /// the fault suite, seed 40019: a registration retried on the next leader was
+    /// applied twice, the second time over a newer write of the same key;
+    /// regression test in `crates/muster-chaos/tests/regressions.rs`.)
+    async fn propose_raw(&self, command: Command) -> Result<ApplyResult, ApiError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
-        let mut maybe_applied = false;
+        let mut command = command;
+        let mut in_flight = None;
         loop {
             // openraft answers ForwardToLeader only for entries it did not append or
-            // truncated, so retrying after it is safe.
+            // truncated, so proposing again after it is safe.
             match self.write_batcher.write(command.clone()).await {
-                Ok(result) => return Ok((result, maybe_applied)),
+                Ok(result) => return Ok(result),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
+                        if in_flight.is_none() {
+                            let (numbered, numbered_in_flight) = self.forwarded_writes.number(command);
+                            command = numbered;
+                            in_flight = Some(numbered_in_flight);
+                        }
                         self.metrics.forwarded_writes.inc();
                         match self
                             .forward_to(&node.addr, &ForwardRequest::Write(Box::new(command.clone())))
                             .await
                         {
-                            Ok(ForwardResponse::Written(r)) => return Ok((r, maybe_applied)),
+                            Ok(ForwardResponse::Written(r)) => return Ok(r),
                             Ok(ForwardResponse::Failed(e)) => return Err(e),
-                            // No answer: the leader may have applied it.
-                            Ok(_) | Err(_) => maybe_applied = true,
+                            // Not the leader any more, or no answer: try again.
+                            Ok(_) | Err(_) => {}
                         }
                     }
                 }
@@ -673,6 +678,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
             write_batcher: Default::default(),
+            forwarded_writes: Default::default(),
             quorum_clock,
             voted_before,
             startup_last_log_index,

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use muster_core::registry::Applied;
+use muster_core::sessions::ForwardSession;
 use muster_core::{Event, EventKind, Instance, InstanceKey, Lease, Registry, RegistrySnapshot, Revision};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
@@ -28,6 +29,10 @@ const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_COUNTERS: &[u8] = b"m/counters";
 const PREFIX_INSTANCE: &[u8] = b"i/";
 const PREFIX_LEASE: &[u8] = b"l/";
+/// A forwarding session (its results are stored apart, under `PREFIX_FORWARD_RESULT`).
+const PREFIX_FORWARD_SESSION: &[u8] = b"f/";
+/// A forwarded write's result: session id and number, both big-endian.
+const PREFIX_FORWARD_RESULT: &[u8] = b"r/";
 
 /// Receives the events of every apply, in revision order, while the registry's write
 /// lock is held (so a reader that takes the read lock sees a state consistent with
@@ -132,6 +137,35 @@ fn lease_key_bytes(id: u64) -> Vec<u8> {
     let mut k = PREFIX_LEASE.to_vec();
     k.extend_from_slice(&id.to_be_bytes());
     k
+}
+
+fn forward_session_key_bytes(session: u64) -> Vec<u8> {
+    let mut k = PREFIX_FORWARD_SESSION.to_vec();
+    k.extend_from_slice(&session.to_be_bytes());
+    k
+}
+
+fn forward_result_key_bytes(session: u64, seq: u64) -> Vec<u8> {
+    let mut k = PREFIX_FORWARD_RESULT.to_vec();
+    k.extend_from_slice(&session.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The session and number a forwarded result's key names.
+fn forward_result_key_parts(key: &[u8]) -> Option<(u64, u64)> {
+    let rest = key.strip_prefix(PREFIX_FORWARD_RESULT)?;
+    let session = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(rest.get(8..16)?.try_into().ok()?);
+    Some((session, seq))
+}
+
+/// A session as stored: without its results, which have keys of their own.
+fn session_record(session: &ForwardSession) -> ForwardSession {
+    ForwardSession {
+        results: Default::default(),
+        ..session.clone()
+    }
 }
 
 /// Writes `bytes` to `dir/name` durably: temp file, fsync, rename, fsync the directory.
@@ -243,6 +277,16 @@ impl StateMachineStore {
             let instance: Instance = bincode::deserialize(&v)?;
             registry.load_instance(instance);
         }
+        for item in self.db.scan_prefix(PREFIX_FORWARD_SESSION) {
+            let (_, v) = item?;
+            registry.load_forward_session(bincode::deserialize(&v)?);
+        }
+        for item in self.db.scan_prefix(PREFIX_FORWARD_RESULT) {
+            let (k, v) = item?;
+            if let Some((session, seq)) = forward_result_key_parts(&k) {
+                registry.load_forward_result(session, seq, bincode::deserialize(&v)?);
+            }
+        }
         if let Some(v) = self.db.get(KEY_COUNTERS)? {
             let (revision, next_lease): (u64, u64) = bincode::deserialize(&v)?;
             registry.load_counters(revision, next_lease);
@@ -283,6 +327,15 @@ impl StateMachineStore {
             let bytes = bincode::serialize(lease)?;
             batch.insert(lease_key_bytes(lease.id), bytes);
         }
+        for session in &image.forward_sessions {
+            batch.insert(
+                forward_session_key_bytes(session.id),
+                bincode::serialize(&session_record(session))?,
+            );
+            for (seq, result) in &session.results {
+                batch.insert(forward_result_key_bytes(session.id, *seq), bincode::serialize(result)?);
+            }
+        }
         let revision = image.revision;
         let counters = (image.revision, image.next_lease_id);
         self.last_applied = meta.last_log_id;
@@ -322,6 +375,24 @@ impl StateMachineStore {
                     batch.insert(lease_key_bytes(*id), bytes);
                 }
                 None => batch.remove(lease_key_bytes(*id)),
+            }
+        }
+        let sessions = registry.forward_sessions();
+        for &id in &applied.sessions_changed.sessions {
+            match sessions.get(id) {
+                Some(session) => {
+                    batch.insert(
+                        forward_session_key_bytes(id),
+                        bincode::serialize(&session_record(session))?,
+                    );
+                }
+                None => batch.remove(forward_session_key_bytes(id)),
+            }
+        }
+        for &(session, seq) in &applied.sessions_changed.results {
+            match sessions.result(session, seq) {
+                Some(result) => batch.insert(forward_result_key_bytes(session, seq), bincode::serialize(result)?),
+                None => batch.remove(forward_result_key_bytes(session, seq)),
             }
         }
         Ok(())

@@ -46,6 +46,22 @@ fn register(index: u64, i: usize, lease: Option<u64>) -> Entry<TypeConfig> {
     }
 }
 
+/// `register(index, i, None)` as write `seq` of a follower's forwarding session.
+fn forwarded(index: u64, i: usize, seq: u64, answered_below: u64) -> Entry<TypeConfig> {
+    let EntryPayload::Normal(command) = register(index, i, None).payload else {
+        unreachable!("register builds a normal entry");
+    };
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::Forwarded {
+            session: 77,
+            seq,
+            answered_below,
+            command: Box::new(command),
+        }),
+    }
+}
+
 fn grant(index: u64) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
@@ -63,11 +79,14 @@ async fn a_built_snapshot_reads_back_and_installs_as_the_same_registry() {
     let mut sm = StateMachineStore::open(&dir.path().join("a"), 1 << 20, Arc::new(NoSink)).expect("open");
     let mut entries = vec![grant(1)];
     entries.extend((0..50).map(|i| register(i as u64 + 2, i, (i % 2 == 0).then_some(1))));
+    // Forwarded writes whose results are remembered travel in the snapshot too.
+    entries.extend((0..5).map(|seq| forwarded(seq + 52, 50 + seq as usize, seq, 0)));
     sm.apply(entries).await.expect("apply");
     let expected: Registry = sm.shared().read().clone();
+    assert_eq!(expected.forward_sessions().get(77).map(|s| s.results.len()), Some(5));
 
     let built = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
-    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(51));
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(56));
 
     // The current snapshot is the file just written: its image is the registry.
     let current = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
@@ -96,4 +115,39 @@ async fn a_built_snapshot_reads_back_and_installs_as_the_same_registry() {
     let reopened = StateMachineStore::open(&other_dir, 1 << 20, Arc::new(NoSink)).expect("reopen");
     assert_eq!(reopened.shared().read().digest(), expected.digest());
     assert_eq!(reopened.shared().read().lease_instances(1).len(), 25);
+    assert_eq!(reopened.shared().read().forward_sessions(), expected.forward_sessions());
+}
+
+#[tokio::test]
+async fn a_forwarded_write_applied_before_a_restart_is_not_applied_again_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, expected) = {
+        let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("open");
+        let results = sm
+            .apply(vec![
+                forwarded(1, 0, 0, 0),
+                forwarded(2, 1, 1, 0),
+                forwarded(3, 2, 2, 1),
+            ])
+            .await
+            .expect("apply");
+        (results, sm.shared().read().clone())
+    };
+    // Write 0 was answered (the third says so): only 1 and 2 are remembered.
+    let session = expected.forward_sessions().get(77).expect("session");
+    assert_eq!(session.results.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+
+    let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("reopen");
+    assert_eq!(sm.shared().read().digest(), expected.digest());
+    assert_eq!(sm.shared().read().forward_sessions(), expected.forward_sessions());
+    // Sent again after the restart, write 2 answers its first result and changes
+    // nothing; write 0 is stale and answers nothing.
+    let again = sm
+        .apply(vec![forwarded(4, 2, 2, 1), forwarded(5, 0, 0, 0)])
+        .await
+        .expect("apply again");
+    assert_eq!(again[0], first[2]);
+    assert_eq!(again[1].outcome, muster_core::Outcome::Nothing);
+    assert_eq!(sm.shared().read().revision(), expected.revision());
+    assert_eq!(sm.shared().read().instance_count(), 3);
 }
