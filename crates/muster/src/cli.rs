@@ -135,11 +135,11 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
 
-    /// Lowest election timeout in milliseconds [default: 300].
+    /// Lowest election timeout in milliseconds [default: 200].
     #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
 
-    /// Highest election timeout in milliseconds [default: 600].
+    /// Highest election timeout in milliseconds [default: 400].
     #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
 
