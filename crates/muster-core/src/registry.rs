@@ -867,15 +867,10 @@ impl Registry {
         &self.forward_sessions
     }
 
-    /// Inserts a stored forwarding session as is, without its results; used when
-    /// loading state from disk.
-    pub fn load_forward_session(&mut self, session: ForwardSession) {
-        let results = self
-            .forward_sessions
-            .get(session.id)
-            .map(|s| s.results.clone())
-            .unwrap_or_default();
-        self.forward_sessions.load(ForwardSession { results, ..session });
+    /// Sets a stored forwarding session's bounds (its results are loaded apart);
+    /// used when loading state from disk.
+    pub fn load_forward_session(&mut self, id: u64, answered_below: u64, last_revision: Revision) {
+        self.forward_sessions.load_bounds(id, answered_below, last_revision);
     }
 
     /// Inserts a stored forwarded write's result as is; used when loading state

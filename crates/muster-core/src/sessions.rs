@@ -67,11 +67,6 @@ pub struct SessionChanges {
 }
 
 impl SessionChanges {
-    /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty() && self.results.is_empty()
-    }
-
     /// Adds `other`'s changes.
     pub fn extend(&mut self, other: SessionChanges) {
         self.sessions.extend(other.sessions);
@@ -110,18 +105,9 @@ impl ForwardSessions {
     pub fn begin(&mut self, session: u64, seq: u64, answered_below: u64, changes: &mut SessionChanges) -> Attempt {
         if !self.sessions.contains_key(&session) {
             self.make_room(changes);
-            self.sessions.insert(
-                session,
-                ForwardSession {
-                    id: session,
-                    ..Default::default()
-                },
-            );
             changes.sessions.push(session);
         }
-        let Some(state) = self.sessions.get_mut(&session) else {
-            return Attempt::First;
-        };
+        let state = self.session_mut(session);
         if answered_below > state.answered_below {
             state.answered_below = answered_below;
             let kept = state.results.split_off(&answered_below);
@@ -166,21 +152,30 @@ impl ForwardSessions {
         }
     }
 
-    /// Inserts a stored session as is (loading state from disk or a snapshot).
+    /// The session `id`, created empty if it is not remembered.
+    fn session_mut(&mut self, id: u64) -> &mut ForwardSession {
+        self.sessions.entry(id).or_insert_with(|| ForwardSession {
+            id,
+            ..Default::default()
+        })
+    }
+
+    /// Inserts a stored session as is (loading a snapshot).
     pub fn load(&mut self, session: ForwardSession) {
         self.sessions.insert(session.id, session);
     }
 
+    /// Sets a stored session's bounds, keeping results already loaded (loading
+    /// state from disk, where results are stored apart).
+    pub fn load_bounds(&mut self, id: u64, answered_below: u64, last_revision: Revision) {
+        let session = self.session_mut(id);
+        session.answered_below = answered_below;
+        session.last_revision = last_revision;
+    }
+
     /// Inserts a stored result as is (loading state from disk).
     pub fn load_result(&mut self, session: u64, seq: u64, result: ApplyResult) {
-        self.sessions
-            .entry(session)
-            .or_insert_with(|| ForwardSession {
-                id: session,
-                ..Default::default()
-            })
-            .results
-            .insert(seq, result);
+        self.session_mut(session).results.insert(seq, result);
     }
 }
 

@@ -97,6 +97,21 @@ fn apply_all(registry: &mut Registry, log: &[Command]) -> Vec<Applied> {
     log.iter().map(|c| registry.apply(c)).collect()
 }
 
+/// `log` cut into consecutive batches of the sizes in `cut`, taken in turn.
+fn cut_into_batches<'a>(log: &'a [Command], cut: &[usize]) -> Vec<&'a [Command]> {
+    let mut batches = Vec::new();
+    let mut rest = log;
+    for size in cut.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (batch, tail) = rest.split_at((*size).min(rest.len()));
+        batches.push(batch);
+        rest = tail;
+    }
+    batches
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -125,13 +140,7 @@ proptest! {
         let mut batched = Registry::new();
         let mut results = Vec::new();
         let mut events = Vec::new();
-        let mut rest = &log[..];
-        for size in cut.iter().cycle() {
-            if rest.is_empty() {
-                break;
-            }
-            let (batch, tail) = rest.split_at((*size).min(rest.len()));
-            rest = tail;
+        for batch in cut_into_batches(&log, &cut) {
             let applied = batched.apply(&Command::Batch { commands: batch.to_vec() });
             let Outcome::Batch(inner) = applied.result.outcome else {
                 panic!("a batch answers Outcome::Batch");
@@ -547,16 +556,16 @@ proptest! {
         let c = Registry::from_snapshot(a.to_snapshot());
         prop_assert_eq!(c.digest(), a.digest());
         prop_assert_eq!(c.forward_sessions(), a.forward_sessions());
+        // Cut into batches, the same results one by one and the same state.
         let mut batched = Registry::new();
-        let mut rest = &log[..];
-        for size in cut.iter().cycle() {
-            if rest.is_empty() {
-                break;
-            }
-            let (batch, tail) = rest.split_at((*size).min(rest.len()));
-            rest = tail;
-            batched.apply(&Command::Batch { commands: batch.to_vec() });
+        let mut results = Vec::new();
+        for batch in cut_into_batches(&log, &cut) {
+            let Outcome::Batch(inner) = batched.apply(&Command::Batch { commands: batch.to_vec() }).result.outcome else {
+                panic!("a batch answers Outcome::Batch");
+            };
+            results.extend(inner);
         }
+        prop_assert_eq!(results, apply_all(&mut Registry::new(), &log).into_iter().map(|a| a.result).collect::<Vec<_>>());
         prop_assert_eq!(batched.digest(), a.digest());
     }
 

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use muster_core::registry::Applied;
-use muster_core::sessions::ForwardSession;
 use muster_core::{Event, EventKind, Instance, InstanceKey, Lease, Registry, RegistrySnapshot, Revision};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
@@ -29,7 +28,8 @@ const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_COUNTERS: &[u8] = b"m/counters";
 const PREFIX_INSTANCE: &[u8] = b"i/";
 const PREFIX_LEASE: &[u8] = b"l/";
-/// A forwarding session (its results are stored apart, under `PREFIX_FORWARD_RESULT`).
+/// A forwarding session's `(answered_below, last_revision)`; its results are stored
+/// apart, under `PREFIX_FORWARD_RESULT`.
 const PREFIX_FORWARD_SESSION: &[u8] = b"f/";
 /// A forwarded write's result: session id and number, both big-endian.
 const PREFIX_FORWARD_RESULT: &[u8] = b"r/";
@@ -160,14 +160,6 @@ fn forward_result_key_parts(key: &[u8]) -> Option<(u64, u64)> {
     Some((session, seq))
 }
 
-/// A session as stored: without its results, which have keys of their own.
-fn session_record(session: &ForwardSession) -> ForwardSession {
-    ForwardSession {
-        results: Default::default(),
-        ..session.clone()
-    }
-}
-
 /// Writes `bytes` to `dir/name` durably: temp file, fsync, rename, fsync the directory.
 pub fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     write_durably_with(dir, name, |w| w.write_all(bytes))
@@ -278,8 +270,12 @@ impl StateMachineStore {
             registry.load_instance(instance);
         }
         for item in self.db.scan_prefix(PREFIX_FORWARD_SESSION) {
-            let (_, v) = item?;
-            registry.load_forward_session(bincode::deserialize(&v)?);
+            let (k, v) = item?;
+            let id = k.strip_prefix(PREFIX_FORWARD_SESSION).and_then(|id| id.try_into().ok());
+            if let Some(id) = id.map(u64::from_be_bytes) {
+                let (answered_below, last_revision): (u64, u64) = bincode::deserialize(&v)?;
+                registry.load_forward_session(id, answered_below, last_revision);
+            }
         }
         for item in self.db.scan_prefix(PREFIX_FORWARD_RESULT) {
             let (k, v) = item?;
@@ -330,7 +326,7 @@ impl StateMachineStore {
         for session in &image.forward_sessions {
             batch.insert(
                 forward_session_key_bytes(session.id),
-                bincode::serialize(&session_record(session))?,
+                bincode::serialize(&(session.answered_below, session.last_revision))?,
             );
             for (seq, result) in &session.results {
                 batch.insert(forward_result_key_bytes(session.id, *seq), bincode::serialize(result)?);
@@ -378,14 +374,16 @@ impl StateMachineStore {
             }
         }
         let sessions = registry.forward_sessions();
-        for &id in &applied.sessions_changed.sessions {
+        // A batch of forwarded writes names its session once per write.
+        let mut changed = applied.sessions_changed.sessions.clone();
+        changed.sort_unstable();
+        changed.dedup();
+        for id in changed {
             match sessions.get(id) {
-                Some(session) => {
-                    batch.insert(
-                        forward_session_key_bytes(id),
-                        bincode::serialize(&session_record(session))?,
-                    );
-                }
+                Some(session) => batch.insert(
+                    forward_session_key_bytes(id),
+                    bincode::serialize(&(session.answered_below, session.last_revision))?,
+                ),
                 None => batch.remove(forward_session_key_bytes(id)),
             }
         }
