@@ -590,12 +590,18 @@ async fn watch_connection(
     received: Arc<AtomicU64>,
     ready: Arc<AtomicU64>,
 ) {
-    let record = move |seq: usize, local: &mut Histogram<u64>| {
+    // One O(1) record per event into the shared histogram. (Merging a per-stream
+    // histogram after each event walked and cleared its whole bucket array, which made
+    // the load generator, not the servers, the bottleneck of this workload.)
+    let record = move |seq: usize| {
         let now = base.elapsed().as_micros() as u64;
         let sent = sent_at.get(seq).map_or(0, |a| a.load(Ordering::Relaxed));
         if sent > 0 {
-            let _ = local.record(now.saturating_sub(sent).max(1));
+            if let Ok(mut h) = hist.lock() {
+                let _ = h.record(now.saturating_sub(sent).max(1));
+            }
         }
+        received.fetch_add(1, Ordering::Relaxed);
     };
     let seq_of = |id: &str| id.rsplit('-').next().and_then(|n| n.parse::<usize>().ok());
     let mut streams = Vec::new();
@@ -615,10 +621,8 @@ async fn watch_connection(
                 };
                 ready.fetch_add(1, Ordering::Relaxed);
                 let mut stream = resp.into_inner();
-                let (hist, received, record) = (hist.clone(), received.clone(), record.clone());
+                let record = record.clone();
                 streams.push(tokio::spawn(async move {
-                    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                    let mut n = 0u64;
                     while let Some(Ok(msg)) = stream.next().await {
                         if let Some(pb::watch_response::Response::Event(pb::Event {
                             kind: Some(pb::event::Kind::Put(i)),
@@ -626,20 +630,8 @@ async fn watch_connection(
                         })) = msg.response
                         {
                             if let Some(seq) = seq_of(&i.instance_id) {
-                                record(seq, &mut local);
-                                n += 1;
-                                received.fetch_add(1, Ordering::Relaxed);
-                                if n.is_multiple_of(64) {
-                                    if let Ok(mut h) = hist.lock() {
-                                        let _ = h.add(&local);
-                                    }
-                                    local.reset();
-                                }
+                                record(seq);
                             }
-                        }
-                        if let Ok(mut h) = hist.lock() {
-                            let _ = h.add(&local);
-                            local.reset();
                         }
                     }
                 }));
@@ -658,19 +650,13 @@ async fn watch_connection(
                     continue;
                 };
                 ready.fetch_add(1, Ordering::Relaxed);
-                let (hist, received, record) = (hist.clone(), received.clone(), record.clone());
+                let record = record.clone();
                 streams.push(tokio::spawn(async move {
-                    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
                     while let Ok(Some(resp)) = stream.message().await {
                         for ev in resp.events() {
                             if let Some(seq) = ev.kv().and_then(|kv| kv.key_str().ok()).and_then(seq_of) {
-                                record(seq, &mut local);
-                                received.fetch_add(1, Ordering::Relaxed);
+                                record(seq);
                             }
-                        }
-                        if let Ok(mut h) = hist.lock() {
-                            let _ = h.add(&local);
-                            local.reset();
                         }
                     }
                 }));

@@ -7,7 +7,6 @@ use muster_core::{
     validate, Command, DiscoverFilter, Health, Instance, InstanceKey, InstanceSpec, LeaseId, Outcome, Revision,
     ServiceKey, ServiceSummary, WatchFilter,
 };
-use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::node::NodeCore;
@@ -188,7 +187,7 @@ impl NodeCore {
         service: &str,
         start_revision: Revision,
         encoder: E,
-    ) -> Result<mpsc::Receiver<E::Item>, ApiError> {
+    ) -> Result<crate::watch::WatchStream<E::Item>, ApiError> {
         validate::namespace(namespace)?;
         if !service.is_empty() {
             validate::dns_label("service", service)?;

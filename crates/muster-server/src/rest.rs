@@ -42,7 +42,6 @@ use axum::{Json, Router};
 use futures::Stream;
 use muster_core::{validate, DiscoverFilter, Health, InstanceKey, InstanceSpec, ValidationError};
 use serde::{Deserialize, Deserializer, Serialize};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tracing::instrument;
 
@@ -645,9 +644,10 @@ async fn watch(State(core): State<Arc<NodeCore>>, headers: HeaderMap, mut query:
             .ok_or_else(|| invalid("Last-Event-ID", "must be a revision (a non-negative integer)"))?;
         start_revision = last.saturating_add(1);
     }
-    let rx = core.watch(&namespace, &service, start_revision, MessageEncoder)?;
-    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>> =
-        Box::pin(ReceiverStream::new(rx).map(|m| Ok(sse_event(m))));
+    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>> = Box::pin(
+        core.watch(&namespace, &service, start_revision, MessageEncoder)?
+            .map(|m| Ok(sse_event(m))),
+    );
     let meta = NodeMeta::new(&core.view(), 0);
     let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))

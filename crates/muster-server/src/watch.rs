@@ -11,16 +11,19 @@
 //! out: [`start_watcher`] yields encoded `muster.v1.WatchResponse`s (gRPC),
 //! [`start_watch_messages`] yields [`WatchMessage`]s (SSE and other JSON frontends).
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
 use muster_core::history::Replay;
 use muster_core::{Event, Instance, Revision, WatchFilter, WatchHistory};
 use muster_proto::v1 as pb;
 use muster_store::{EventSink, SharedState};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::config::WatchSettings;
 use crate::metrics::Metrics;
@@ -225,27 +228,32 @@ fn matching_state(shared: &SharedState, filter: &WatchFilter) -> (Revision, Vec<
     (registry.revision(), registry.matching(filter))
 }
 
-/// Starts a gRPC watcher task and returns its output channel of encoded
-/// `WatchResponse`s. The task ends when the client goes away or `shutdown` fires.
+/// A watcher's items, pulled by whoever sends them to the client (the gRPC or SSE
+/// response body). No task or channel sits between the hub and the response: the
+/// watcher runs when the client's connection is ready for more, and it ends when
+/// the response is dropped (client gone) or the node shuts down.
+pub type WatchStream<T> = BoxStream<'static, T>;
+
+/// A gRPC watcher: encoded `muster.v1.WatchResponse`s (same semantics as
+/// [`start_watch_with`]).
 pub fn start_watcher(
     hub: Arc<WatchHub>,
     shared: Arc<SharedState>,
     filter: WatchFilter,
     start_revision: Revision,
     shutdown: CancellationToken,
-) -> mpsc::Receiver<WatchItem> {
+) -> WatchStream<WatchItem> {
     start_watch_with(hub, shared, filter, start_revision, shutdown, ProtobufEncoder)
 }
 
-/// Starts a watcher task that hands out [`WatchMessage`]s (same semantics as
-/// [`start_watcher`]).
+/// A watcher that hands out [`WatchMessage`]s (same semantics as [`start_watcher`]).
 pub fn start_watch_messages(
     hub: Arc<WatchHub>,
     shared: Arc<SharedState>,
     filter: WatchFilter,
     start_revision: Revision,
     shutdown: CancellationToken,
-) -> mpsc::Receiver<WatchMessage> {
+) -> WatchStream<WatchMessage> {
     start_watch_with(hub, shared, filter, start_revision, shutdown, MessageEncoder)
 }
 
@@ -262,11 +270,11 @@ pub fn start_watch_with<E: WatchEncoder>(
     start_revision: Revision,
     shutdown: CancellationToken,
     encoder: E,
-) -> mpsc::Receiver<E::Item> {
-    let (out, rx) = mpsc::channel::<E::Item>(64);
-    let mut live = hub.subscribe();
+) -> WatchStream<E::Item> {
+    // Subscribe before reading the state, so nothing falls in between.
+    let live = hub.subscribe();
     // Everything up to `last` has been sent (or did not match).
-    let (initial, mut last) = {
+    let (initial, last): (VecDeque<E::Item>, Revision) = {
         let registry = shared.read();
         let history = hub.history();
         let current = registry.revision();
@@ -277,7 +285,7 @@ pub fn start_watch_with<E: WatchEncoder>(
             } else {
                 start_revision - 1
             };
-            (Vec::new(), last)
+            (VecDeque::new(), last)
         } else {
             match history.replay_from(start_revision) {
                 Replay::Events(events) => (
@@ -293,92 +301,117 @@ pub fn start_watch_with<E: WatchEncoder>(
                     drop(registry);
                     let (revision, instances) = matching_state(&shared, &filter);
                     hub.metrics.watch_resets.inc();
-                    (vec![encoder.reset(revision, instances)], revision)
+                    (VecDeque::from([encoder.reset(revision, instances)]), revision)
                 }
             }
         }
     };
-    let metrics = hub.metrics.clone();
-    let progress_every = hub.settings.progress_interval;
-    tokio::spawn(async move {
-        metrics.watchers.inc();
-        let _guard = scopeguard(metrics.clone());
-        for item in initial {
-            if out.send(item).await.is_err() {
-                return;
-            }
-            metrics.watch_events_sent.inc();
+    hub.metrics.watchers.inc();
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + hub.settings.progress_interval,
+        hub.settings.progress_interval,
+    );
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watcher = Watcher {
+        _gauge: WatcherGuard(hub.metrics.clone()),
+        metrics: hub.metrics.clone(),
+        shared,
+        filter,
+        encoder,
+        live,
+        pending: initial,
+        last,
+        progress,
+        sent_since_progress: false,
+        shutdown: Box::pin(shutdown.cancelled_owned()),
+    };
+    futures::stream::unfold(watcher, |mut watcher| async move {
+        let item = watcher.next_item().await?;
+        Some((item, watcher))
+    })
+    .boxed()
+}
+
+/// One watcher's state between the items it hands out.
+struct Watcher<E: WatchEncoder> {
+    _gauge: WatcherGuard,
+    metrics: Arc<Metrics>,
+    shared: Arc<SharedState>,
+    filter: WatchFilter,
+    encoder: E,
+    live: broadcast::Receiver<Arc<HubItem>>,
+    /// Replayed items not handed out yet.
+    pending: VecDeque<E::Item>,
+    last: Revision,
+    progress: tokio::time::Interval,
+    sent_since_progress: bool,
+    /// Registered once, so waiting for an item does not re-register each time.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<E: WatchEncoder> Watcher<E> {
+    /// The next item for the client; `None` ends the stream.
+    async fn next_item(&mut self) -> Option<E::Item> {
+        if let Some(item) = self.pending.pop_front() {
+            self.metrics.watch_events_sent.inc();
+            return Some(item);
         }
-        let mut progress = tokio::time::interval(progress_every);
-        progress.tick().await;
-        let mut sent_since_progress = false;
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = progress.tick() => {
-                    if !sent_since_progress {
-                        // `last`, not the applied revision: events up to the applied
-                        // revision may still wait in this watcher's queue, and a
-                        // bookmark past them would let a resuming client skip them.
-                        if out.send(encoder.progress(last)).await.is_err() {
-                            return;
-                        }
-                    }
-                    sent_since_progress = false;
-                }
-                item = live.recv() => {
+                biased;
+                _ = &mut self.shutdown => return None,
+                item = self.live.recv() => {
                     match item {
                         Ok(item) => match &*item {
                             HubItem::Event(hub_event) => {
                                 let event = &hub_event.event;
-                                if event.revision <= last {
+                                if event.revision <= self.last {
                                     continue;
                                 }
-                                last = event.revision;
-                                if filter.matches(event) {
-                                    if out.send(encoder.event(hub_event)).await.is_err() {
-                                        return;
-                                    }
-                                    metrics.watch_events_sent.inc();
-                                    sent_since_progress = true;
+                                self.last = event.revision;
+                                if self.filter.matches(event) {
+                                    self.metrics.watch_events_sent.inc();
+                                    self.sent_since_progress = true;
+                                    return Some(self.encoder.event(hub_event));
                                 }
                             }
-                            HubItem::Reset(_) => {
-                                let (revision, instances) = matching_state(&shared, &filter);
-                                last = revision;
-                                metrics.watch_resets.inc();
-                                if out.send(encoder.reset(revision, instances)).await.is_err() {
-                                    return;
-                                }
-                            }
+                            HubItem::Reset(_) => return Some(self.reset()),
                         },
                         Err(broadcast::error::RecvError::Lagged(skipped)) => {
                             tracing::debug!(skipped, "watcher fell behind; sending a reset");
-                            let (revision, instances) = matching_state(&shared, &filter);
-                            last = revision;
-                            metrics.watch_resets.inc();
-                            if out.send(encoder.reset(revision, instances)).await.is_err() {
-                                return;
-                            }
+                            return Some(self.reset());
                         }
-                        Err(broadcast::error::RecvError::Closed) => return,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+                _ = self.progress.tick() => {
+                    let idle = !self.sent_since_progress;
+                    self.sent_since_progress = false;
+                    if idle {
+                        // `last`, not the applied revision: events up to the applied
+                        // revision may still wait in this watcher's ring position, and
+                        // a bookmark past them would let a resuming client skip them.
+                        return Some(self.encoder.progress(self.last));
                     }
                 }
             }
         }
-    });
-    rx
+    }
+
+    /// Every matching instance as of now, from which the watch continues live.
+    fn reset(&mut self) -> E::Item {
+        let (revision, instances) = matching_state(&self.shared, &self.filter);
+        self.last = revision;
+        self.metrics.watch_resets.inc();
+        self.encoder.reset(revision, instances)
+    }
 }
 
-/// Decrements the watcher gauge when the watcher task ends.
+/// Decrements the watcher gauge when the watcher ends.
 struct WatcherGuard(Arc<Metrics>);
 
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
         self.0.watchers.dec();
     }
-}
-
-fn scopeguard(metrics: Arc<Metrics>) -> WatcherGuard {
-    WatcherGuard(metrics)
 }

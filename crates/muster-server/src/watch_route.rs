@@ -14,7 +14,6 @@ use futures::Stream;
 use muster_proto::v1 as pb;
 use muster_proto::v1::registry_server::RegistryServer;
 use prost::Message;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError};
@@ -28,7 +27,7 @@ use crate::node::NodeCore;
 const WATCH_PATH: &str = "/muster.v1.Registry/Watch";
 
 /// Opens a watch stream of encoded `WatchResponse`s after validating the request.
-pub fn open_watch(core: &NodeCore, req: pb::WatchRequest) -> Result<tokio::sync::mpsc::Receiver<Bytes>, ApiError> {
+pub fn open_watch(core: &NodeCore, req: pb::WatchRequest) -> Result<crate::watch::WatchStream<Bytes>, ApiError> {
     core.watch(
         &req.namespace,
         &req.service,
@@ -103,8 +102,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchMethod {
     fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
         let core = self.core.clone();
         Box::pin(async move {
-            let rx = open_watch(&core, request.into_inner())?;
-            let stream: EncodedStream = Box::pin(ReceiverStream::new(rx).map(Ok));
+            let stream: EncodedStream = Box::pin(open_watch(&core, request.into_inner())?.map(Ok));
             Ok(Response::new(stream))
         })
     }
