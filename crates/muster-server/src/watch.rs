@@ -313,7 +313,6 @@ pub fn start_watch_with<E: WatchEncoder>(
     );
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watcher = Watcher {
-        _gauge: WatcherGuard(hub.metrics.clone()),
         metrics: hub.metrics.clone(),
         shared,
         filter,
@@ -334,7 +333,7 @@ pub fn start_watch_with<E: WatchEncoder>(
 
 /// One watcher's state between the items it hands out.
 struct Watcher<E: WatchEncoder> {
-    _gauge: WatcherGuard,
+    /// Counts this watcher in `watchers` from its start until it is dropped.
     metrics: Arc<Metrics>,
     shared: Arc<SharedState>,
     filter: WatchFilter,
@@ -407,11 +406,10 @@ impl<E: WatchEncoder> Watcher<E> {
     }
 }
 
-/// Decrements the watcher gauge when the watcher ends.
-struct WatcherGuard(Arc<Metrics>);
-
-impl Drop for WatcherGuard {
+/// The watcher ends when its stream is dropped: the client went away or the node
+/// is shutting down.
+impl<E: WatchEncoder> Drop for Watcher<E> {
     fn drop(&mut self) {
-        self.0.watchers.dec();
+        self.metrics.watchers.dec();
     }
 }
