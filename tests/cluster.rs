@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use muster_proto::v1 as pb;
 use muster_proto::v1::registry_client::RegistryClient;
 use muster_testkit::{eventually, init_tracing, TestCluster};
@@ -229,6 +229,21 @@ async fn a_watch_from_a_revision_replays_exactly_the_missed_events() -> Result<(
         }
     };
     assert_eq!(next.revision, from + 4);
+
+    // A client that goes away does not leave its watcher behind.
+    let core = cluster.nodes[&follower]
+        .handle
+        .as_ref()
+        .context("the follower runs")?
+        .core()
+        .clone();
+    assert_eq!(core.metrics.watchers.get(), 1);
+    drop(stream);
+    eventually(Duration::from_secs(5), "the watcher to end", || {
+        let core = core.clone();
+        async move { Ok(core.metrics.watchers.get() == 0) }
+    })
+    .await?;
     cluster.shutdown().await;
     Ok(())
 }

@@ -19,9 +19,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::api::ReadConsistency;
+use crate::coalesced_writes::incoming;
 use crate::error::ApiError;
 use crate::forward::MembershipChange;
-use crate::node::{incoming, NodeCore};
+use crate::node::NodeCore;
 
 /// Most leases one keep-alive stream may renew per second before it is slowed.
 const KEEPALIVE_BATCH: usize = 256;

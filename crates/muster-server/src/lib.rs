@@ -10,6 +10,7 @@ pub mod actions;
 pub mod api;
 pub mod blocking;
 pub mod checks;
+pub mod coalesced_writes;
 pub mod config;
 pub mod consul;
 pub mod error;

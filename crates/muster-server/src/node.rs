@@ -80,14 +80,6 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
 }
 
-/// Accepted connections from `listener` with Nagle's algorithm off (tonic applies
-/// its own TCP settings only to listeners it binds itself).
-pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
-}
-
 /// Everything the API handlers and background tasks share.
 pub struct NodeCore {
     /// This node's id.

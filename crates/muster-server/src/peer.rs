@@ -12,10 +12,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::coalesced_writes::incoming;
 use crate::error::ApiError;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::network::MAX_PEER_MESSAGE_BYTES;
-use crate::node::{incoming, NodeCore};
+use crate::node::NodeCore;
 
 /// Serves the peer API on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {

@@ -38,7 +38,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // With the LIFO slot, a task woken by another runs right after it: each watch
+    // stream that queued an event woke its connection's writer, which then sent that
+    // one frame. Without it the writer runs after the other woken streams and sends
+    // their frames together (and concurrent unary answers likewise). BENCHMARKS.md
+    // has the measurements. `tokio_unstable` is set in .cargo/config.toml.
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("muster: starting the runtime: {e}");
