@@ -249,6 +249,74 @@ async fn a_watch_from_a_revision_replays_exactly_the_missed_events() -> Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watchers_sharing_a_connection_or_not_all_get_each_change_and_end_when_the_node_stops() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let mut writer = cluster.registry(1).await?;
+    let follower = cluster.follower().await?;
+    // Three streams on one connection (one wake group), one on a connection of its own.
+    let shared = cluster.registry(follower).await?;
+    let own = cluster.registry(follower).await?;
+    let mut streams = Vec::new();
+    for mut client in [shared.clone(), shared.clone(), shared, own] {
+        let stream = client
+            .watch(pb::WatchRequest {
+                service: "fan".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        streams.push(stream);
+    }
+    let core = cluster.nodes[&follower]
+        .handle
+        .as_ref()
+        .context("the follower runs")?
+        .core()
+        .clone();
+    eventually(Duration::from_secs(5), "every watcher to start", || {
+        let core = core.clone();
+        async move { Ok(core.metrics.watchers.get() == 4) }
+    })
+    .await?;
+    let mut written = Vec::new();
+    for n in 0..3 {
+        let resp = register(&mut writer, instance("fan", &format!("f-{n}"), 80), 0).await?;
+        written.push(revision(&resp.header));
+    }
+    for stream in &mut streams {
+        let mut seen = Vec::new();
+        while seen.len() < written.len() {
+            let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await?
+                .context("stream ended early")??;
+            if let Some(e) = event_of(msg) {
+                seen.push(e.revision);
+            }
+        }
+        assert_eq!(seen, written, "each watcher gets every change, in order");
+    }
+
+    // Stopping the node ends every open stream, and the stop is not held up by them.
+    tokio::time::timeout(Duration::from_secs(10), cluster.stop(follower)).await?;
+    for stream in &mut streams {
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match stream.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return,
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the stream ends when its node stops");
+    }
+    assert_eq!(core.metrics.watchers.get(), 0);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_watcher_that_falls_behind_gets_a_reset_and_ends_with_the_right_state() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start_with(3, |c| c.watch.queue = 16).await?;

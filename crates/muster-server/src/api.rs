@@ -179,13 +179,15 @@ impl NodeCore {
     }
 
     /// Opens a watch of one namespace (empty: all) and service (empty: all) from
-    /// `start_revision` (0: live from now), handing out items made by `encoder`. The
-    /// stream ends when the receiver is dropped or the node stops.
+    /// `start_revision` (0: live from now), handing out items made by `encoder`, for a
+    /// client on `connection` (see [`crate::watch::ConnectionKey`]). The stream ends
+    /// when the receiver is dropped or the node stops.
     pub fn watch<E: WatchEncoder>(
         &self,
         namespace: &str,
         service: &str,
         start_revision: Revision,
+        connection: crate::watch::ConnectionKey,
         encoder: E,
     ) -> Result<crate::watch::WatchStream<E::Item>, ApiError> {
         validate::namespace(namespace)?;
@@ -201,7 +203,7 @@ impl NodeCore {
             self.shared.clone(),
             filter,
             start_revision,
-            self.shutdown.clone(),
+            connection,
             encoder,
         ))
     }

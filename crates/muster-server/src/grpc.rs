@@ -253,7 +253,7 @@ impl Registry for RegistryApi {
     /// wrapper (which answers Watch with pre-encoded events); decodes them back.
     #[instrument(skip_all)]
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let stream = crate::watch_route::open_watch(&self.core, request.into_inner())?.map(|bytes| {
+        let stream = crate::watch_route::open_watch(&self.core, request)?.map(|bytes| {
             <pb::WatchResponse as prost::Message>::decode(bytes).map_err(|e| Status::internal(e.to_string()))
         });
         Ok(Response::new(Box::pin(stream)))

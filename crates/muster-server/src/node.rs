@@ -692,6 +692,7 @@ impl Node {
             tokio::spawn(crate::checks::run(core.clone())),
             tokio::spawn(crate::blocking::run(core.clone())),
             tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),
+            tokio::spawn(close_watches_on_shutdown(core.clone())),
         ];
 
         bootstrap(&core).await?;
@@ -709,6 +710,13 @@ impl Node {
             store_open,
         })
     }
+}
+
+/// Ends every watch when the node stops, so long-lived streams do not hold up the
+/// servers' graceful shutdown.
+async fn close_watches_on_shutdown(core: Arc<NodeCore>) {
+    core.shutdown.cancelled().await;
+    core.hub.close();
 }
 
 async fn bootstrap(core: &Arc<NodeCore>) -> Result<(), NodeError> {

@@ -645,7 +645,7 @@ async fn watch(State(core): State<Arc<NodeCore>>, headers: HeaderMap, mut query:
         start_revision = last.saturating_add(1);
     }
     let stream: std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>> = Box::pin(
-        core.watch(&namespace, &service, start_revision, MessageEncoder)?
+        core.watch(&namespace, &service, start_revision, None, MessageEncoder)?
             .map(|m| Ok(sse_event(m))),
     );
     let meta = NodeMeta::new(&core.view(), 0);

@@ -7,13 +7,19 @@
 //! events behind. One that falls further gets a `Reset` with the full matching state
 //! and continues live from there, so memory stays bounded and no change is missed.
 //!
+//! Watchers are woken by connection: the watchers whose items leave by one client
+//! connection share a wake group, and a published batch wakes each group in turn,
+//! so a connection's streams run one after the other and their frames leave in one
+//! write, instead of one write per stream in whatever order the streams subscribed.
+//!
 //! One watcher loop serves every frontend; a [`WatchEncoder`] decides what it hands
-//! out: [`start_watcher`] yields encoded `muster.v1.WatchResponse`s (gRPC),
-//! [`start_watch_messages`] yields [`WatchMessage`]s (SSE and other JSON frontends).
+//! out: [`ProtobufEncoder`] yields encoded `muster.v1.WatchResponse`s (gRPC),
+//! [`MessageEncoder`] yields [`WatchMessage`]s (SSE and other JSON frontends).
 
-use std::collections::VecDeque;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
@@ -22,8 +28,8 @@ use muster_core::{Event, Instance, Revision, WatchFilter, WatchHistory};
 use muster_proto::v1 as pb;
 use muster_store::{EventSink, SharedState};
 use prost::Message;
-use tokio::sync::broadcast;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::sync::Notify;
 
 use crate::config::WatchSettings;
 use crate::metrics::Metrics;
@@ -69,11 +75,18 @@ pub enum HubItem {
     Reset(Revision),
 }
 
+/// The connection a watcher's items leave by: its client's address, or `None` for
+/// watchers that are not grouped (they share one wake group).
+pub type ConnectionKey = Option<SocketAddr>;
+
 /// The hub every watcher subscribes to.
 pub struct WatchHub {
     settings: WatchSettings,
     history: Mutex<WatchHistory>,
     sender: broadcast::Sender<Arc<HubItem>>,
+    /// One wake group per connection with live watchers.
+    wake_groups: Mutex<HashMap<ConnectionKey, Weak<Notify>>>,
+    closed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -85,6 +98,8 @@ impl WatchHub {
             history: Mutex::new(WatchHistory::new(settings.history, 0)),
             settings,
             sender,
+            wake_groups: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
             metrics,
         }
     }
@@ -98,29 +113,71 @@ impl WatchHub {
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Weak<Notify>>> {
+        self.wake_groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Subscribes to live items (subscribe before reading state, so nothing falls in
     /// between).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<HubItem>> {
         self.sender.subscribe()
     }
+
+    /// The wake group of `connection`, made when it has no live watcher yet.
+    fn wake_group(&self, connection: ConnectionKey) -> Arc<Notify> {
+        let mut groups = self.groups();
+        if let Some(group) = groups.get(&connection).and_then(Weak::upgrade) {
+            return group;
+        }
+        let group = Arc::new(Notify::new());
+        groups.insert(connection, Arc::downgrade(&group));
+        group
+    }
+
+    /// Wakes every waiting watcher, a connection's watchers together; forgets the
+    /// groups whose watchers are all gone.
+    fn wake_watchers(&self) {
+        let live: Vec<Arc<Notify>> = {
+            let mut groups = self.groups();
+            groups.retain(|_, group| group.strong_count() > 0);
+            groups.values().filter_map(Weak::upgrade).collect()
+        };
+        for group in live {
+            group.notify_waiters();
+        }
+    }
+
+    /// Ends every watcher (the node is stopping); watchers opened later end at once.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake_watchers();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
 }
 
 impl EventSink for WatchHub {
     fn publish(&self, events: &[Event], _revision: Revision) {
-        let mut history = self.history();
-        for event in events {
-            let event = Arc::new(event.clone());
-            history.push(event.clone());
-            // No receivers is fine: nobody watches.
-            let _ = self
-                .sender
-                .send(Arc::new(HubItem::Event(Arc::new(HubEvent::new(event)))));
+        {
+            let mut history = self.history();
+            for event in events {
+                let event = Arc::new(event.clone());
+                history.push(event.clone());
+                // No receivers is fine: nobody watches.
+                let _ = self
+                    .sender
+                    .send(Arc::new(HubItem::Event(Arc::new(HubEvent::new(event)))));
+            }
         }
+        self.wake_watchers();
     }
 
     fn reset(&self, revision: Revision) {
         self.history().reset(revision);
         let _ = self.sender.send(Arc::new(HubItem::Reset(revision)));
+        self.wake_watchers();
     }
 }
 
@@ -231,44 +288,22 @@ fn matching_state(shared: &SharedState, filter: &WatchFilter) -> (Revision, Vec<
 /// A watcher's items, pulled by whoever sends them to the client (the gRPC or SSE
 /// response body). No task or channel sits between the hub and the response: the
 /// watcher runs when the client's connection is ready for more, and it ends when
-/// the response is dropped (client gone) or the node shuts down.
+/// the response is dropped (client gone) or the hub closes (node shutting down).
 pub type WatchStream<T> = BoxStream<'static, T>;
-
-/// A gRPC watcher: encoded `muster.v1.WatchResponse`s (same semantics as
-/// [`start_watch_with`]).
-pub fn start_watcher(
-    hub: Arc<WatchHub>,
-    shared: Arc<SharedState>,
-    filter: WatchFilter,
-    start_revision: Revision,
-    shutdown: CancellationToken,
-) -> WatchStream<WatchItem> {
-    start_watch_with(hub, shared, filter, start_revision, shutdown, ProtobufEncoder)
-}
-
-/// A watcher that hands out [`WatchMessage`]s (same semantics as [`start_watcher`]).
-pub fn start_watch_messages(
-    hub: Arc<WatchHub>,
-    shared: Arc<SharedState>,
-    filter: WatchFilter,
-    start_revision: Revision,
-    shutdown: CancellationToken,
-) -> WatchStream<WatchMessage> {
-    start_watch_with(hub, shared, filter, start_revision, shutdown, MessageEncoder)
-}
 
 /// The one watcher implementation: replay from `start_revision` (or reset when it is
 /// older than the history), then live events, progress bookmarks when idle, and a
 /// reset whenever the watcher falls behind or the state is replaced.
 ///
 /// `start_revision` 0 means "live from now"; a revision not reached yet means "from
-/// that revision on, when it comes".
+/// that revision on, when it comes". The watcher is woken with the others of
+/// `connection`; it ends when its stream is dropped or the hub closes.
 pub fn start_watch_with<E: WatchEncoder>(
     hub: Arc<WatchHub>,
     shared: Arc<SharedState>,
     filter: WatchFilter,
     start_revision: Revision,
-    shutdown: CancellationToken,
+    connection: ConnectionKey,
     encoder: E,
 ) -> WatchStream<E::Item> {
     // Subscribe before reading the state, so nothing falls in between.
@@ -314,6 +349,8 @@ pub fn start_watch_with<E: WatchEncoder>(
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watcher = Watcher {
         metrics: hub.metrics.clone(),
+        wake: hub.wake_group(connection),
+        hub,
         shared,
         filter,
         encoder,
@@ -322,7 +359,6 @@ pub fn start_watch_with<E: WatchEncoder>(
         last,
         progress,
         sent_since_progress: false,
-        shutdown: Box::pin(shutdown.cancelled_owned()),
     };
     futures::stream::unfold(watcher, |mut watcher| async move {
         let item = watcher.next_item().await?;
@@ -331,69 +367,111 @@ pub fn start_watch_with<E: WatchEncoder>(
     .boxed()
 }
 
+/// How a watcher's wait ended.
+enum Wait<T> {
+    /// Its group was woken (or the ring has items): look at the ring.
+    Woken,
+    /// Idle for a progress interval: the bookmark to send.
+    Progress(T),
+    /// The hub closed.
+    Closed,
+}
+
 /// One watcher's state between the items it hands out.
 struct Watcher<E: WatchEncoder> {
     /// Counts this watcher in `watchers` from its start until it is dropped.
     metrics: Arc<Metrics>,
+    hub: Arc<WatchHub>,
+    /// Its connection's wake group (kept alive by its watchers).
+    wake: Arc<Notify>,
     shared: Arc<SharedState>,
     filter: WatchFilter,
     encoder: E,
+    /// Its position in the broadcast ring: read without waiting, woken by `wake`.
     live: broadcast::Receiver<Arc<HubItem>>,
     /// Replayed items not handed out yet.
     pending: VecDeque<E::Item>,
     last: Revision,
     progress: tokio::time::Interval,
     sent_since_progress: bool,
-    /// Registered once, so waiting for an item does not re-register each time.
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl<E: WatchEncoder> Watcher<E> {
     /// The next item for the client; `None` ends the stream.
     async fn next_item(&mut self) -> Option<E::Item> {
+        if self.hub.is_closed() {
+            return None;
+        }
         if let Some(item) = self.pending.pop_front() {
             self.metrics.watch_events_sent.inc();
             return Some(item);
         }
         loop {
-            tokio::select! {
-                biased;
-                _ = &mut self.shutdown => return None,
-                item = self.live.recv() => {
-                    match item {
-                        Ok(item) => match &*item {
-                            HubItem::Event(hub_event) => {
-                                let event = &hub_event.event;
-                                if event.revision <= self.last {
-                                    continue;
-                                }
-                                self.last = event.revision;
-                                if self.filter.matches(event) {
-                                    self.metrics.watch_events_sent.inc();
-                                    self.sent_since_progress = true;
-                                    return Some(self.encoder.event(hub_event));
-                                }
-                            }
-                            HubItem::Reset(_) => return Some(self.reset()),
-                        },
-                        Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                            tracing::debug!(skipped, "watcher fell behind; sending a reset");
-                            return Some(self.reset());
+            let item = match self.live.try_recv() {
+                Err(TryRecvError::Empty) => match self.wait().await {
+                    Wait::Woken => continue,
+                    Wait::Progress(item) => return Some(item),
+                    Wait::Closed => return None,
+                },
+                other => other,
+            };
+            match item {
+                Ok(item) => match &*item {
+                    HubItem::Event(hub_event) => {
+                        let event = &hub_event.event;
+                        if event.revision <= self.last {
+                            continue;
                         }
-                        Err(broadcast::error::RecvError::Closed) => return None,
+                        self.last = event.revision;
+                        if self.filter.matches(event) {
+                            self.metrics.watch_events_sent.inc();
+                            self.sent_since_progress = true;
+                            return Some(self.encoder.event(hub_event));
+                        }
                     }
+                    HubItem::Reset(_) => return Some(self.reset()),
+                },
+                Err(TryRecvError::Lagged(skipped)) => {
+                    tracing::debug!(skipped, "watcher fell behind; sending a reset");
+                    return Some(self.reset());
                 }
-                _ = self.progress.tick() => {
-                    let idle = !self.sent_since_progress;
-                    self.sent_since_progress = false;
-                    if idle {
-                        // `last`, not the applied revision: events up to the applied
-                        // revision may still wait in this watcher's ring position, and
-                        // a bookmark past them would let a resuming client skip them.
-                        return Some(self.encoder.progress(self.last));
-                    }
+                Err(TryRecvError::Closed) => return None,
+                Err(TryRecvError::Empty) => continue,
+            }
+        }
+    }
+
+    /// Waits for the next wake of this watcher's group or its progress tick.
+    async fn wait(&mut self) -> Wait<E::Item> {
+        // Register for the next wake, then look again: a batch published in between
+        // is either seen now or wakes this watcher.
+        let woken = self.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if self.hub.is_closed() {
+            return Wait::Closed;
+        }
+        if !self.live.is_empty() {
+            return Wait::Woken;
+        }
+        tokio::select! {
+            biased;
+            _ = &mut woken => {}
+            _ = self.progress.tick() => {
+                let idle = !self.sent_since_progress;
+                self.sent_since_progress = false;
+                if idle {
+                    // `last`, not the applied revision: events up to the applied
+                    // revision may still wait in this watcher's ring position, and a
+                    // bookmark past them would let a resuming client skip them.
+                    return Wait::Progress(self.encoder.progress(self.last));
                 }
             }
+        }
+        if self.hub.is_closed() {
+            Wait::Closed
+        } else {
+            Wait::Woken
         }
     }
 
@@ -406,8 +484,8 @@ impl<E: WatchEncoder> Watcher<E> {
     }
 }
 
-/// The watcher ends when its stream is dropped: the client went away or the node
-/// is shutting down.
+/// The watcher ends when its stream is dropped: the client went away or the hub
+/// closed.
 impl<E: WatchEncoder> Drop for Watcher<E> {
     fn drop(&mut self) {
         self.metrics.watchers.dec();

@@ -26,12 +26,19 @@ use crate::node::NodeCore;
 
 const WATCH_PATH: &str = "/muster.v1.Registry/Watch";
 
-/// Opens a watch stream of encoded `WatchResponse`s after validating the request.
-pub fn open_watch(core: &NodeCore, req: pb::WatchRequest) -> Result<crate::watch::WatchStream<Bytes>, ApiError> {
+/// Opens a watch stream of encoded `WatchResponse`s after validating the request;
+/// its watcher is woken with the others of the client's connection.
+pub fn open_watch(
+    core: &NodeCore,
+    request: Request<pb::WatchRequest>,
+) -> Result<crate::watch::WatchStream<Bytes>, ApiError> {
+    let connection = request.remote_addr();
+    let req = request.into_inner();
     core.watch(
         &req.namespace,
         &req.service,
         req.start_revision,
+        connection,
         crate::watch::ProtobufEncoder,
     )
 }
@@ -102,7 +109,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchMethod {
     fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
         let core = self.core.clone();
         Box::pin(async move {
-            let stream: EncodedStream = Box::pin(open_watch(&core, request.into_inner())?.map(Ok));
+            let stream: EncodedStream = Box::pin(open_watch(&core, request)?.map(Ok));
             Ok(Response::new(stream))
         })
     }
