@@ -279,6 +279,11 @@ async fn watchers_sharing_a_connection_or_not_all_get_each_change_and_end_when_t
         async move { Ok(core.metrics.watchers.get() == 4) }
     })
     .await?;
+    assert_eq!(
+        core.hub.connections(),
+        2,
+        "watchers are grouped by their client connection"
+    );
     let mut written = Vec::new();
     for n in 0..3 {
         let resp = register(&mut writer, instance("fan", &format!("f-{n}"), 80), 0).await?;

@@ -147,6 +147,12 @@ impl WatchHub {
         }
     }
 
+    /// How many connections have live watchers (each is one wake group; watchers not
+    /// grouped by connection count as one).
+    pub fn connections(&self) -> usize {
+        self.groups().values().filter(|group| group.strong_count() > 0).count()
+    }
+
     /// Ends every watcher (the node is stopping); watchers opened later end at once.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
