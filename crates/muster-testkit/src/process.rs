@@ -582,6 +582,12 @@ impl Drop for ProcessCluster {
                 let _ = child.wait();
             }
         }
+        // A failing test leaves the nodes' data and logs behind for a post-mortem
+        // (its message names the directory).
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept the cluster's data and logs in {}", self.dir.path().display());
+        }
         // `network` (and with it the namespaces, when this holds the last
         // reference) is dropped after this, once no process runs inside them.
     }
