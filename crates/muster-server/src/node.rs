@@ -111,7 +111,7 @@ pub struct NodeCore {
     /// When a quorum last accepted this node as leader (lease reads, keep-alives).
     pub quorum_clock: Arc<crate::leader_lease::QuorumClock>,
     /// Batches linearizable reads into one read index per round.
-    pub read_index_batcher: crate::read_index::ReadIndexBatcher,
+    pub read_index_batcher: Arc<crate::read_index::ReadIndexBatcher>,
     /// Batches concurrent writes into one Raft entry.
     pub write_batcher: crate::write_batch::WriteBatcher,
     /// Numbers the writes this node forwards, so a retry cannot apply one twice.

@@ -1,15 +1,25 @@
 //! Batches linearizable reads. Every concurrent linearizable read needs a read index
-//! confirmed by a quorum; one confirmation serves every read that arrived before it
-//! was requested, so readers queue and a single task fetches one index per batch.
-//! A reader joins only a batch whose request starts after it arrived, which keeps
-//! the reads linearizable.
+//! confirmed by the leader; one confirmation serves every read that arrived before it
+//! was requested, so readers queue and each request takes the whole queue. A reader
+//! joins only a batch whose request starts after it arrived, which keeps the reads
+//! linearizable.
+//!
+//! Up to [`MAX_IN_FLIGHT`] requests run at once: a reader arriving while one is on
+//! its way starts the next instead of waiting for the first to come back, so a
+//! follower's linearizable reads are not bound to one round trip to the leader at a
+//! time.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::node::NodeCore;
+
+/// Most read-index requests a node has in flight at once.
+pub const MAX_IN_FLIGHT: usize = 4;
 
 type Waiter = oneshot::Sender<Result<u64, ApiError>>;
 
@@ -28,23 +38,129 @@ impl ReadIndexBatcher {
         self.wake.notify_one();
         rx.await.map_err(|_| ApiError::ShuttingDown)?
     }
+
+    /// Serves batches with `fetch` until `shutdown`: each batch is every reader queued
+    /// when its request starts, with at most [`MAX_IN_FLIGHT`] requests at once.
+    pub async fn serve<F, Fut>(self: Arc<Self>, shutdown: CancellationToken, fetch: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<u64, ApiError>> + Send + 'static,
+    {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+            }
+            // Wait for a free slot before taking the queue, so that readers arriving
+            // meanwhile join this batch.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+            };
+            let batch: Vec<Waiter> = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+            if batch.is_empty() {
+                continue;
+            }
+            // The request starts here, after every reader in `batch` arrived.
+            let request = fetch();
+            tokio::spawn(async move {
+                let result = request.await;
+                for waiter in batch {
+                    let _ = waiter.send(result.clone());
+                }
+                drop(slot);
+            });
+        }
+    }
 }
 
-/// Serves batches until the node stops.
+/// Serves the node's linearizable reads until it stops.
 pub async fn run(core: Arc<NodeCore>) {
-    let batcher = &core.read_index_batcher;
-    loop {
-        tokio::select! {
-            _ = core.shutdown.cancelled() => return,
-            _ = batcher.wake.notified() => {}
+    let batcher = core.read_index_batcher.clone();
+    let shutdown = core.shutdown.clone();
+    batcher
+        .serve(shutdown, move || {
+            let core = core.clone();
+            async move { core.fetch_read_index().await }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A leader whose read index is the number of requests it has started, and
+    /// which answers only when told to.
+    struct Leader {
+        started: AtomicU64,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        answer: Notify,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_gets_an_index_requested_after_it_arrived_with_requests_overlapping_up_to_the_limit() {
+        let leader = Arc::new(Leader {
+            started: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+            answer: Notify::new(),
+        });
+        let batcher = Arc::new(ReadIndexBatcher::default());
+        let shutdown = CancellationToken::new();
+        let fetch = {
+            let leader = leader.clone();
+            move || {
+                let leader = leader.clone();
+                let index = leader.started.fetch_add(1, Ordering::SeqCst) + 1;
+                let now = leader.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                leader.most_in_flight.fetch_max(now, Ordering::SeqCst);
+                async move {
+                    leader.answer.notified().await;
+                    leader.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Ok(index)
+                }
+            }
+        };
+        tokio::spawn(batcher.clone().serve(shutdown.clone(), fetch));
+
+        // Readers arrive one after another while earlier requests are unanswered.
+        let mut readers = Vec::new();
+        for _ in 0..12 {
+            let arrived_after = leader.started.load(Ordering::SeqCst);
+            let batcher = batcher.clone();
+            readers.push((arrived_after, tokio::spawn(async move { batcher.read_index().await })));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let batch: Vec<Waiter> = std::mem::take(&mut *batcher.waiting.lock().unwrap_or_else(|p| p.into_inner()));
-        if batch.is_empty() {
-            continue;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for (arrived_after, reader) in readers {
+            let index = loop {
+                leader.answer.notify_waiters();
+                if reader.is_finished() {
+                    break reader.await.expect("reader").expect("index");
+                }
+                assert!(tokio::time::Instant::now() < deadline, "a reader got no index");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            assert!(
+                index > arrived_after,
+                "index {index} comes from a request started after the reader arrived (after request {arrived_after})"
+            );
         }
-        let result = core.fetch_read_index().await;
-        for waiter in batch {
-            let _ = waiter.send(result.clone());
-        }
+        let most = leader.most_in_flight.load(Ordering::SeqCst);
+        assert!(most > 1, "requests overlap ({most} at most)");
+        assert!(
+            most <= MAX_IN_FLIGHT,
+            "at most {MAX_IN_FLIGHT} requests at once, saw {most}"
+        );
+        shutdown.cancel();
     }
 }
