@@ -143,7 +143,7 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
 
-    /// Build a snapshot after this many log entries or revisions [default: 2000].
+    /// Build a snapshot after this many log entries or revisions [default: 20000].
     #[arg(long, env = "MUSTER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
 

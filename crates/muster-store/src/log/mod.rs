@@ -13,7 +13,10 @@
 //! - `log-meta`: vote, last purged and committed log ids, replaced atomically.
 //!
 //! All file writes go through one writer thread, in submission order (see `writer.rs`);
-//! every un-purged entry is also kept in memory, so reads never touch the disk.
+//! every un-purged entry is also kept in memory, as the bytes of its record, so reads
+//! never touch the disk. A read decodes what it returns: an entry's record is a few
+//! times smaller than the decoded entry, and openraft takes its own copy of every
+//! entry it reads anyway.
 
 mod meta;
 mod record;
@@ -31,6 +34,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
     AnyError, ErrorSubject, ErrorVerb, LogId, LogState, NodeId, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig,
@@ -118,6 +122,15 @@ pub enum LogError {
         /// Index of the first entry found.
         first_entry: u64,
     },
+    /// An entry held in memory does not decode (it was encoded by this process, so this
+    /// is a bug, not damage on disk).
+    #[error("raft log entry {index} held in memory does not decode: {reason}")]
+    UndecodableInMemory {
+        /// The entry's index.
+        index: u64,
+        /// The decoder's error.
+        reason: String,
+    },
     /// An appended entry does not directly follow the last one.
     #[error("appended entry has index {got}, expected {expected}: the log must stay consecutive")]
     NonConsecutive {
@@ -155,7 +168,23 @@ pub struct LogStats {
     pub bytes_written: u64,
 }
 
-type EntryMap<C> = Arc<RwLock<BTreeMap<u64, <C as RaftTypeConfig>::Entry>>>;
+/// An un-purged entry held in memory: its log id and its encoded form (the payload
+/// of its record, shared with the other records of its batch).
+struct StoredEntry<NID: NodeId> {
+    log_id: LogId<NID>,
+    bytes: Bytes,
+}
+
+impl<NID: NodeId> StoredEntry<NID> {
+    fn decode<E: DeserializeOwned>(&self) -> Result<E, LogError> {
+        bincode::deserialize(&self.bytes).map_err(|e| LogError::UndecodableInMemory {
+            index: self.log_id.index,
+            reason: e.to_string(),
+        })
+    }
+}
+
+type EntryMap<C> = Arc<RwLock<BTreeMap<u64, StoredEntry<<C as RaftTypeConfig>::NodeId>>>>;
 
 /// The Raft log and vote storage of one node: an openraft [`RaftLogStorage`].
 ///
@@ -243,7 +272,13 @@ where
         Ok(Self {
             dir: dir.to_path_buf(),
             options,
-            entries: Arc::new(RwLock::new(recovered.entries)),
+            entries: Arc::new(RwLock::new(
+                recovered
+                    .entries
+                    .into_iter()
+                    .map(|(index, (log_id, bytes))| (index, StoredEntry { log_id, bytes }))
+                    .collect(),
+            )),
             segments: recovered.segments,
             meta: recovered.meta,
             tx: Some(tx),
@@ -355,32 +390,25 @@ where
                 _ => planned.push((first, offset == 0, offset, start..end)),
             }
         }
-        let chunks = if planned.len() == 1 {
-            planned
-                .into_iter()
-                .map(|(segment, create, offset, _)| Chunk {
-                    segment,
-                    create,
-                    offset,
-                    data: std::mem::take(&mut buf),
-                })
-                .collect()
-        } else {
-            planned
-                .into_iter()
-                .map(|(segment, create, offset, range)| Chunk {
-                    segment,
-                    create,
-                    offset,
-                    data: buf[range].to_vec(),
-                })
-                .collect()
-        };
+        let buf = Bytes::from(buf);
+        let chunks = planned
+            .into_iter()
+            .map(|(segment, create, offset, range)| Chunk {
+                segment,
+                create,
+                offset,
+                data: buf.slice(range),
+            })
+            .collect();
 
         {
             let mut map = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-            for entry in entries {
-                map.insert(entry.get_log_id().index, entry);
+            for (entry, &(index, start, end)) in entries.iter().zip(&bounds) {
+                let stored = StoredEntry {
+                    log_id: entry.get_log_id().clone(),
+                    bytes: buf.slice(start + HEADER_LEN..end),
+                };
+                map.insert(index, stored);
             }
         }
         tx.send(Op::Append { chunks, done }).map_err(|_| LogError::WriterGone)
@@ -521,19 +549,20 @@ fn half_open<RB: RangeBounds<u64>>(range: &RB) -> Option<(u64, Option<u64>)> {
     }
 }
 
-fn read_range<C, RB>(entries: &EntryMap<C>, range: &RB) -> Vec<C::Entry>
+fn read_range<C, RB>(entries: &EntryMap<C>, range: &RB) -> Result<Vec<C::Entry>, LogError>
 where
     C: RaftTypeConfig,
-    C::Entry: Clone,
+    C::Entry: DeserializeOwned,
     RB: RangeBounds<u64>,
 {
     let Some((start, end)) = half_open(range) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let map = entries.read().unwrap_or_else(PoisonError::into_inner);
+    let decode = |(_, stored): (&u64, &StoredEntry<C::NodeId>)| stored.decode();
     match end {
-        Some(end) => map.range(start..end).map(|(_, e)| e.clone()).collect(),
-        None => map.range(start..).map(|(_, e)| e.clone()).collect(),
+        Some(end) => map.range(start..end).map(decode).collect(),
+        None => map.range(start..).map(decode).collect(),
     }
 }
 
@@ -544,26 +573,26 @@ fn storage_error<NID: NodeId>(subject: ErrorSubject<NID>, verb: ErrorVerb, e: Lo
 impl<C> RaftLogReader<C> for LogReader<C>
 where
     C: RaftTypeConfig,
-    C::Entry: Clone,
+    C::Entry: DeserializeOwned,
 {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        Ok(read_range::<C, _>(&self.entries, &range))
+        read_range::<C, _>(&self.entries, &range).map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, e))
     }
 }
 
 impl<C> RaftLogReader<C> for SegmentLog<C>
 where
     C: RaftTypeConfig,
-    C::Entry: Clone,
+    C::Entry: DeserializeOwned,
 {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        Ok(read_range::<C, _>(&self.entries, &range))
+        read_range::<C, _>(&self.entries, &range).map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, e))
     }
 }
 
@@ -581,7 +610,7 @@ where
             .unwrap_or_else(PoisonError::into_inner)
             .values()
             .next_back()
-            .map(|e| e.get_log_id().clone());
+            .map(|e| e.log_id.clone());
         Ok(LogState {
             last_purged_log_id: self.meta.last_purged.clone(),
             last_log_id: last.or_else(|| self.meta.last_purged.clone()),

@@ -39,8 +39,8 @@ impl Segment {
 /// The log state rebuilt from disk.
 pub(crate) struct Recovered<C: RaftTypeConfig> {
     pub(crate) meta: Meta<C::NodeId>,
-    /// Entries above the last purged index.
-    pub(crate) entries: BTreeMap<u64, C::Entry>,
+    /// Entries above the last purged index: log id and encoded entry.
+    pub(crate) entries: BTreeMap<u64, (LogId<C::NodeId>, bytes::Bytes)>,
     /// Segments left on disk, by first index.
     pub(crate) segments: BTreeMap<u64, Segment>,
 }
@@ -106,7 +106,8 @@ where
                     seg.offsets.push(offset as u64);
                     prev = Some(index);
                     if purged.is_none_or(|p| index > p) {
-                        entries.insert(index, entry);
+                        let log_id = entry.get_log_id().clone();
+                        entries.insert(index, (log_id, bytes::Bytes::copy_from_slice(payload)));
                     }
                     offset = next;
                 }
@@ -187,7 +188,7 @@ where
     let last: Option<LogId<C::NodeId>> = entries
         .values()
         .next_back()
-        .map(|e| e.get_log_id().clone())
+        .map(|(log_id, _)| log_id.clone())
         .or_else(|| meta.last_purged.clone());
     if meta.committed > last {
         tracing::warn!(

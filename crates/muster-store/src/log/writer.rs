@@ -32,7 +32,7 @@ pub(crate) struct Chunk {
     /// Where in the file the bytes go; always the segment's current end.
     pub(crate) offset: u64,
     /// Framed records.
-    pub(crate) data: Vec<u8>,
+    pub(crate) data: bytes::Bytes,
 }
 
 /// One unit of work for the writer thread.
