@@ -302,13 +302,15 @@ async fn deregister_critical_service_after_removes_an_instance_left_critical() -
     let cluster = TestCluster::start(3).await?;
     let c = Consul::on(&cluster, cluster.follower().await?);
     c.register(json!({
-        "Name": "doomed", "ID": "d1", "Address": "10.0.0.1", "Port": 80,
-        "Check": {"TTL": "1s", "DeregisterCriticalServiceAfter": "2s"}
-    }))
-    .await?;
-    c.register(json!({
         "Name": "doomed", "ID": "d2", "Address": "10.0.0.2", "Port": 80,
         "Check": {"TTL": "1m", "DeregisterCriticalServiceAfter": "2s", "Status": "passing"}
+    }))
+    .await?;
+    // Passing at first, d1 turns critical when its TTL runs out (1 s) and goes 2 s
+    // later: registered last, it is still there for the read right after.
+    c.register(json!({
+        "Name": "doomed", "ID": "d1", "Address": "10.0.0.1", "Port": 80,
+        "Check": {"TTL": "1s", "DeregisterCriticalServiceAfter": "2s", "Status": "passing"}
     }))
     .await?;
     assert_eq!(ids(&c.health("doomed").await?.1), ["d1", "d2"]);
