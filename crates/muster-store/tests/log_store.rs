@@ -131,6 +131,10 @@ async fn append_and_read_round_trip() {
     assert!(log.try_get_log_entries(a..b).await.unwrap().is_empty());
     assert!(log.try_get_log_entries(10..).await.unwrap().is_empty());
 
+    // Every entry reads back whole, from either batch.
+    let mut appended = ents(1, 0..=5);
+    appended.extend(ents(1, 6..=9));
+    assert_eq!(all(&mut log).await, appended);
     // The payload survives encoding exactly.
     let got = log.try_get_log_entries(4..5).await.unwrap();
     match &got[0].payload {
@@ -396,6 +400,8 @@ async fn segments_rotate_at_the_size_limit() {
         for i in 21..=40 {
             log.append_and_wait(vec![put(1, i)]).await.unwrap();
         }
+        // Held in memory, each entry of the split batch is its own record's bytes.
+        assert_eq!(all(&mut log).await, ents(1, 0..=40));
     }
     let segs = segments(tmp.path());
     assert!(segs.len() >= 5, "{segs:?}");
@@ -411,6 +417,9 @@ async fn segments_rotate_at_the_size_limit() {
     }
     let mut log = open(tmp.path(), tiny(limit));
     assert_eq!(ids(&all(&mut log).await), expect(|_| 1, 0..=40));
+    // Entries come back whole after the reopen, including those of the batch that
+    // was split across segments.
+    assert_eq!(all(&mut log).await, ents(1, 0..=40));
     // Each file is named after the first entry it holds.
     for (first, _) in &segs {
         let got = log.try_get_log_entries(*first..*first + 1).await.unwrap();

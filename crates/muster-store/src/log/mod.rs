@@ -170,9 +170,9 @@ pub struct LogStats {
 
 /// An un-purged entry held in memory: its log id and its encoded form (the payload
 /// of its record, shared with the other records of its batch).
-struct StoredEntry<NID: NodeId> {
-    log_id: LogId<NID>,
-    bytes: Bytes,
+pub(crate) struct StoredEntry<NID: NodeId> {
+    pub(crate) log_id: LogId<NID>,
+    pub(crate) bytes: Bytes,
 }
 
 impl<NID: NodeId> StoredEntry<NID> {
@@ -272,13 +272,7 @@ where
         Ok(Self {
             dir: dir.to_path_buf(),
             options,
-            entries: Arc::new(RwLock::new(
-                recovered
-                    .entries
-                    .into_iter()
-                    .map(|(index, (log_id, bytes))| (index, StoredEntry { log_id, bytes }))
-                    .collect(),
-            )),
+            entries: Arc::new(RwLock::new(recovered.entries)),
             segments: recovered.segments,
             meta: recovered.meta,
             tx: Some(tx),

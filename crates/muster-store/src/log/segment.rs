@@ -18,6 +18,7 @@ use super::meta::{sync_dir, Meta, META_TMP_FILE};
 use super::record::{decode_record, parse_segment_file_name, segment_path, Decoded};
 use super::writer::remove_if_exists;
 use super::LogError;
+use super::StoredEntry;
 
 /// What the front end knows about one segment file.
 #[derive(Debug, Clone, Default)]
@@ -39,8 +40,8 @@ impl Segment {
 /// The log state rebuilt from disk.
 pub(crate) struct Recovered<C: RaftTypeConfig> {
     pub(crate) meta: Meta<C::NodeId>,
-    /// Entries above the last purged index: log id and encoded entry.
-    pub(crate) entries: BTreeMap<u64, (LogId<C::NodeId>, bytes::Bytes)>,
+    /// Entries above the last purged index.
+    pub(crate) entries: BTreeMap<u64, StoredEntry<C::NodeId>>,
     /// Segments left on disk, by first index.
     pub(crate) segments: BTreeMap<u64, Segment>,
 }
@@ -106,8 +107,11 @@ where
                     seg.offsets.push(offset as u64);
                     prev = Some(index);
                     if purged.is_none_or(|p| index > p) {
-                        let log_id = entry.get_log_id().clone();
-                        entries.insert(index, (log_id, bytes::Bytes::copy_from_slice(payload)));
+                        let stored = StoredEntry {
+                            log_id: entry.get_log_id().clone(),
+                            bytes: bytes::Bytes::copy_from_slice(payload),
+                        };
+                        entries.insert(index, stored);
                     }
                     offset = next;
                 }
@@ -188,7 +192,7 @@ where
     let last: Option<LogId<C::NodeId>> = entries
         .values()
         .next_back()
-        .map(|(log_id, _)| log_id.clone())
+        .map(|e| e.log_id.clone())
         .or_else(|| meta.last_purged.clone());
     if meta.committed > last {
         tracing::warn!(
