@@ -1,17 +1,26 @@
 //! The registry state machine: the in-memory [`Registry`] that serves reads, kept in
 //! step with a sled database on disk, and snapshots written to fsynced files.
 //!
-//! Each `apply` call writes the instances and leases it changed, `last_applied`,
-//! the membership and the counters in one sled batch, so the database always holds
-//! a consistent point. sled is not fsynced per batch: after a crash it may be behind,
-//! and openraft re-applies the committed entries above its `last_applied` from the
-//! fsynced log. Snapshots, which allow that log to be purged, are fsynced files, and
-//! on open a snapshot newer than sled is loaded into it.
+//! Each `apply` call records the instances and leases it changed in a pending sled
+//! batch; the batch goes to sled, with `last_applied`, the membership and the
+//! counters, once it holds [`PENDING_MAX_COMMANDS`] commands or its oldest change is
+//! [`PENDING_MAX_AGE`] old, before a snapshot is built, and when the store is dropped.
+//! So the database always holds a consistent point. sled is not fsynced per batch:
+//! after a crash it may be behind, and openraft re-applies the committed entries above
+//! its `last_applied` from the fsynced log (which keeps every entry since the last
+//! snapshot, and a snapshot is only built once the pending batch is in sled).
+//! Snapshots, which allow that log to be purged, are fsynced files, and on open a
+//! snapshot newer than sled is loaded into it.
+//!
+//! Why the batch waits: sled rolls its I/O buffer twice for every batch it applies,
+//! each roll a write and a `sync_file_range` on its threads, so one sled batch per
+//! Raft apply made sled the largest cost of a write on every node.
 
 use std::fs;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use muster_core::registry::Applied;
 use muster_core::{Event, EventKind, Instance, InstanceKey, Lease, Registry, RegistrySnapshot, Revision};
@@ -33,6 +42,13 @@ const PREFIX_LEASE: &[u8] = b"l/";
 const PREFIX_FORWARD_SESSION: &[u8] = b"f/";
 /// A forwarded write's result: session id and number, both big-endian.
 const PREFIX_FORWARD_RESULT: &[u8] = b"r/";
+/// The pending sled batch is written once it holds this many applied commands...
+pub const PENDING_MAX_COMMANDS: usize = 1024;
+/// ...or once its oldest change has waited this long (looked at on each apply).
+pub const PENDING_MAX_AGE: Duration = Duration::from_millis(100);
+/// How long opening waits for sled's lock on the database: when a store is dropped,
+/// the sled threads that wrote its last buffers let go of the file a moment later.
+const DB_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Receives the events of every apply, in revision order, while the registry's write
 /// lock is held (so a reader that takes the read lock sees a state consistent with
@@ -83,8 +99,26 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// Changes applied in memory and not yet written to sled.
+    pending: PendingWrites,
     /// Dropped with the store: lets the owner wait until the database is closed.
     open_marker: Arc<()>,
+}
+
+/// A sled batch collecting the changes of several applies (see the module docs).
+#[derive(Default)]
+struct PendingWrites {
+    batch: sled::Batch,
+    /// Commands applied into `batch`.
+    commands: usize,
+    /// When the first of them was applied; `None` while nothing is pending.
+    since: Option<Instant>,
+}
+
+impl PendingWrites {
+    fn is_due(&self) -> bool {
+        self.commands >= PENDING_MAX_COMMANDS || self.since.is_some_and(|t| t.elapsed() >= PENDING_MAX_AGE)
+    }
 }
 
 /// Builds snapshots from a point-in-time image of the registry.
@@ -205,17 +239,34 @@ async fn save_snapshot_file(dir: PathBuf, file: SnapshotFile) -> Result<Snapshot
     .map_err(|e| snap_err(ErrorVerb::Write, e))
 }
 
+/// Opens the sled database, waiting up to [`DB_LOCK_WAIT`] while its lock is held
+/// (by the threads of a store just dropped; a second process holds it for longer).
+fn open_db(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + DB_LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 impl StateMachineStore {
     /// Opens (or creates) the state machine under `dir`, loading the registry into
     /// memory. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64, sink: Arc<dyn EventSink>) -> Result<Self, StateError> {
         let snapshot_dir = dir.join("snapshots");
         fs::create_dir_all(&snapshot_dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("state"))
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(200))
-            .open()?;
+        let db = open_db(
+            &sled::Config::new()
+                .path(dir.join("state"))
+                .cache_capacity(cache_bytes)
+                .flush_every_ms(Some(200)),
+        )?;
         let (revision, _) = watch::channel(0);
         let mut store = StateMachineStore {
             shared: Arc::new(SharedState {
@@ -227,6 +278,7 @@ impl StateMachineStore {
             snapshot_dir,
             last_applied: None,
             membership: StoredMembership::default(),
+            pending: PendingWrites::default(),
             open_marker: Arc::new(()),
         };
         store.load_from_db()?;
@@ -250,6 +302,15 @@ impl StateMachineStore {
     /// restarts in the same process waits for it to be released before reopening.
     pub fn open_marker(&self) -> std::sync::Weak<()> {
         Arc::downgrade(&self.open_marker)
+    }
+
+    /// The last applied log id as the state database holds it: behind
+    /// `applied_state` while applied changes are pending (see the module docs).
+    pub fn written_applied(&self) -> Result<Option<LogId>, StateError> {
+        match self.db.get(KEY_LAST_APPLIED)? {
+            Some(v) => Ok(bincode::deserialize(&v)?),
+            None => Ok(None),
+        }
     }
 
     /// The state the rest of the node reads.
@@ -311,6 +372,8 @@ impl StateMachineStore {
     /// Replaces the whole state with a snapshot image, in memory and in sled.
     fn replace_state(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StateError> {
         let image: RegistrySnapshot = bincode::deserialize(data)?;
+        // The image replaces whatever was applied and not yet written.
+        self.pending = PendingWrites::default();
         let mut batch = sled::Batch::default();
         for item in self.db.iter().keys() {
             batch.remove(item?);
@@ -354,6 +417,23 @@ impl StateMachineStore {
         Ok(())
     }
 
+    /// Writes the pending batch to sled, with `last_applied`, the membership and
+    /// `counters` (the registry's revision and next lease id), if anything is pending.
+    fn write_pending(&mut self, counters: (u64, u64)) -> Result<(), StateError> {
+        if self.pending.since.is_none() {
+            return Ok(());
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        self.put_meta(&mut pending.batch, counters)?;
+        self.db.apply_batch(pending.batch)?;
+        Ok(())
+    }
+
+    /// The registry's counters as stored beside its records.
+    fn counters(registry: &Registry) -> (u64, u64) {
+        (registry.revision(), registry.next_lease_id())
+    }
+
     fn persist(batch: &mut sled::Batch, applied: &Applied, registry: &Registry) -> Result<(), StateError> {
         for event in &applied.events {
             match &event.kind {
@@ -394,6 +474,20 @@ impl StateMachineStore {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for StateMachineStore {
+    /// Writes what is pending and flushes sled, so a node that stops cleanly restarts
+    /// without re-applying entries.
+    fn drop(&mut self) {
+        let counters = Self::counters(&self.shared.read());
+        let written = self
+            .write_pending(counters)
+            .and_then(|()| Ok(self.db.flush().map(drop)?));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "writing the state database at close failed; the log will be re-applied");
+        }
     }
 }
 
@@ -459,7 +553,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut results = Vec::new();
-        let mut batch = sled::Batch::default();
         let mut events = Vec::new();
         let shared = self.shared.clone();
         let mut registry = shared.registry.write().unwrap_or_else(|p| p.into_inner());
@@ -469,7 +562,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => results.push(registry.nothing()),
                 EntryPayload::Normal(command) => {
                     let applied = registry.apply(&command);
-                    Self::persist(&mut batch, &applied, &registry)?;
+                    Self::persist(&mut self.pending.batch, &applied, &registry)?;
+                    self.pending.commands += 1;
                     events.extend(applied.events);
                     results.push(applied.result);
                 }
@@ -478,20 +572,30 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     results.push(registry.nothing());
                 }
             }
+            // Blank and membership entries move `last_applied` too.
+            self.pending.since.get_or_insert_with(Instant::now);
         }
         let revision = registry.revision();
-        self.put_meta(&mut batch, (revision, registry.next_lease_id()))?;
-        self.db.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let counters = Self::counters(&registry);
         if !events.is_empty() {
             shared.sink.publish(&events, revision);
         }
         drop(registry);
         shared.revision.send_replace(revision);
+        // Readers need not wait for sled: the batch is written without the lock.
+        if self.pending.is_due() {
+            self.write_pending(counters).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
         Ok(results)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Flush sled first: the log below this snapshot may be purged once it exists.
+        // Write and flush sled first: the log below this snapshot may be purged once it
+        // exists.
+        let counters = Self::counters(&self.shared.read());
+        if let Err(e) = self.write_pending(counters) {
+            tracing::warn!(error = %e, "writing applied changes to the state database before a snapshot failed");
+        }
         if let Err(e) = self.db.flush_async().await {
             tracing::warn!(error = %e, "flushing the state database before a snapshot failed");
         }

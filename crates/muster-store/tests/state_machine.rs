@@ -1,5 +1,6 @@
-//! Tests of the sled state machine's snapshots: a snapshot written straight to its
-//! file reads back as the registry it was taken from, and installs on another store.
+//! Tests of the sled state machine: a snapshot written straight to its file reads back
+//! as the registry it was taken from and installs on another store; applied changes
+//! reach sled in batches, before a snapshot and when the store closes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -150,4 +151,40 @@ async fn a_forwarded_write_applied_before_a_restart_is_not_applied_again_after_i
     assert_eq!(again[1].outcome, muster_core::Outcome::Nothing);
     assert_eq!(sm.shared().read().revision(), expected.revision());
     assert_eq!(sm.shared().read().instance_count(), 3);
+}
+
+#[tokio::test]
+async fn applied_changes_reach_the_database_in_batches_before_a_snapshot_and_at_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index_of = |id: Option<muster_store::types::LogId>| id.map(|l| l.index);
+    {
+        let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("open");
+        sm.apply((1..=10).map(|i| register(i, i as usize, None)))
+            .await
+            .expect("apply");
+        // Applied in memory, not yet in sled.
+        assert_eq!(index_of(sm.applied_state().await.expect("applied").0), Some(10));
+        assert_eq!(sm.written_applied().expect("read"), None);
+
+        // A snapshot may let the log below it go: the pending changes are written first.
+        sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        assert_eq!(index_of(sm.written_applied().expect("read")), Some(10));
+
+        // A batch of PENDING_MAX_COMMANDS commands is written at once.
+        let last = 10 + muster_store::PENDING_MAX_COMMANDS as u64;
+        sm.apply((11..=last).map(|i| register(i, i as usize, None)))
+            .await
+            .expect("apply");
+        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
+        sm.apply(vec![register(last + 1, last as usize + 1, None)])
+            .await
+            .expect("apply");
+        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
+    }
+    // Closing the store wrote the rest: reopened, sled holds every change.
+    let last = 11 + muster_store::PENDING_MAX_COMMANDS as u64;
+    let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("reopen");
+    assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
+    assert_eq!(index_of(sm.applied_state().await.expect("applied").0), Some(last));
+    assert_eq!(sm.shared().read().instance_count(), last as usize);
 }
