@@ -238,31 +238,37 @@ pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table>
 }
 
 /// Discover a service of 10 instances from a follower.
+/// Registers ten instances of `service` without leases (etcd: ten keys under
+/// `/registry/{service}/`) through the leader at `leader_addr`.
+async fn seed_service(kind: Kind, leader_addr: &str, service: &str) -> Result<()> {
+    match kind {
+        Kind::Muster => {
+            let mut r = RegistryClient::new(channels(leader_addr, 1).await?.remove(0));
+            for i in 0..10 {
+                r.register(pb::RegisterRequest {
+                    instance: Some(instance(service, &format!("d-{i}"), 0)),
+                    ttl_ms: 0,
+                })
+                .await?;
+            }
+        }
+        Kind::Etcd => {
+            let mut e = etcd_clients(leader_addr, 1).await?.remove(0);
+            for i in 0..10 {
+                e.put(format!("/registry/{service}/d-{i}"), value(), None).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bool) -> Result<Table> {
     let mut points: HashMap<(Kind, usize), Point> = HashMap::new();
     for &kind in kinds {
         let cluster = start(kind, bin).await?;
         let leader = cluster.leader().await?;
         let follower = cluster.follower().await?;
-        // Ten instances.
-        match kind {
-            Kind::Muster => {
-                let mut r = RegistryClient::new(channels(&cluster.nodes[leader].client, 1).await?.remove(0));
-                for i in 0..10 {
-                    r.register(pb::RegisterRequest {
-                        instance: Some(instance("disc", &format!("d-{i}"), 0)),
-                        ttl_ms: 0,
-                    })
-                    .await?;
-                }
-            }
-            Kind::Etcd => {
-                let mut e = etcd_clients(&cluster.nodes[leader].client, 1).await?.remove(0);
-                for i in 0..10 {
-                    e.put(format!("/registry/disc/d-{i}"), value(), None).await?;
-                }
-            }
-        }
+        seed_service(kind, &cluster.nodes[leader].client, "disc").await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let addr = cluster.nodes[follower].client.clone();
         for &clients in &s.clients {
@@ -673,13 +679,15 @@ async fn watch_connection(
 pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table> {
     let mut table = Table::new(
         "Failover: kill -9 the leader under register load",
-        "16 writers through a surviving follower (each write with a 1 s timeout, then retried), 4 readers per follower doing local reads. Time from the kill to the first success of a write sent after the kill.",
+        "16 writers through a surviving follower (each write with a 1 s timeout, then retried), 4 readers per follower doing local reads of a service of 10 instances (etcd: serializable range get of its prefix). Time from the kill to the first success of a write sent after the kill; reads counted over the 5 s after it.",
         &["system", "writes again after ms", "reads failed on followers", "reads on followers"],
     );
     for &kind in kinds {
         let mut cluster = start(kind, bin).await?;
         let leader = cluster.leader().await?;
         let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+        // What the readers read: a fixed service, not the one the writers grow.
+        seed_service(kind, &cluster.nodes[leader].client, "fr").await?;
         let write_addr = cluster.nodes[followers[0]].client.clone();
         let stop = Arc::new(AtomicBool::new(false));
         // (call started, answered) of every successful write.
@@ -762,11 +770,11 @@ pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table
                             while !stop.load(Ordering::Relaxed) {
                                 let ok = r
                                     .discover(pb::DiscoverRequest {
-                                        service: "fo".into(),
+                                        service: "fr".into(),
                                         ..Default::default()
                                     })
                                     .await
-                                    .is_ok();
+                                    .is_ok_and(|r| r.into_inner().instances.len() == 10);
                                 reads.fetch_add(1, Ordering::Relaxed);
                                 if !ok {
                                     read_fail.fetch_add(1, Ordering::Relaxed);
@@ -780,10 +788,10 @@ pub async fn failover(bin: &Path, kinds: &[Kind], _s: &Settings) -> Result<Table
                             };
                             let mut e = cs.remove(0);
                             while !stop.load(Ordering::Relaxed) {
-                                let ok = e
-                                    .get("/registry/fo/f-0-1", Some(GetOptions::new().with_serializable()))
-                                    .await
-                                    .is_ok();
+                                let ok = matches!(
+                                    e.get("/registry/fr/", Some(GetOptions::new().with_prefix().with_serializable())).await,
+                                    Ok(r) if r.kvs().len() == 10
+                                );
                                 reads.fetch_add(1, Ordering::Relaxed);
                                 if !ok {
                                     read_fail.fetch_add(1, Ordering::Relaxed);
