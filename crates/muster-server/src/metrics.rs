@@ -91,6 +91,9 @@ pub struct Metrics {
     /// Leases whose checkpoint (time left while nobody renews them) this node
     /// recorded or cleared as leader.
     pub lease_checkpoints: Counter,
+    /// Linearizable readers served by each read index this node obtained (here or
+    /// from the leader).
+    pub read_index_batch_size: Histogram,
     /// Read indexes this node gave as leader from its leader lease (no heartbeat round).
     pub lease_reads: Counter,
     /// Watch streams open now (gRPC and SSE).
@@ -169,6 +172,11 @@ impl Metrics {
                 "write_batch_size",
                 "Commands per Raft entry when concurrent writes were batched (batches of two or more)",
                 Histogram::new([2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
+            ),
+            read_index_batch_size: reg!(
+                "read_index_batch_size",
+                "Linearizable readers served by each read index this node obtained",
+                Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
             ),
             lease_expirations: reg!(
                 "lease_expirations",

@@ -41,9 +41,10 @@ impl ReadIndexBatcher {
 
     /// Serves batches with `fetch` until `shutdown`: each batch is every reader queued
     /// when its request starts, with at most [`MAX_IN_FLIGHT`] requests at once.
+    /// `fetch` is told how many readers the request serves.
     pub async fn serve<F, Fut>(self: Arc<Self>, shutdown: CancellationToken, fetch: F)
     where
-        F: Fn() -> Fut,
+        F: Fn(usize) -> Fut,
         Fut: Future<Output = Result<u64, ApiError>> + Send + 'static,
     {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -66,7 +67,7 @@ impl ReadIndexBatcher {
                 continue;
             }
             // The request starts here, after every reader in `batch` arrived.
-            let request = fetch();
+            let request = fetch(batch.len());
             tokio::spawn(async move {
                 let result = request.await;
                 for waiter in batch {
@@ -83,7 +84,8 @@ pub async fn run(core: Arc<NodeCore>) {
     let batcher = core.read_index_batcher.clone();
     let shutdown = core.shutdown.clone();
     batcher
-        .serve(shutdown, move || {
+        .serve(shutdown, move |readers| {
+            core.metrics.read_index_batch_size.observe(readers as f64);
             let core = core.clone();
             async move { core.fetch_read_index().await }
         })
@@ -103,6 +105,8 @@ mod tests {
         started: AtomicU64,
         in_flight: AtomicUsize,
         most_in_flight: AtomicUsize,
+        /// Readers the requests said they serve.
+        served: AtomicUsize,
         answer: Notify,
     }
 
@@ -112,14 +116,16 @@ mod tests {
             started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             most_in_flight: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
             answer: Notify::new(),
         });
         let batcher = Arc::new(ReadIndexBatcher::default());
         let shutdown = CancellationToken::new();
         let fetch = {
             let leader = leader.clone();
-            move || {
+            move |readers| {
                 let leader = leader.clone();
+                leader.served.fetch_add(readers, Ordering::SeqCst);
                 let index = leader.started.fetch_add(1, Ordering::SeqCst) + 1;
                 let now = leader.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 leader.most_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -155,6 +161,11 @@ mod tests {
                 "index {index} comes from a request started after the reader arrived (after request {arrived_after})"
             );
         }
+        assert_eq!(
+            leader.served.load(Ordering::SeqCst),
+            12,
+            "every reader is counted in one batch"
+        );
         let most = leader.most_in_flight.load(Ordering::SeqCst);
         assert!(most > 1, "requests overlap ({most} at most)");
         assert!(
