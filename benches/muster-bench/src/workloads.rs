@@ -168,13 +168,26 @@ pub async fn floor(bin: &Path, s: &Settings) -> Result<Table> {
 }
 
 /// Register with a lease (Muster: one Register carrying the TTL; etcd: lease grant +
-/// put with the lease), on the leader.
+/// put with the lease), on the leader; and etcd's plain put at one client, the
+/// latency a registration with a lease is held to.
 pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table> {
     let mut points: HashMap<(Kind, usize), Point> = HashMap::new();
+    let mut plain_put = None;
     for &kind in kinds {
         let cluster = start(kind, bin).await?;
         let leader = cluster.leader().await?;
         let addr = cluster.nodes[leader].client.clone();
+        if kind == Kind::Etcd {
+            cluster.compact().await?;
+            let cs = etcd_clients(&addr, 1).await?;
+            let point = measure(&cluster, 1, s.duration, move |_, seq| {
+                let mut e = cs[0].clone();
+                async move { e.put(format!("/registry/put/p-{seq}"), value(), None).await.is_ok() }
+            })
+            .await;
+            eprintln!("  etcd plain put 1 client: p50 {:.2} ms", point.result.ms(0.5));
+            plain_put = Some(point);
+        }
         for &clients in &s.clients {
             cluster.compact().await?;
             let n = connections_for(clients);
@@ -224,7 +237,7 @@ pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table>
     }
     let mut table = Table::new(
         "Register with a lease",
-        "Muster: `Register` with `ttl_ms` (lease and instance in one Raft entry). etcd: `LeaseGrant` then `Put` with the lease. Sent to the leader; every write fsynced on a majority.",
+        "Muster: `Register` with `ttl_ms` (lease and instance in one Raft entry). etcd: `LeaseGrant` then `Put` with the lease. Sent to the leader; every write fsynced on a majority. The last row is etcd's put without a lease at one client, the p50 a registration is held to.",
         LOAD_COLUMNS,
     );
     for &clients in &s.clients {
@@ -234,10 +247,14 @@ pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table>
             points.get(&(Kind::Etcd, clients)),
         ));
     }
+    if let Some(point) = plain_put {
+        let mut row = load_row(1, None, Some(&point));
+        row[0] = "1, etcd plain put (no lease)".into();
+        table.row(row);
+    }
     Ok(table)
 }
 
-/// Discover a service of 10 instances from a follower.
 /// Registers ten instances of `service` without leases (etcd: ten keys under
 /// `/registry/{service}/`) through the leader at `leader_addr`.
 async fn seed_service(kind: Kind, leader_addr: &str, service: &str) -> Result<()> {
@@ -262,6 +279,7 @@ async fn seed_service(kind: Kind, leader_addr: &str, service: &str) -> Result<()
     Ok(())
 }
 
+/// Discover a service of 10 instances from a follower.
 pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bool) -> Result<Table> {
     let mut points: HashMap<(Kind, usize), Point> = HashMap::new();
     for &kind in kinds {
