@@ -349,9 +349,7 @@ impl StateMachineStore {
             let (revision, next_lease): (u64, u64) = bincode::deserialize(&v)?;
             registry.load_counters(revision, next_lease);
         }
-        if let Some(v) = self.db.get(KEY_LAST_APPLIED)? {
-            self.last_applied = bincode::deserialize(&v)?;
-        }
+        self.last_applied = self.written_applied()?;
         if let Some(v) = self.db.get(KEY_MEMBERSHIP)? {
             self.membership = bincode::deserialize(&v)?;
         }
@@ -418,21 +416,22 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Writes the pending batch to sled, with `last_applied`, the membership and
-    /// `counters` (the registry's revision and next lease id), if anything is pending.
-    fn write_pending(&mut self, counters: (u64, u64)) -> Result<(), StateError> {
+    /// Writes the pending batch to sled, with `last_applied`, the membership and the
+    /// registry's counters (revision and next lease id), if anything is pending. Only
+    /// `apply` and `replace_state` change the registry, and both need `&mut self`, so
+    /// the counters read here are those of the last applied entry.
+    fn write_pending(&mut self) -> Result<(), StateError> {
         if self.pending.since.is_none() {
             return Ok(());
         }
+        let counters = {
+            let registry = self.shared.read();
+            (registry.revision(), registry.next_lease_id())
+        };
         let mut pending = std::mem::take(&mut self.pending);
         self.put_meta(&mut pending.batch, counters)?;
         self.db.apply_batch(pending.batch)?;
         Ok(())
-    }
-
-    /// The registry's counters as stored beside its records.
-    fn counters(registry: &Registry) -> (u64, u64) {
-        (registry.revision(), registry.next_lease_id())
     }
 
     fn persist(batch: &mut sled::Batch, applied: &Applied, registry: &Registry) -> Result<(), StateError> {
@@ -482,10 +481,7 @@ impl Drop for StateMachineStore {
     /// Writes what is pending and flushes sled, so a node that stops cleanly restarts
     /// without re-applying entries.
     fn drop(&mut self) {
-        let counters = Self::counters(&self.shared.read());
-        let written = self
-            .write_pending(counters)
-            .and_then(|()| Ok(self.db.flush().map(drop)?));
+        let written = self.write_pending().and_then(|()| Ok(self.db.flush().map(drop)?));
         if let Err(e) = written {
             tracing::warn!(error = %e, "writing the state database at close failed; the log will be re-applied");
         }
@@ -577,7 +573,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             self.pending.since.get_or_insert_with(Instant::now);
         }
         let revision = registry.revision();
-        let counters = Self::counters(&registry);
         if !events.is_empty() {
             shared.sink.publish(&events, revision);
         }
@@ -585,7 +580,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         shared.revision.send_replace(revision);
         // Readers need not wait for sled: the batch is written without the lock.
         if self.pending.is_due() {
-            self.write_pending(counters).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            self.write_pending().map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
         Ok(results)
     }
@@ -593,8 +588,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Write and flush sled first: the log below this snapshot may be purged once it
         // exists.
-        let counters = Self::counters(&self.shared.read());
-        if let Err(e) = self.write_pending(counters) {
+        if let Err(e) = self.write_pending() {
             tracing::warn!(error = %e, "writing applied changes to the state database before a snapshot failed");
         }
         if let Err(e) = self.db.flush_async().await {

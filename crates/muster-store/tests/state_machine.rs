@@ -180,9 +180,21 @@ async fn applied_changes_reach_the_database_in_batches_before_a_snapshot_and_at_
             .await
             .expect("apply");
         assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
+
+        // The next apply after the oldest pending change has waited PENDING_MAX_AGE
+        // writes the batch, whatever its size.
+        std::thread::sleep(muster_store::PENDING_MAX_AGE);
+        sm.apply(vec![register(last + 2, last as usize + 2, None)])
+            .await
+            .expect("apply");
+        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last + 2));
+        sm.apply(vec![register(last + 3, last as usize + 3, None)])
+            .await
+            .expect("apply");
+        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last + 2));
     }
     // Closing the store wrote the rest: reopened, sled holds every change.
-    let last = 11 + muster_store::PENDING_MAX_COMMANDS as u64;
+    let last = 13 + muster_store::PENDING_MAX_COMMANDS as u64;
     let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("reopen");
     assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
     assert_eq!(index_of(sm.applied_state().await.expect("applied").0), Some(last));
