@@ -8,5 +8,7 @@ pub mod state_machine;
 pub mod types;
 
 pub use log::{LogOptions, SegmentLog};
-pub use state_machine::{EventSink, SharedState, StateMachineStore, PENDING_MAX_AGE, PENDING_MAX_COMMANDS};
+pub use state_machine::{
+    EventSink, SharedState, StateMachineStore, WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS,
+};
 pub use types::{NodeId, TypeConfig};

@@ -2,25 +2,33 @@
 //! step with a sled database on disk, and snapshots written to fsynced files.
 //!
 //! Each `apply` call records the instances and leases it changed in a pending sled
-//! batch; the batch goes to sled, with `last_applied`, the membership and the
-//! counters, once it holds [`PENDING_MAX_COMMANDS`] commands or its oldest change is
-//! [`PENDING_MAX_AGE`] old, before a snapshot is built, and when the store is dropped.
-//! So the database always holds a consistent point. sled is not fsynced per batch:
-//! after a crash it may be behind, and openraft re-applies the committed entries above
-//! its `last_applied` from the fsynced log (which keeps every entry since the last
+//! batch; a thread of its own writes the batch to sled, with `last_applied`, the
+//! membership and the counters, once it holds [`WriteBatching::max_commands`] commands
+//! or its oldest change is [`WriteBatching::max_age`] old; it is also written before a
+//! snapshot is built and when the store is dropped (see `writer.rs`). So the database
+//! always holds a consistent point. sled is not fsynced per batch: after a crash it
+//! may be behind, and openraft re-applies the committed entries above its
+//! `last_applied` from the fsynced log (which keeps every entry since the last
 //! snapshot, and a snapshot is only built once the pending batch is in sled).
 //! Snapshots, which allow that log to be purged, are fsynced files, and on open a
 //! snapshot newer than sled is loaded into it.
 //!
 //! Why the batch waits: sled rolls its I/O buffer twice for every batch it applies,
 //! each roll a write and a `sync_file_range` on its threads, so one sled batch per
-//! Raft apply made sled the largest cost of a write on every node.
+//! Raft apply made sled the largest cost of a write on every node. Why a thread
+//! writes it: a batch of a thousand commands written on openraft's apply task held
+//! up the answers of every write applied after it.
+
+mod writer;
 
 use std::fs;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
+
+use self::writer::StateWriter;
+pub use self::writer::{WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS};
 
 use muster_core::registry::Applied;
 use muster_core::{Event, EventKind, Instance, InstanceKey, Lease, Registry, RegistrySnapshot, Revision};
@@ -42,10 +50,6 @@ const PREFIX_LEASE: &[u8] = b"l/";
 const PREFIX_FORWARD_SESSION: &[u8] = b"f/";
 /// A forwarded write's result: session id and number, both big-endian.
 const PREFIX_FORWARD_RESULT: &[u8] = b"r/";
-/// The pending sled batch is written once it holds this many applied commands...
-pub const PENDING_MAX_COMMANDS: usize = 1024;
-/// ...or once its oldest change has waited this long (looked at on each apply).
-pub const PENDING_MAX_AGE: Duration = Duration::from_millis(100);
 /// How long opening waits for sled's lock on the database: when a store is dropped,
 /// the sled threads that wrote its last buffers let go of the file a moment later.
 const DB_LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -99,26 +103,10 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    /// Changes applied in memory and not yet written to sled.
-    pending: PendingWrites,
+    /// Changes applied in memory and not yet written to sled, and their writer.
+    writer: StateWriter,
     /// Dropped with the store: lets the owner wait until the database is closed.
     open_marker: Arc<()>,
-}
-
-/// A sled batch collecting the changes of several applies (see the module docs).
-#[derive(Default)]
-struct PendingWrites {
-    batch: sled::Batch,
-    /// Commands applied into `batch`.
-    commands: usize,
-    /// When the first of them was applied; `None` while nothing is pending.
-    since: Option<Instant>,
-}
-
-impl PendingWrites {
-    fn is_due(&self) -> bool {
-        self.commands >= PENDING_MAX_COMMANDS || self.since.is_some_and(|t| t.elapsed() >= PENDING_MAX_AGE)
-    }
 }
 
 /// Builds snapshots from a point-in-time image of the registry.
@@ -141,6 +129,10 @@ pub enum StateError {
     /// A file operation failed.
     #[error("state file: {0}")]
     Io(#[from] std::io::Error),
+    /// An earlier write of applied changes failed: the database no longer follows the
+    /// log, so nothing more is applied (a restart re-applies the log).
+    #[error("an earlier write to the state database failed: {0}")]
+    WriteFailed(String),
 }
 
 impl From<StateError> for StorageError {
@@ -260,6 +252,16 @@ impl StateMachineStore {
     /// Opens (or creates) the state machine under `dir`, loading the registry into
     /// memory. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64, sink: Arc<dyn EventSink>) -> Result<Self, StateError> {
+        Self::open_with(dir, cache_bytes, WriteBatching::default(), sink)
+    }
+
+    /// [`StateMachineStore::open`] with applied changes written to sled as `batching` says.
+    pub fn open_with(
+        dir: &Path,
+        cache_bytes: u64,
+        batching: WriteBatching,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Self, StateError> {
         let snapshot_dir = dir.join("snapshots");
         fs::create_dir_all(&snapshot_dir)?;
         let db = open_db(
@@ -275,11 +277,11 @@ impl StateMachineStore {
                 revision,
                 sink,
             }),
+            writer: StateWriter::start(db.clone(), batching)?,
             db,
             snapshot_dir,
             last_applied: None,
             membership: StoredMembership::default(),
-            pending: PendingWrites::default(),
             open_marker: Arc::new(()),
         };
         store.load_from_db()?;
@@ -372,7 +374,7 @@ impl StateMachineStore {
     fn replace_state(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StateError> {
         let image: RegistrySnapshot = bincode::deserialize(data)?;
         // The image replaces whatever was applied and not yet written.
-        self.pending = PendingWrites::default();
+        let _no_writes = self.writer.discard_pending();
         let mut batch = sled::Batch::default();
         for item in self.db.iter().keys() {
             batch.remove(item?);
@@ -398,39 +400,15 @@ impl StateMachineStore {
         let counters = (image.revision, image.next_lease_id);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.put_meta(&mut batch, counters)?;
+        batch.insert(KEY_LAST_APPLIED, bincode::serialize(&self.last_applied)?);
+        batch.insert(KEY_MEMBERSHIP, bincode::serialize(&self.membership)?);
+        batch.insert(KEY_COUNTERS, bincode::serialize(&counters)?);
         self.db.apply_batch(batch)?;
         self.db.flush()?;
         let mut registry = self.shared.registry.write().unwrap_or_else(|p| p.into_inner());
         *registry = Registry::from_snapshot(image);
         self.shared.revision.send_replace(revision);
         self.shared.sink.reset(revision);
-        Ok(())
-    }
-
-    fn put_meta(&self, batch: &mut sled::Batch, counters: (u64, u64)) -> Result<(), StateError> {
-        let enc = |v: &dyn erased::Ser| v.bytes().map_err(StateError::from);
-        batch.insert(KEY_LAST_APPLIED, enc(&self.last_applied)?);
-        batch.insert(KEY_MEMBERSHIP, enc(&self.membership)?);
-        batch.insert(KEY_COUNTERS, enc(&counters)?);
-        Ok(())
-    }
-
-    /// Writes the pending batch to sled, with `last_applied`, the membership and the
-    /// registry's counters (revision and next lease id), if anything is pending. Only
-    /// `apply` and `replace_state` change the registry, and both need `&mut self`, so
-    /// the counters read here are those of the last applied entry.
-    fn write_pending(&mut self) -> Result<(), StateError> {
-        if self.pending.since.is_none() {
-            return Ok(());
-        }
-        let counters = {
-            let registry = self.shared.read();
-            (registry.revision(), registry.next_lease_id())
-        };
-        let mut pending = std::mem::take(&mut self.pending);
-        self.put_meta(&mut pending.batch, counters)?;
-        self.db.apply_batch(pending.batch)?;
         Ok(())
     }
 
@@ -481,21 +459,9 @@ impl Drop for StateMachineStore {
     /// Writes what is pending and flushes sled, so a node that stops cleanly restarts
     /// without re-applying entries.
     fn drop(&mut self) {
-        let written = self.write_pending().and_then(|()| Ok(self.db.flush().map(drop)?));
+        let written = self.writer.close().and_then(|()| Ok(self.db.flush().map(drop)?));
         if let Err(e) = written {
             tracing::warn!(error = %e, "writing the state database at close failed; the log will be re-applied");
-        }
-    }
-}
-
-/// Tiny object-safe serialization helper for the metadata values.
-mod erased {
-    pub trait Ser {
-        fn bytes(&self) -> Result<Vec<u8>, bincode::Error>;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn bytes(&self) -> Result<Vec<u8>, bincode::Error> {
-            bincode::serialize(self)
         }
     }
 }
@@ -553,42 +519,42 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut events = Vec::new();
         let shared = self.shared.clone();
         let mut registry = shared.registry.write().unwrap_or_else(|p| p.into_inner());
-        for entry in entries {
-            self.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => results.push(registry.nothing()),
-                EntryPayload::Normal(command) => {
-                    let applied = registry.apply(&command);
-                    Self::persist(&mut self.pending.batch, &applied, &registry)?;
-                    self.pending.commands += 1;
-                    events.extend(applied.events);
-                    results.push(applied.result);
-                }
-                EntryPayload::Membership(membership) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    results.push(registry.nothing());
+        self.writer.stage(|pending| {
+            for entry in entries {
+                self.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => results.push(registry.nothing()),
+                    EntryPayload::Normal(command) => {
+                        let applied = registry.apply(&command);
+                        Self::persist(&mut pending.batch, &applied, &registry)?;
+                        pending.commands += 1;
+                        events.extend(applied.events);
+                        results.push(applied.result);
+                    }
+                    EntryPayload::Membership(membership) => {
+                        self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        pending.set_membership(self.membership.clone());
+                        results.push(registry.nothing());
+                    }
                 }
             }
             // Blank and membership entries move `last_applied` too.
-            self.pending.since.get_or_insert_with(Instant::now);
-        }
+            pending.set_position(self.last_applied, (registry.revision(), registry.next_lease_id()));
+            Ok(())
+        })?;
         let revision = registry.revision();
         if !events.is_empty() {
             shared.sink.publish(&events, revision);
         }
         drop(registry);
         shared.revision.send_replace(revision);
-        // Readers need not wait for sled: the batch is written without the lock.
-        if self.pending.is_due() {
-            self.write_pending().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        }
         Ok(results)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Write and flush sled first: the log below this snapshot may be purged once it
         // exists.
-        if let Err(e) = self.write_pending() {
+        if let Err(e) = self.writer.write_now() {
             tracing::warn!(error = %e, "writing applied changes to the state database before a snapshot failed");
         }
         if let Err(e) = self.db.flush_async().await {

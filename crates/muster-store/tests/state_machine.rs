@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use muster_core::{Command, Event, InstanceSpec, Registry, RegistrySnapshot, Revision};
 use muster_store::types::{SnapshotMeta, TypeConfig};
-use muster_store::{EventSink, StateMachineStore};
+use muster_store::{EventSink, StateMachineStore, WriteBatching};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
 use serde::Deserialize;
@@ -153,12 +153,33 @@ async fn a_forwarded_write_applied_before_a_restart_is_not_applied_again_after_i
     assert_eq!(sm.shared().read().instance_count(), 3);
 }
 
+/// Waits until the state database holds `index` as its last applied entry.
+fn await_written(sm: &StateMachineStore, index: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let written = sm.written_applied().expect("read").map(|l| l.index);
+        if written == Some(index) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "written {written:?}, expected {index}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[tokio::test]
 async fn applied_changes_reach_the_database_in_batches_before_a_snapshot_and_at_close() {
     let dir = tempfile::tempdir().expect("tempdir");
     let index_of = |id: Option<muster_store::types::LogId>| id.map(|l| l.index);
+    // Age long enough never to come due here: only size, snapshots and close write.
+    let by_size_only = WriteBatching {
+        max_commands: 64,
+        max_age: std::time::Duration::from_secs(3600),
+    };
     {
-        let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("open");
+        let mut sm = StateMachineStore::open_with(dir.path(), 1 << 20, by_size_only, Arc::new(NoSink)).expect("open");
         sm.apply((1..=10).map(|i| register(i, i as usize, None)))
             .await
             .expect("apply");
@@ -170,33 +191,28 @@ async fn applied_changes_reach_the_database_in_batches_before_a_snapshot_and_at_
         sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
         assert_eq!(index_of(sm.written_applied().expect("read")), Some(10));
 
-        // A batch of PENDING_MAX_COMMANDS commands is written at once.
-        let last = 10 + muster_store::PENDING_MAX_COMMANDS as u64;
+        // A batch of max_commands commands is written by the writer thread.
+        let last = 10 + by_size_only.max_commands as u64;
         sm.apply((11..=last).map(|i| register(i, i as usize, None)))
             .await
             .expect("apply");
-        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
+        await_written(&sm, last);
         sm.apply(vec![register(last + 1, last as usize + 1, None)])
             .await
             .expect("apply");
         assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
-
-        // The next apply after the oldest pending change has waited PENDING_MAX_AGE
-        // writes the batch, whatever its size.
-        std::thread::sleep(muster_store::PENDING_MAX_AGE);
-        sm.apply(vec![register(last + 2, last as usize + 2, None)])
-            .await
-            .expect("apply");
-        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last + 2));
-        sm.apply(vec![register(last + 3, last as usize + 3, None)])
-            .await
-            .expect("apply");
-        assert_eq!(index_of(sm.written_applied().expect("read")), Some(last + 2));
     }
     // Closing the store wrote the rest: reopened, sled holds every change.
-    let last = 13 + muster_store::PENDING_MAX_COMMANDS as u64;
+    let last = 11 + by_size_only.max_commands as u64;
     let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("reopen");
     assert_eq!(index_of(sm.written_applied().expect("read")), Some(last));
     assert_eq!(index_of(sm.applied_state().await.expect("applied").0), Some(last));
     assert_eq!(sm.shared().read().instance_count(), last as usize);
+
+    // With the default batching, a change left alone is written once it has waited
+    // max_age, with no further apply to prompt it.
+    sm.apply(vec![register(last + 1, last as usize + 1, None)])
+        .await
+        .expect("apply");
+    await_written(&sm, last + 1);
 }
