@@ -1,5 +1,5 @@
 //! Integration tests of the segmented Raft log: durability across reopen, truncation,
-//! purging, segment rotation, torn-write recovery and group commit.
+//! purging, segment rotation, torn-write recovery and acknowledgement after the fsync.
 
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
@@ -514,49 +514,28 @@ async fn flipped_byte_drops_the_rest_of_the_log() {
 }
 
 #[tokio::test]
-async fn entries_are_readable_before_the_flush_callback_and_batches_share_one_fsync() {
+async fn each_append_is_synced_and_acknowledged_in_order_before_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), LogOptions::default());
     let mut reader = log.reader();
-
-    // The first append's callback holds the writer thread, so the next appends queue up.
-    let (entered_tx, entered_rx) = mpsc::channel::<()>();
-    let (gate_tx, gate_rx) = mpsc::channel::<()>();
-    log.append_with(ents(1, 0..=0), move |res| {
-        res.expect("first append");
-        entered_tx.send(()).unwrap();
-        gate_rx.recv().unwrap();
-    })
-    .unwrap();
-    entered_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let syncs_before = log.stats().data_syncs;
-
     let order = Arc::new(Mutex::new(Vec::new()));
-    let (done_tx, done_rx) = mpsc::channel();
-    for i in 1..=5u64 {
-        let order = Arc::clone(&order);
-        let done_tx = done_tx.clone();
+    for i in 0..=5u64 {
+        let syncs_before = log.stats().data_syncs;
+        let (done_tx, done_rx) = mpsc::channel();
+        let acknowledged = Arc::clone(&order);
         log.append_with(vec![put(1, i)], move |res| {
-            order.lock().unwrap().push(i);
+            acknowledged.lock().unwrap().push(i);
             done_tx.send(res.is_ok()).unwrap();
         })
         .unwrap();
-        // Readable at once, through the log and through a reader handed out earlier...
+        // Acknowledged before append returned, after one fdatasync of its own...
+        assert_eq!(done_rx.try_recv(), Ok(true));
+        assert_eq!(log.stats().data_syncs, syncs_before + 1);
+        // ...and readable through the log and through a reader handed out earlier.
         assert_eq!(reader.try_get_log_entries(i..=i).await.unwrap().len(), 1);
         assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(lid(1, i)));
     }
-    // ...while not one of them has been acknowledged.
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(done_rx.try_recv().is_err());
-    assert_eq!(log.stats().data_syncs, syncs_before);
-
-    gate_tx.send(()).unwrap();
-    for _ in 1..=5 {
-        assert!(done_rx.recv_timeout(Duration::from_secs(10)).unwrap());
-    }
-    assert_eq!(*order.lock().unwrap(), vec![1, 2, 3, 4, 5]);
-    // The five queued batches were covered by a single fdatasync.
-    assert_eq!(log.stats().data_syncs, syncs_before + 1);
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
 
     drop(log);
     let mut log = open(tmp.path(), LogOptions::default());
@@ -571,7 +550,7 @@ async fn vote_waits_for_earlier_appends() {
     log.append_with(ents(1, 0..=3), move |res| done_tx.send(res.is_ok()).unwrap())
         .unwrap();
     log.save_vote(&Vote::new(2, 1)).await.unwrap();
-    // save_vote returned, so the append queued before it is already durable.
+    // save_vote returned, so the append made before it is already durable.
     assert_eq!(done_rx.try_recv(), Ok(true));
 }
 

@@ -1,4 +1,4 @@
-//! The Raft log and vote store: segmented, checksummed, fsynced, with group commit.
+//! The Raft log and vote store: segmented, checksummed, fsynced before acknowledged.
 //!
 //! Why not keep the log in sled with the state machine: sled's flush uses
 //! `sync_file_range` on Linux, which does not flush the disk's write cache, and Raft's
@@ -12,8 +12,8 @@
 //!   has reached [`LogOptions::segment_bytes`], so purging can delete whole files.
 //! - `log-meta`: vote, last purged and committed log ids, replaced atomically.
 //!
-//! All file writes go through one writer thread, in submission order (see `writer.rs`);
-//! every un-purged entry is also kept in memory, as the bytes of its record, so reads
+//! All file writes go through one writer, one at a time, on the calling thread (see
+//! `writer.rs`); every un-purged entry is also kept in memory, as the bytes of its record, so reads
 //! never touch the disk. A read decodes what it returns: an entry's record is a few
 //! times smaller than the decoded entry, and openraft takes its own copy of every
 //! entry it reads anyway.
@@ -29,9 +29,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::sync::{Arc, PoisonError, RwLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,7 +44,7 @@ use serde::Serialize;
 use self::meta::Meta;
 use self::record::HEADER_LEN;
 use self::segment::Segment;
-use self::writer::{Chunk, Completion, Counters, Op, Writer};
+use self::writer::{Chunk, Completion, Counters, Op, SharedWriter};
 
 /// Tuning knobs of a [`SegmentLog`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +88,7 @@ pub enum LogError {
         #[source]
         source: io::Error,
     },
-    /// The writer thread reported a failed write or fsync. The log refuses further writes
+    /// The writer reported a failed write or fsync. The log refuses further writes
     /// after this, since the state of the files is no longer known.
     #[error("raft log write failed: {0}")]
     Write(#[source] io::Error),
@@ -150,17 +148,17 @@ pub enum LogError {
     /// The options cannot work.
     #[error("invalid log options: {0}")]
     InvalidOptions(&'static str),
-    /// The writer thread is gone (it panicked, or the log is shutting down).
-    #[error("the raft log writer thread has stopped")]
+    /// The writer did not report the outcome of an operation (a bug).
+    #[error("the raft log writer reported no outcome")]
     WriterGone,
 }
 
-/// Counters describing the log's I/O, for metrics and for checking group commit.
+/// Counters describing the log's I/O, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
-    /// Append batches handed to the writer thread.
+    /// Append batches written.
     pub append_batches: u64,
-    /// `fdatasync` calls on segment files (group commits, rotations, truncations).
+    /// `fdatasync` calls on segment files (appends, rotations, truncations).
     pub data_syncs: u64,
     /// Atomic rewrites of the metadata file.
     pub meta_writes: u64,
@@ -188,26 +186,24 @@ type EntryMap<C> = Arc<RwLock<BTreeMap<u64, StoredEntry<<C as RaftTypeConfig>::N
 
 /// The Raft log and vote storage of one node: an openraft [`RaftLogStorage`].
 ///
-/// Appends return as soon as the entries are in memory and queued; openraft's callback runs
-/// once the writer thread has fsynced them. Votes, truncations and purges return only once
-/// durable. Dropping it finishes the queued writes and stops the writer thread.
+/// Appends, votes, truncations and purges return once durable; an append calls openraft's
+/// callback before it returns. Dropping the log writes a committed id still waiting.
 pub struct SegmentLog<C: RaftTypeConfig> {
     dir: PathBuf,
     options: LogOptions,
     /// Un-purged entries, shared with every [`LogReader`].
     entries: EntryMap<C>,
-    /// Segment files as they will be once every queued write is done.
+    /// Segment files as they are.
     segments: BTreeMap<u64, Segment>,
     meta: Meta<C::NodeId>,
-    tx: Option<mpsc::Sender<Op>>,
-    thread: Option<JoinHandle<()>>,
+    writer: SharedWriter,
     counters: Arc<Counters>,
 }
 
 /// A cheap, cloneable read handle on the entries of a [`SegmentLog`].
 ///
 /// Openraft hands one to every replication task; reads come from memory and never wait for
-/// the writer thread.
+/// the writer.
 pub struct LogReader<C: RaftTypeConfig> {
     entries: EntryMap<C>,
 }
@@ -254,20 +250,16 @@ where
 
         let recovered = segment::recover::<C>(dir)?;
         let counters = Arc::new(Counters::default());
-        let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(
+        let writer = SharedWriter::start(
             dir.to_path_buf(),
             options.committed_flush_interval,
             Arc::clone(&counters),
-        );
-        let thread = std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|source| LogError::Io {
-                op: "spawn writer thread for",
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        )
+        .map_err(|source| LogError::Io {
+            op: "spawn committed-id writer thread for",
+            path: dir.to_path_buf(),
+            source,
+        })?;
 
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -275,8 +267,7 @@ where
             entries: Arc::new(RwLock::new(recovered.entries)),
             segments: recovered.segments,
             meta: recovered.meta,
-            tx: Some(tx),
-            thread: Some(thread),
+            writer,
             counters,
         })
     }
@@ -284,9 +275,9 @@ where
     /// Appends entries and calls `done` once they are durable (or the write failed).
     ///
     /// This is the one append path: openraft's [`RaftLogStorage::append`] wraps its
-    /// `LogFlushed` callback into `done`. The entries are readable as soon as this returns;
-    /// `done` runs later on the writer thread, after the fdatasync that covers them, so it
-    /// must not block for long. Entries must continue the log without a gap.
+    /// `LogFlushed` callback into `done`, which runs on this thread after the fdatasync
+    /// that covers the entries, before this returns. Entries must continue the log
+    /// without a gap.
     pub fn append_with<I, F>(&mut self, entries: I, done: F) -> Result<(), LogError>
     where
         I: IntoIterator<Item = C::Entry>,
@@ -298,7 +289,7 @@ where
     /// Appends entries and waits until they are durable.
     ///
     /// For callers outside openraft (tests, tools) that want a plain "write and sync"; it
-    /// shares [`Self::append_with`]'s path, so it also waits for the group commit.
+    /// shares [`Self::append_with`]'s path.
     pub async fn append_and_wait<I>(&mut self, entries: I) -> Result<(), LogError>
     where
         I: IntoIterator<Item = C::Entry>,
@@ -339,8 +330,6 @@ where
     }
 
     fn append_inner(&mut self, entries: Vec<C::Entry>, done: Completion) -> Result<(), LogError> {
-        let tx = self.tx.as_ref().ok_or(LogError::WriterGone)?;
-
         // Check and encode everything before changing any state, so a failure leaves the log
         // as it was. Records go into one buffer; `bounds` remembers where each one is.
         let mut expected = self.next_index();
@@ -405,7 +394,8 @@ where
                 map.insert(index, stored);
             }
         }
-        tx.send(Op::Append { chunks, done }).map_err(|_| LogError::WriterGone)
+        self.writer.execute(Op::Append { chunks, done });
+        Ok(())
     }
 
     /// Index the next appended entry must have; `None` while the log is empty and nothing
@@ -425,18 +415,15 @@ where
         }
     }
 
-    /// Queues an operation built around a completion and waits for it.
-    async fn submit_and_wait(&mut self, make: impl FnOnce(Completion) -> Op) -> Result<(), LogError> {
-        let tx = self.tx.as_ref().ok_or(LogError::WriterGone)?;
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let op = make(Box::new(move |res| {
-            let _ = done_tx.send(res);
-        }));
-        tx.send(op).map_err(|_| LogError::WriterGone)?;
-        done_rx
-            .await
-            .map_err(|_| LogError::WriterGone)?
-            .map_err(LogError::Write)
+    /// Executes an operation built around a completion and hands back its outcome.
+    fn execute_and_report(&mut self, make: impl FnOnce(Completion) -> Op) -> Result<(), LogError> {
+        let outcome = Arc::new(Mutex::new(None));
+        let report = Arc::clone(&outcome);
+        self.writer.execute(make(Box::new(move |res| {
+            *report.lock().unwrap_or_else(PoisonError::into_inner) = Some(res);
+        })));
+        let res = outcome.lock().unwrap_or_else(PoisonError::into_inner).take();
+        res.ok_or(LogError::WriterGone)?.map_err(LogError::Write)
     }
 
     async fn truncate_inner(&mut self, index: u64) -> Result<(), LogError> {
@@ -465,7 +452,7 @@ where
         if delete.is_empty() && cut.is_none() {
             return Ok(());
         }
-        self.submit_and_wait(|done| Op::Truncate { delete, cut, done }).await
+        self.execute_and_report(|done| Op::Truncate { delete, cut, done })
     }
 
     async fn purge_inner(&mut self, log_id: LogId<C::NodeId>) -> Result<(), LogError> {
@@ -495,7 +482,7 @@ where
         for first in &delete {
             self.segments.remove(first);
         }
-        self.submit_and_wait(|done| Op::Purge { meta, delete, done }).await
+        self.execute_and_report(|done| Op::Purge { meta, delete, done })
     }
 }
 
@@ -621,8 +608,7 @@ where
             .meta
             .encode()
             .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        self.submit_and_wait(|done| Op::SaveMeta { meta, done })
-            .await
+        self.execute_and_report(|done| Op::SaveMeta { meta, done })
             .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
@@ -639,12 +625,8 @@ where
             .meta
             .encode()
             .map_err(|e| storage_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        let tx = self
-            .tx
-            .as_ref()
-            .ok_or_else(|| storage_error(ErrorSubject::Store, ErrorVerb::Write, LogError::WriterGone))?;
-        tx.send(Op::SaveCommitted { meta })
-            .map_err(|_| storage_error(ErrorSubject::Store, ErrorVerb::Write, LogError::WriterGone))
+        self.writer.execute(Op::SaveCommitted { meta });
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
@@ -678,13 +660,7 @@ where
 
 impl<C: RaftTypeConfig> Drop for SegmentLog<C> {
     fn drop(&mut self) {
-        // Closing the channel lets the writer finish what is queued (including a pending
-        // committed id) and exit; waiting for it means a reopen sees every write.
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!(dir = %self.dir.display(), "raft log writer thread panicked");
-            }
-        }
+        // Writes a committed id still waiting, so a reopen sees every write.
+        self.writer.close();
     }
 }

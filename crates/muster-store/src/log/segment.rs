@@ -23,7 +23,7 @@ use super::StoredEntry;
 /// What the front end knows about one segment file.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Segment {
-    /// Length of the file once every queued write is done.
+    /// Length of the file's records.
     pub(crate) len: u64,
     /// Byte offset of each record; the record at position `i` holds index `first + i`.
     pub(crate) offsets: Vec<u64>,
