@@ -12,3 +12,9 @@ pub use state_machine::{
     EventSink, SharedState, StateMachineStore, WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS,
 };
 pub use types::{NodeId, TypeConfig};
+
+/// Locks `mutex`, also when a thread panicked holding it: every state guarded here is
+/// left consistent between statements, and a writer must keep working for the rest.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -19,7 +19,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use crate::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -84,10 +86,6 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Wakes the committed-id thread: a committed id started waiting, or the log closes.
     wake: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl SharedWriter {

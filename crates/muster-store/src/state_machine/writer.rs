@@ -10,6 +10,8 @@
 //! whatever has been written is a consistent point.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use crate::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -112,10 +114,6 @@ struct Pending {
 pub(super) struct StateWriter {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl StateWriter {
