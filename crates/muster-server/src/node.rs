@@ -268,7 +268,7 @@ impl NodeCore {
         loop {
             // openraft answers ForwardToLeader only for entries it did not append or
             // truncated, so proposing again after it is safe.
-            match self.write_batcher.write(command.clone()).await {
+            match self.write_batcher.write(&self.raft, command.clone()).await {
                 Ok(result) => return Ok(result),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
