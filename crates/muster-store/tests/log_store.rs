@@ -2,7 +2,7 @@
 //! purging, segment rotation, torn-write recovery and acknowledgement after the fsync.
 
 use std::collections::BTreeSet;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -427,36 +427,77 @@ async fn segments_rotate_at_the_size_limit() {
     }
 }
 
+/// Opens the log in `dir` with default options, appends `entries` and closes it:
+/// the bytes of records written, which is where they end in a fresh log's segment.
+async fn append_and_close(dir: &Path, entries: Vec<Ent>) -> u64 {
+    let mut log = open(dir, LogOptions::default());
+    log.append_and_wait(entries).await.unwrap();
+    log.stats().bytes_written
+}
+
+/// Keeps the first `keep` bytes of `path` and zeros the rest, as a crash leaves a file
+/// whose later writes never reached the disk (the file keeps its zeros ahead).
+fn zero_after(path: &Path, keep: u64) {
+    let mut bytes = fs::read(path).unwrap();
+    let keep = usize::try_from(keep).unwrap();
+    bytes[keep..].fill(0);
+    fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn records_are_followed_by_zeros_written_ahead_and_read_back_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records = append_and_close(tmp.path(), ents(1, 0..=9)).await;
+    let (_, path) = segments(tmp.path()).pop().unwrap();
+    let bytes = fs::read(&path).unwrap();
+    // The file reaches well past its records, with zeros.
+    assert!(bytes.len() as u64 >= records + 512 * 1024, "{} bytes", bytes.len());
+    assert!(bytes[usize::try_from(records).unwrap()..].iter().all(|&b| b == 0));
+
+    // Appends after a restart overwrite the zeros, and read back after another.
+    {
+        let mut log = open(tmp.path(), LogOptions::default());
+        assert_eq!(ids(&all(&mut log).await), expect(|_| 1, 0..=9));
+        log.append_and_wait(ents(2, 10..=12)).await.unwrap();
+    }
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        bytes.len() as u64,
+        "no growth inside the zeros"
+    );
+    let mut log = open(tmp.path(), LogOptions::default());
+    assert_eq!(
+        ids(&all(&mut log).await),
+        expect(|i| if i < 10 { 1 } else { 2 }, 0..=12)
+    );
+}
+
 #[tokio::test]
 async fn torn_last_record_is_cut_off() {
     let tmp = tempfile::tempdir().unwrap();
-    {
+    let good_end = {
         let mut log = open(tmp.path(), LogOptions::default());
         log.append_and_wait(ents(1, 0..=9)).await.unwrap();
         log.save_vote(&Vote::new(1, 1)).await.unwrap();
-    }
-    let (_, path) = segments(tmp.path()).pop().unwrap();
-    let full = fs::metadata(&path).unwrap().len();
-    // Cut a few bytes into the last record, as a crash mid-write would.
-    let last_len = {
-        let mut log = open(tmp.path(), LogOptions::default());
-        let before = log.stats().bytes_written;
-        log.append_and_wait(vec![put(1, 10)]).await.unwrap();
-        log.stats().bytes_written - before
+        log.stats().bytes_written
     };
-    let file = OpenOptions::new().write(true).open(&path).unwrap();
-    file.set_len(full + 5).unwrap();
-    drop(file);
+    let (_, path) = segments(tmp.path()).pop().unwrap();
+    append_and_close(tmp.path(), vec![put(1, 10)]).await;
+    // Only five bytes of the last record reached the disk, as a crash mid-write leaves it.
+    zero_after(&path, good_end + 5);
 
     let mut log = open(tmp.path(), LogOptions::default());
     assert_eq!(ids(&all(&mut log).await), expect(|_| 1, 0..=9));
     assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(lid(1, 9)));
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
-    assert_eq!(fs::metadata(&path).unwrap().len(), full, "file cut at the torn record");
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        good_end,
+        "file cut at the torn record"
+    );
 
     // The log continues cleanly where the good records end.
     log.append_and_wait(vec![put(2, 10)]).await.unwrap();
-    assert_eq!(fs::metadata(&path).unwrap().len(), full + last_len);
     drop(log);
     let mut log = open(tmp.path(), LogOptions::default());
     assert_eq!(
@@ -468,19 +509,37 @@ async fn torn_last_record_is_cut_off() {
 #[tokio::test]
 async fn torn_header_is_cut_off() {
     let tmp = tempfile::tempdir().unwrap();
-    {
-        let mut log = open(tmp.path(), LogOptions::default());
-        log.append_and_wait(ents(1, 0..=4)).await.unwrap();
-    }
+    let good_end = append_and_close(tmp.path(), ents(1, 0..=4)).await;
     let (_, path) = segments(tmp.path()).pop().unwrap();
-    let full = fs::metadata(&path).unwrap().len();
     let mut bytes = fs::read(&path).unwrap();
-    bytes.extend_from_slice(&[0x17, 0, 0]);
+    let at = usize::try_from(good_end).unwrap();
+    bytes[at..at + 3].copy_from_slice(&[0x17, 0, 0]);
     fs::write(&path, bytes).unwrap();
 
     let mut log = open(tmp.path(), LogOptions::default());
     assert_eq!(ids(&all(&mut log).await), expect(|_| 1, 0..=4));
-    assert_eq!(fs::metadata(&path).unwrap().len(), full);
+    assert_eq!(fs::metadata(&path).unwrap().len(), good_end);
+}
+
+#[tokio::test]
+async fn a_record_whose_header_was_lost_is_cut_off_with_what_follows_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good_end = append_and_close(tmp.path(), ents(1, 0..=4)).await;
+    append_and_close(tmp.path(), ents(1, 5..=6)).await;
+    // The header of record 5 never reached the disk; the rest of it did.
+    let (_, path) = segments(tmp.path()).pop().unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    let at = usize::try_from(good_end).unwrap();
+    bytes[at..at + 8].fill(0);
+    fs::write(&path, bytes).unwrap();
+
+    let mut log = open(tmp.path(), LogOptions::default());
+    assert_eq!(ids(&all(&mut log).await), expect(|_| 1, 0..=4));
+    assert_eq!(fs::metadata(&path).unwrap().len(), good_end);
+    log.append_and_wait(ents(2, 5..=5)).await.unwrap();
+    drop(log);
+    let mut log = open(tmp.path(), LogOptions::default());
+    assert_eq!(ids(&all(&mut log).await), expect(|i| if i < 5 { 1 } else { 2 }, 0..=5));
 }
 
 #[tokio::test]

@@ -8,8 +8,9 @@
 //! Layout of the log directory:
 //!
 //! - `seg-{first_index:020}.log`: append-only segments of records
-//!   `[u32 len LE][u32 crc32 LE][bincode(entry)]`. A new segment starts once the current one
-//!   has reached [`LogOptions::segment_bytes`], so purging can delete whole files.
+//!   `[u32 len LE][u32 crc32 LE][bincode(entry)]`, then zeros written ahead of the next
+//!   records (see `writer.rs`). A new segment starts once the current one's records
+//!   have reached [`LogOptions::segment_bytes`], so purging can delete whole files.
 //! - `log-meta`: vote, last purged and committed log ids, replaced atomically.
 //!
 //! All file writes go through one writer, one at a time, on the calling thread (see
@@ -253,6 +254,7 @@ where
         let writer = SharedWriter::start(
             dir.to_path_buf(),
             options.committed_flush_interval,
+            options.segment_bytes,
             Arc::clone(&counters),
         )
         .map_err(|source| LogError::Io {

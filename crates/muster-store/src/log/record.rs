@@ -3,6 +3,9 @@
 //! A record is `[u32 payload length, LE][u32 CRC-32 of the payload, LE][payload]`. The length
 //! lets recovery find the next record; the checksum tells a torn or rotted record from a good
 //! one, so recovery can cut the log at the first record that was not completely written.
+//!
+//! A log entry's payload is never empty, so a header of zeros is not a record: it is where
+//! the records end in a segment file extended with zeros ahead of them (`writer.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +33,7 @@ pub(crate) fn encode_record(payload: &[u8], out: &mut Vec<u8>) -> Option<()> {
 pub(crate) enum Decoded<'a> {
     /// A complete record whose checksum matches; the next record starts at `next`.
     Record { payload: &'a [u8], next: usize },
-    /// The buffer ends exactly here: a clean end of file.
+    /// The buffer ends here, or holds a header of zeros here: the end of the records.
     End,
     /// The bytes here are not a valid record: the file was cut mid-record or is damaged.
     Bad(BadRecord),
@@ -63,7 +66,7 @@ pub(crate) fn decode_record(buf: &[u8], offset: usize) -> Decoded<'_> {
         Some(rest) => rest,
         None => return Decoded::Bad(BadRecord::TornHeader),
     };
-    if rest.is_empty() {
+    if rest.iter().take(HEADER_LEN).all(|&b| b == 0) {
         return Decoded::End;
     }
     let (Some(len), Some(crc)) = (read_u32(rest, 0), read_u32(rest, 4)) else {
@@ -116,7 +119,7 @@ mod tests {
     fn record_round_trip_and_damage() {
         let mut buf = Vec::new();
         encode_record(b"hello", &mut buf).unwrap();
-        encode_record(b"", &mut buf).unwrap();
+        encode_record(b"x", &mut buf).unwrap();
         let Decoded::Record { payload, next } = decode_record(&buf, 0) else {
             panic!("first record")
         };
@@ -124,8 +127,12 @@ mod tests {
         let Decoded::Record { payload, next } = decode_record(&buf, next) else {
             panic!("second record")
         };
-        assert_eq!(payload, b"");
+        assert_eq!(payload, b"x");
         assert_eq!(decode_record(&buf, next), Decoded::End);
+        // A header of zeros (an empty payload, or zeros written ahead of the records)
+        // ends the records.
+        assert_eq!(decode_record(&[0; 20], 0), Decoded::End);
+        assert_eq!(decode_record(&[0; 3], 0), Decoded::End);
 
         assert_eq!(decode_record(&buf[..5], 0), Decoded::Bad(BadRecord::TornHeader));
         assert_eq!(decode_record(&buf[..10], 0), Decoded::Bad(BadRecord::TornPayload));

@@ -77,7 +77,14 @@ where
         let mut stop: Option<String> = None;
         loop {
             match decode_record(&bytes, offset) {
-                Decoded::End => break,
+                Decoded::End => {
+                    // Past the records only the zeros written ahead of them: anything
+                    // else is a write torn by a crash, cut off like a bad record.
+                    if bytes.get(offset..).is_some_and(|rest| rest.iter().any(|&b| b != 0)) {
+                        stop = Some("bytes other than zeros after the last record".to_string());
+                    }
+                    break;
+                }
                 Decoded::Bad(bad) => {
                     stop = Some(bad.to_string());
                     break;
