@@ -28,13 +28,12 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-
-use crate::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::meta::{sync_dir, write_meta_file};
 use super::record::segment_path;
+use crate::lock;
 
 /// How far past the last record a segment file is extended with zeros at a time.
 pub(crate) const PREALLOCATE_BYTES: u64 = 1024 * 1024;
@@ -126,6 +125,7 @@ impl SharedWriter {
 
     /// Executes `op` now, on this thread: an append is written and fdatasynced, and its
     /// completion called, before this returns.
+    ///
     /// A committed id alone is left to the committed-id thread (woken when one starts
     /// waiting), so its two fsyncs never hold up the caller.
     pub(crate) fn execute(&self, op: Op) {

@@ -10,12 +10,11 @@
 //! whatever has been written is a consistent point.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-
-use crate::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{StateError, KEY_COUNTERS, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
+use crate::lock;
 use crate::types::{LogId, StoredMembership};
 
 /// When the pending batch is written to sled.
