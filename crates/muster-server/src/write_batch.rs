@@ -51,10 +51,7 @@ impl WriteBatcher {
     pub async fn write(&self, raft: &Raft<TypeConfig>, command: Command) -> WriteAnswer {
         let lone = {
             let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            waiting
-                .is_empty()
-                .then(|| self.in_flight.clone().try_acquire_owned().ok())
-                .flatten()
+            waiting.is_empty().then(|| self.in_flight.try_acquire().ok()).flatten()
         };
         if let Some(permit) = lone {
             let answer = raft.client_write(command).await.map(|r| r.data);

@@ -30,7 +30,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,7 +45,7 @@ use serde::Serialize;
 use self::meta::Meta;
 use self::record::HEADER_LEN;
 use self::segment::Segment;
-use self::writer::{Chunk, Completion, Counters, Op, SharedWriter};
+use self::writer::{Chunk, Counters, Op, SharedWriter};
 
 /// Tuning knobs of a [`SegmentLog`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +149,6 @@ pub enum LogError {
     /// The options cannot work.
     #[error("invalid log options: {0}")]
     InvalidOptions(&'static str),
-    /// The writer did not report the outcome of an operation (a bug).
-    #[error("the raft log writer reported no outcome")]
-    WriterGone,
 }
 
 /// Counters describing the log's I/O, for metrics and tests.
@@ -285,7 +282,7 @@ where
         I: IntoIterator<Item = C::Entry>,
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
-        self.append_inner(entries.into_iter().collect(), Box::new(done))
+        self.append_inner(entries.into_iter().collect()).map(done)
     }
 
     /// Appends entries and waits until they are durable.
@@ -296,11 +293,8 @@ where
     where
         I: IntoIterator<Item = C::Entry>,
     {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.append_with(entries, move |res| {
-            let _ = tx.send(res);
-        })?;
-        rx.await.map_err(|_| LogError::WriterGone)?.map_err(LogError::Write)
+        self.append_inner(entries.into_iter().collect())?
+            .map_err(LogError::Write)
     }
 
     /// A read handle sharing this log's entries.
@@ -331,7 +325,9 @@ where
         }
     }
 
-    fn append_inner(&mut self, entries: Vec<C::Entry>, done: Completion) -> Result<(), LogError> {
+    /// Encodes, places and writes `entries`: the outer error leaves the log as it was; the
+    /// inner one is the write's, after which the writer refuses further writes.
+    fn append_inner(&mut self, entries: Vec<C::Entry>) -> Result<io::Result<()>, LogError> {
         // Check and encode everything before changing any state, so a failure leaves the log
         // as it was. Records go into one buffer; `bounds` remembers where each one is.
         let mut expected = self.next_index();
@@ -396,8 +392,7 @@ where
                 map.insert(index, stored);
             }
         }
-        self.writer.execute(Op::Append { chunks, done });
-        Ok(())
+        Ok(self.writer.execute(Op::Append { chunks }))
     }
 
     /// Index the next appended entry must have; `None` while the log is empty and nothing
@@ -415,17 +410,6 @@ where
             (None, Some(purged)) => purged.index.checked_add(1),
             (None, None) => None,
         }
-    }
-
-    /// Executes an operation built around a completion and hands back its outcome.
-    fn execute_and_report(&mut self, make: impl FnOnce(Completion) -> Op) -> Result<(), LogError> {
-        let outcome = Arc::new(Mutex::new(None));
-        let report = Arc::clone(&outcome);
-        self.writer.execute(make(Box::new(move |res| {
-            *report.lock().unwrap_or_else(PoisonError::into_inner) = Some(res);
-        })));
-        let res = outcome.lock().unwrap_or_else(PoisonError::into_inner).take();
-        res.ok_or(LogError::WriterGone)?.map_err(LogError::Write)
     }
 
     async fn truncate_inner(&mut self, index: u64) -> Result<(), LogError> {
@@ -454,7 +438,9 @@ where
         if delete.is_empty() && cut.is_none() {
             return Ok(());
         }
-        self.execute_and_report(|done| Op::Truncate { delete, cut, done })
+        self.writer
+            .execute(Op::Truncate { delete, cut })
+            .map_err(LogError::Write)
     }
 
     async fn purge_inner(&mut self, log_id: LogId<C::NodeId>) -> Result<(), LogError> {
@@ -484,7 +470,7 @@ where
         for first in &delete {
             self.segments.remove(first);
         }
-        self.execute_and_report(|done| Op::Purge { meta, delete, done })
+        self.writer.execute(Op::Purge { meta, delete }).map_err(LogError::Write)
     }
 }
 
@@ -610,8 +596,9 @@ where
             .meta
             .encode()
             .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        self.execute_and_report(|done| Op::SaveMeta { meta, done })
-            .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, e))
+        self.writer
+            .execute(Op::SaveMeta { meta })
+            .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, LogError::Write(e)))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, StorageError<C::NodeId>> {
@@ -627,8 +614,9 @@ where
             .meta
             .encode()
             .map_err(|e| storage_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.writer.execute(Op::SaveCommitted { meta });
-        Ok(())
+        self.writer
+            .execute(Op::SaveCommitted { meta })
+            .map_err(|e| storage_error(ErrorSubject::Store, ErrorVerb::Write, LogError::Write(e)))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
@@ -640,11 +628,9 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.append_inner(
-            entries.into_iter().collect(),
-            Box::new(move |res| callback.log_io_completed(res)),
-        )
-        .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, e))
+        self.append_inner(entries.into_iter().collect())
+            .map(|written| callback.log_io_completed(written))
+            .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
 
     async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {

@@ -41,10 +41,6 @@ pub(crate) const PREALLOCATE_BYTES: u64 = 1024 * 1024;
 /// Zeros written ahead of the records, a piece at a time.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Called once with the outcome of an operation, after it is durable (or failed), on the
-/// thread that executed it.
-pub(crate) type Completion = Box<dyn FnOnce(io::Result<()>) + Send + 'static>;
-
 /// Bytes to write into one segment at one offset.
 pub(crate) struct Chunk {
     /// First index of the target segment (its file name).
@@ -57,24 +53,17 @@ pub(crate) struct Chunk {
     pub(crate) data: bytes::Bytes,
 }
 
-/// One unit of work for the writer.
+/// One unit of work for the writer; each is durable when [`SharedWriter::execute`]
+/// returns.
 pub(crate) enum Op {
-    /// Write records; `done` runs after the fdatasync that covers them.
-    Append { chunks: Vec<Chunk>, done: Completion },
+    /// Write records and fdatasync them.
+    Append { chunks: Vec<Chunk> },
     /// Delete whole segments (given newest first), then cut one segment to a length.
-    Truncate {
-        delete: Vec<u64>,
-        cut: Option<(u64, u64)>,
-        done: Completion,
-    },
+    Truncate { delete: Vec<u64>, cut: Option<(u64, u64)> },
     /// Replace the metadata file, then delete whole segments (oldest first).
-    Purge {
-        meta: Vec<u8>,
-        delete: Vec<u64>,
-        done: Completion,
-    },
+    Purge { meta: Vec<u8>, delete: Vec<u64> },
     /// Replace the metadata file (vote change).
-    SaveMeta { meta: Vec<u8>, done: Completion },
+    SaveMeta { meta: Vec<u8> },
     /// Metadata whose only change is the committed log id: written lazily, see
     /// [`super::LogOptions::committed_flush_interval`].
     SaveCommitted { meta: Vec<u8> },
@@ -123,19 +112,18 @@ impl SharedWriter {
         })
     }
 
-    /// Executes `op` now, on this thread: an append is written and fdatasynced, and its
-    /// completion called, before this returns.
+    /// Executes `op` now, on this thread: what it wrote is durable when this returns.
     ///
     /// A committed id alone is left to the committed-id thread (woken when one starts
     /// waiting), so its two fsyncs never hold up the caller.
-    pub(crate) fn execute(&self, op: Op) {
+    pub(crate) fn execute(&self, op: Op) -> io::Result<()> {
         let mut writer = lock(&self.shared.writer);
         let was_waiting = writer.lazy_meta.is_some();
-        writer.execute(op);
-        writer.flush_pending();
+        let executed = writer.execute(op);
         if !was_waiting && writer.lazy_meta.is_some() {
             self.shared.wake.notify_one();
         }
+        executed
     }
 
     /// Stops the committed-id thread and writes a committed id still waiting.
@@ -147,9 +135,7 @@ impl SharedWriter {
                 tracing::error!("raft log committed-id thread panicked");
             }
         }
-        let mut writer = lock(&self.shared.writer);
-        writer.flush_pending();
-        writer.write_lazy_meta();
+        lock(&self.shared.writer).write_lazy_meta();
     }
 }
 
@@ -187,8 +173,6 @@ pub(crate) struct Writer {
     active_dirty: bool,
     /// A segment was created and the directory not yet fsynced.
     dir_dirty: bool,
-    /// Callbacks of appends written but not yet synced.
-    pending: Vec<Completion>,
     /// Metadata waiting to be written because only `committed` changed.
     lazy_meta: Option<Vec<u8>>,
     last_meta_write: Instant,
@@ -211,7 +195,6 @@ impl Writer {
             segment_bytes,
             active_dirty: false,
             dir_dirty: false,
-            pending: Vec::new(),
             lazy_meta: None,
             last_meta_write: Instant::now(),
             committed_interval,
@@ -227,55 +210,31 @@ impl Writer {
         Some(self.committed_interval.saturating_sub(self.last_meta_write.elapsed()))
     }
 
-    fn execute(&mut self, op: Op) {
-        match op {
-            Op::Append { chunks, done } => {
-                self.counters.append_batches.fetch_add(1, Ordering::Relaxed);
-                if let Some(err) = self.failure() {
-                    done(Err(err));
-                    return;
-                }
-                self.pending.push(done);
-                for chunk in chunks {
-                    if let Err(e) = self.write_chunk(&chunk) {
-                        self.fail(&e);
-                        self.flush_pending();
-                        return;
-                    }
-                }
-            }
-            Op::Truncate { delete, cut, done } => {
-                self.barrier_then(done, |w| w.truncate(&delete, cut));
-            }
-            Op::Purge { meta, delete, done } => {
-                self.barrier_then(done, |w| {
-                    w.write_meta(&meta)?;
-                    w.delete_segments(&delete)
-                });
-            }
-            Op::SaveMeta { meta, done } => {
-                self.barrier_then(done, |w| w.write_meta(&meta));
-            }
-            Op::SaveCommitted { meta } => {
-                if self.failed.is_none() {
-                    self.lazy_meta = Some(meta);
-                }
-            }
-        }
-    }
-
-    /// Runs a non-append operation after every earlier append is durable, then reports.
-    fn barrier_then(&mut self, done: Completion, f: impl FnOnce(&mut Self) -> io::Result<()>) {
-        self.flush_pending();
+    /// Executes `op`; the first failure is remembered and fails every later operation.
+    fn execute(&mut self, op: Op) -> io::Result<()> {
         if let Some(err) = self.failure() {
-            done(Err(err));
-            return;
+            return Err(err);
         }
-        let res = f(self);
-        if let Err(e) = &res {
+        let executed = match op {
+            Op::Append { chunks } => {
+                self.counters.append_batches.fetch_add(1, Ordering::Relaxed);
+                chunks
+                    .iter()
+                    .try_for_each(|chunk| self.write_chunk(chunk))
+                    .and_then(|()| self.sync_active())
+            }
+            Op::Truncate { delete, cut } => self.truncate(&delete, cut),
+            Op::Purge { meta, delete } => self.write_meta(&meta).and_then(|()| self.delete_segments(&delete)),
+            Op::SaveMeta { meta } => self.write_meta(&meta),
+            Op::SaveCommitted { meta } => {
+                self.lazy_meta = Some(meta);
+                Ok(())
+            }
+        };
+        if let Err(e) = &executed {
             self.fail(e);
         }
-        done(res);
+        executed
     }
 
     fn write_chunk(&mut self, chunk: &Chunk) -> io::Result<()> {
@@ -342,23 +301,6 @@ impl Writer {
             self.dir_dirty = false;
         }
         Ok(())
-    }
-
-    /// One fdatasync for every append written since the last one, then their callbacks,
-    /// in order.
-    fn flush_pending(&mut self) {
-        if self.failed.is_none() {
-            if let Err(e) = self.sync_active() {
-                self.fail(&e);
-            }
-        }
-        let failure = self.failed.clone();
-        for done in self.pending.drain(..) {
-            match &failure {
-                None => done(Ok(())),
-                Some((kind, msg)) => done(Err(io::Error::new(*kind, msg.clone()))),
-            }
-        }
     }
 
     fn truncate(&mut self, delete: &[u64], cut: Option<(u64, u64)>) -> io::Result<()> {
