@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod peer_transport;
 pub mod read_index;
 pub mod replication;
 pub mod request_metrics;

@@ -1,5 +1,7 @@
 //! The peer network: openraft RPCs and forwarded requests over gRPC on the peer port.
-//! One cached channel per peer (tonic channels multiplex and reconnect by themselves).
+//! One cached [`PeerTransport`] per peer: a single HTTP/2 connection that every call
+//! to that peer shares, reopened after it fails. Every call is bounded by a deadline
+//! enforced here, whatever the peer does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,18 +19,18 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::leader_lease::QuorumClock;
+use crate::peer_transport::PeerTransport;
 
 /// Largest peer message (snapshot chunks, append batches).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Cached channels to peers, shared by Raft replication and request forwarding.
+/// Cached transports to peers, shared by Raft replication and request forwarding.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    transports: Arc<Mutex<HashMap<String, PeerTransport>>>,
 }
 
 /// A peer call failed.
@@ -48,27 +50,20 @@ pub enum PeerError {
 }
 
 impl PeerChannels {
-    /// A gRPC client for the peer at `addr` (`host:port`), reusing its channel.
-    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = match channels.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| PeerError::Unreachable {
-                        addr: addr.to_string(),
-                        message: e.to_string(),
-                    })?
-                    .connect_timeout(Duration::from_millis(500))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5));
-                let channel = endpoint.connect_lazy();
-                channels.insert(addr.to_string(), channel.clone());
-                channel
-            }
+    /// A gRPC client for the peer at `addr` (`host:port`), sharing its connection.
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<PeerTransport>, PeerError> {
+        let origin = http::Uri::try_from(format!("http://{addr}")).map_err(|e| PeerError::Unreachable {
+            addr: addr.to_string(),
+            message: format!("not a host:port address: {e}"),
+        })?;
+        let transport = {
+            let mut transports = self.transports.lock().unwrap_or_else(|p| p.into_inner());
+            transports
+                .entry(addr.to_string())
+                .or_insert_with(|| PeerTransport::new(addr))
+                .clone()
         };
-        Ok(RaftPeerClient::new(channel)
+        Ok(RaftPeerClient::with_origin(transport, origin)
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
     }
@@ -84,12 +79,27 @@ impl PeerChannels {
         let data = bincode::serialize(request)?;
         let mut req = tonic::Request::new(PeerMessage { data });
         req.set_timeout(timeout);
-        let resp = client.forward(req).await.map_err(|s| PeerError::Unreachable {
-            addr: addr.to_string(),
-            message: s.message().to_string(),
-        })?;
+        let resp = within(timeout, client.forward(req))
+            .await
+            .map_err(|s| PeerError::Unreachable {
+                addr: addr.to_string(),
+                message: s.message().to_string(),
+            })?;
         Ok(bincode::deserialize(&resp.into_inner().data)?)
     }
+}
+
+/// Runs a peer call, failing it with `DeadlineExceeded` once `deadline` has passed
+/// (the `grpc-timeout` header only tells the peer; this holds whatever it does).
+async fn within<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(deadline, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {deadline:?}"
+        )))
+    })
 }
 
 /// Builds a connection per Raft target.
@@ -150,12 +160,13 @@ impl PeerConnection {
             .channels
             .client(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let deadline = option.hard_ttl();
         let mut request = tonic::Request::new(PeerMessage { data });
-        request.set_timeout(option.hard_ttl());
+        request.set_timeout(deadline);
         let result = match rpc {
-            Rpc::Append => client.append_entries(request).await,
-            Rpc::Vote => client.vote(request).await,
-            Rpc::Snapshot => client.install_snapshot(request).await,
+            Rpc::Append => within(deadline, client.append_entries(request)).await,
+            Rpc::Vote => within(deadline, client.vote(request)).await,
+            Rpc::Snapshot => within(deadline, client.install_snapshot(request)).await,
         };
         let response = result.map_err(|status| {
             let err = PeerError::Unreachable {

@@ -1,0 +1,146 @@
+//! The peer transport: failures name the peer and end by the deadline, connections
+//! are reopened after a peer restarts, and large messages pass both ways.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use muster_server::forward::{ForwardRequest, ForwardResponse};
+use muster_server::network::{PeerChannels, PeerError};
+use muster_testkit::{eventually, init_tracing, TestCluster};
+
+/// Asks the peer at `addr` for a read index: a follower answers `NotLeader`.
+async fn read_index(peers: &PeerChannels, addr: &str, timeout: Duration) -> Result<ForwardResponse, PeerError> {
+    peers.forward(addr, &ForwardRequest::ReadIndex, timeout).await
+}
+
+#[tokio::test]
+async fn a_closed_port_fails_as_unreachable_naming_the_peer() -> Result<()> {
+    init_tracing();
+    // Bound, then closed: nothing listens there any more.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let peers = PeerChannels::default();
+    match read_index(&peers, &addr, Duration::from_secs(5)).await {
+        Err(PeerError::Unreachable { addr: failed, message }) => {
+            assert_eq!(failed, addr);
+            assert!(message.contains(&addr), "the message names the peer: {message}");
+        }
+        other => bail!("expected Unreachable, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peer_that_accepts_but_never_answers_fails_by_the_deadline() -> Result<()> {
+    init_tracing();
+    // Accepts connections and holds them open without speaking HTTP/2.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let peers = PeerChannels::default();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        read_index(&peers, &addr, Duration::from_millis(300)),
+    )
+    .await;
+    silent.abort();
+    match outcome {
+        Ok(Err(PeerError::Unreachable { addr: failed, .. })) => assert_eq!(failed, addr),
+        Ok(other) => bail!("expected Unreachable, got {other:?}"),
+        Err(_) => bail!("a silent peer held the call past its deadline"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_is_reopened_after_the_peer_restarts() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    let addr = cluster.nodes[&follower].config.peer_addr.to_string();
+    let peers = PeerChannels::default();
+    // A follower answers that it is not the leader: the call went through.
+    assert!(matches!(
+        read_index(&peers, &addr, Duration::from_secs(5)).await?,
+        ForwardResponse::NotLeader
+    ));
+
+    cluster.stop(follower).await;
+    eventually(Duration::from_secs(20), "calls to the stopped peer fail", || {
+        let peers = peers.clone();
+        let addr = addr.clone();
+        async move {
+            Ok(matches!(
+                read_index(&peers, &addr, Duration::from_secs(1)).await,
+                Err(PeerError::Unreachable { .. })
+            ))
+        }
+    })
+    .await?;
+
+    cluster.restart(follower).await?;
+    eventually(
+        Duration::from_secs(20),
+        "the same channels reach the restarted peer",
+        || {
+            let peers = peers.clone();
+            let addr = addr.clone();
+            async move {
+                Ok(matches!(
+                    read_index(&peers, &addr, Duration::from_secs(1)).await,
+                    Ok(ForwardResponse::NotLeader)
+                ))
+            }
+        },
+    )
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_larger_than_the_flow_control_windows_pass_both_ways() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let peers = PeerChannels::default();
+    // 400k lease ids: a 3.2 MB request and a 6.4 MB answer, both beyond one
+    // stream's 2 MiB window, so the transport must hand capacity back as it reads.
+    let leases: Vec<u64> = (1..=400_000).collect();
+    let request = ForwardRequest::KeepAlive(leases.clone());
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let running = &cluster;
+    eventually(Duration::from_secs(30), "the leader answers the keep-alive", || {
+        let peers = peers.clone();
+        let request = request.clone();
+        let answered = answered.clone();
+        async move {
+            let leader = running.wait_for_leader(Duration::from_secs(10)).await?;
+            let leader_addr = running.nodes[&leader].config.peer_addr.to_string();
+            Ok(
+                match peers.forward(&leader_addr, &request, Duration::from_secs(10)).await? {
+                    ForwardResponse::KeptAlive(ttls) => {
+                        *answered.lock().expect("not poisoned") = Some(ttls);
+                        true
+                    }
+                    // Until the new leader holds its lease.
+                    ForwardResponse::NotLeader | ForwardResponse::Failed(_) => false,
+                    other => bail!("unexpected answer {other:?}"),
+                },
+            )
+        }
+    })
+    .await?;
+    let ttls = answered.lock().expect("not poisoned").take().expect("answered");
+    assert_eq!(ttls.len(), leases.len());
+    assert!(ttls
+        .iter()
+        .zip(&leases)
+        .all(|((id, ttl), asked)| id == asked && *ttl == 0));
+    cluster.shutdown().await;
+    Ok(())
+}
