@@ -870,3 +870,100 @@ async fn batched_writes_still_lead_to_snapshots() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A Discover at an unchanged service revision reuses the instances encoded for an
+/// earlier read; every change to the service (a registration, an update, a
+/// deregistration, a lease expiry) is in the next answer, and each filter gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discover_answers_are_reused_until_the_service_changes() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let core = cluster.nodes[&leader]
+        .handle
+        .as_ref()
+        .context("running")?
+        .core()
+        .clone();
+    let hits = || muster_testkit::metric_value(&core.metrics.render(), "muster_discover_cache_hits_total");
+    let mut client = cluster.registry(leader).await?;
+    let read = |tags: &[&str]| pb::DiscoverRequest {
+        service: "cached".into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    register(&mut client, instance("cached", "a", 8080), 0).await?;
+    let mut b = instance("cached", "b", 8081);
+    b.tags.push("canary".into());
+    b.metadata = [("zone-hint".to_string(), "x".repeat(300))].into();
+    let written = register(&mut client, b.clone(), 0).await?;
+
+    let first = client.discover(read(&[])).await?.into_inner();
+    let before = hits();
+    let second = client.discover(read(&[])).await?.into_inner();
+    assert_eq!(hits(), before + 1.0, "the second read reuses the first one's instances");
+    assert_eq!(first.instances, second.instances);
+    assert_eq!(second.service_revision, revision(&written.header));
+    assert!(revision(&second.header) >= revision(&written.header));
+    assert_eq!(second.header.as_ref().map(|h| h.node_id), Some(leader));
+    let got_b = &second.instances[1];
+    assert_eq!((got_b.port, &got_b.tags, &got_b.metadata), (8081, &b.tags, &b.metadata));
+    assert_eq!(ids(&second), BTreeSet::from(["a".to_string(), "b".to_string()]));
+
+    // A filter has an answer of its own, reused in turn.
+    let canary = client.discover(read(&["canary"])).await?.into_inner();
+    assert_eq!(ids(&canary), BTreeSet::from(["b".to_string()]));
+    let before = hits();
+    assert_eq!(
+        client.discover(read(&["canary"])).await?.into_inner().instances,
+        canary.instances
+    );
+    assert_eq!(hits(), before + 1.0);
+
+    // An update is in the next answer of every filter.
+    b.port = 9091;
+    let updated = register(&mut client, b.clone(), 0).await?;
+    for tags in [&[][..], &["canary"][..]] {
+        let answer = client.discover(read(tags)).await?.into_inner();
+        assert_eq!(answer.service_revision, revision(&updated.header));
+        let got_b = answer.instances.iter().find(|i| i.instance_id == "b").context("b")?;
+        assert_eq!(got_b.port, 9091);
+    }
+
+    // A registration and a deregistration.
+    register(&mut client, instance("cached", "c", 8082), 0).await?;
+    assert_eq!(ids(&client.discover(read(&[])).await?.into_inner()).len(), 3);
+    client
+        .deregister(pb::DeregisterRequest {
+            service: "cached".into(),
+            instance_id: "b".into(),
+            ..Default::default()
+        })
+        .await?;
+    assert!(client
+        .discover(read(&["canary"]))
+        .await?
+        .into_inner()
+        .instances
+        .is_empty());
+    assert_eq!(
+        ids(&client.discover(read(&[])).await?.into_inner()),
+        BTreeSet::from(["a".to_string(), "c".to_string()])
+    );
+
+    // A lease that expires takes its instance out of the next answer.
+    register(&mut client, instance("cached", "leased", 8083), 1_000).await?;
+    assert!(ids(&client.discover(read(&[])).await?.into_inner()).contains("leased"));
+    eventually(
+        Duration::from_secs(20),
+        "the expired instance leaves the answer",
+        || {
+            let mut client = client.clone();
+            let request = read(&[]);
+            async move { Ok(!ids(&client.discover(request).await?.into_inner()).contains("leased")) }
+        },
+    )
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -161,6 +161,16 @@ impl NodeCore {
         })
     }
 
+    /// The revision of the last change to one service and the node's applied
+    /// revision, read together from this node's memory (call `read_barrier` first).
+    pub fn service_revision_local(&self, namespace: &str, service: &str) -> Result<(Revision, Revision), ApiError> {
+        validate::namespace(namespace)?;
+        validate::dns_label("service", service)?;
+        let key = ServiceKey::new(namespace, service);
+        let registry = self.shared.read();
+        Ok((registry.service_revision(&key), registry.revision()))
+    }
+
     /// One instance from this node's memory (call `read_barrier` first), with the
     /// node's applied revision.
     pub fn instance_local(&self, key: &InstanceKey) -> Result<(Option<Arc<Instance>>, Revision), ApiError> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use muster_core::DiscoverFilter;
+use muster_core::{DiscoverFilter, ServiceKey};
 use muster_proto::convert;
 use muster_proto::v1 as pb;
 use muster_proto::v1::cluster_server::{Cluster, ClusterServer};
@@ -37,7 +37,7 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
         .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1();
-    let registry = crate::watch_route::RegistryService::new(
+    let registry = crate::encoded_routes::RegistryService::new(
         RegistryServer::new(RegistryApi { core: core.clone() })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
@@ -85,6 +85,73 @@ fn header(core: &NodeCore, revision: u64) -> pb::ResponseHeader {
         leader_id: view.leader_id.unwrap_or(0),
         ms_since_leader_contact: view.ms_since_leader_contact,
     }
+}
+
+/// A Discover answer in its encoded parts: the header, the instances (encoded for
+/// this read, or for an earlier one at the same service revision), the service
+/// revision. Written one after the other they are one `DiscoverResponse`, fields in
+/// order.
+pub struct EncodedDiscover {
+    head: bytes::Bytes,
+    instances: bytes::Bytes,
+    tail: bytes::Bytes,
+}
+
+impl EncodedDiscover {
+    /// Writes the answer into `dst`.
+    pub fn put_into(&self, dst: &mut impl bytes::BufMut) {
+        dst.put_slice(&self.head);
+        dst.put_slice(&self.instances);
+        dst.put_slice(&self.tail);
+    }
+}
+
+/// Answers a Discover request, encoded, reusing the instances encoded for an earlier
+/// read while the service has not changed (see [`crate::discover_cache`]).
+pub async fn discover_encoded(core: &NodeCore, req: pb::DiscoverRequest) -> Result<EncodedDiscover, ApiError> {
+    use prost::Message;
+    let health = convert::health_filter_from_pb(&req.health).map_err(ApiError::Invalid)?;
+    let consistency = read_consistency(req.mode, req.min_revision)?;
+    core.read_barrier(consistency).await?;
+    let filter = DiscoverFilter {
+        tags: req.tags,
+        zone: (!req.zone.is_empty()).then_some(req.zone),
+        health,
+    };
+    let (service_revision, revision) = core.service_revision_local(&req.namespace, &req.service)?;
+    let service = ServiceKey::new(&req.namespace, &req.service);
+    let (instances, service_revision, revision) = match core.discover_cache.get(&service, &filter, service_revision) {
+        Some(instances) => {
+            core.metrics.discover_cache_hits.inc();
+            (instances, service_revision, revision)
+        }
+        None => {
+            core.metrics.discover_cache_misses.inc();
+            let found = core.discover_local(&req.namespace, &req.service, &filter)?;
+            let instances = pb::DiscoverResponse {
+                instances: found.instances.iter().map(|i| pb::Instance::from(&**i)).collect(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let instances = bytes::Bytes::from(instances);
+            core.discover_cache
+                .insert(&service, &filter, found.service_revision, instances.clone());
+            (instances, found.service_revision, found.revision)
+        }
+    };
+    let head = pb::DiscoverResponse {
+        header: Some(header(core, revision)),
+        ..Default::default()
+    };
+    let tail = pb::DiscoverResponse {
+        service_revision,
+        ..Default::default()
+    };
+    Ok(EncodedDiscover {
+        head: head.encode_to_vec().into(),
+        instances,
+        tail: tail.encode_to_vec().into(),
+    })
 }
 
 /// Reads a protobuf read mode.
@@ -212,23 +279,16 @@ impl Registry for RegistryApi {
         }))
     }
 
+    /// Reached only when this service is served without [`crate::encoded_routes`]'s
+    /// wrapper (which answers Discover with the encoded answer); decodes it back.
     #[instrument(skip_all)]
     async fn discover(&self, request: Request<pb::DiscoverRequest>) -> Result<Response<pb::DiscoverResponse>, Status> {
-        let req = request.into_inner();
-        let health = convert::health_filter_from_pb(&req.health).map_err(ApiError::Invalid)?;
-        let consistency = read_consistency(req.mode, req.min_revision)?;
-        self.core.read_barrier(consistency).await?;
-        let filter = DiscoverFilter {
-            tags: req.tags,
-            zone: (!req.zone.is_empty()).then_some(req.zone),
-            health,
-        };
-        let found = self.core.discover_local(&req.namespace, &req.service, &filter)?;
-        Ok(Response::new(pb::DiscoverResponse {
-            header: Some(header(&self.core, found.revision)),
-            instances: found.instances.iter().map(|i| pb::Instance::from(&**i)).collect(),
-            service_revision: found.service_revision,
-        }))
+        let answer = discover_encoded(&self.core, request.into_inner()).await?;
+        let mut encoded = bytes::BytesMut::new();
+        answer.put_into(&mut encoded);
+        let response = <pb::DiscoverResponse as prost::Message>::decode(encoded.freeze())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
     }
 
     #[instrument(skip_all)]
@@ -249,11 +309,11 @@ impl Registry for RegistryApi {
 
     type WatchStream = BoxStream<pb::WatchResponse>;
 
-    /// Reached only when this service is served without [`crate::watch_route`]'s
+    /// Reached only when this service is served without [`crate::encoded_routes`]'s
     /// wrapper (which answers Watch with pre-encoded events); decodes them back.
     #[instrument(skip_all)]
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let stream = crate::watch_route::open_watch(&self.core, request)?.map(|bytes| {
+        let stream = crate::encoded_routes::open_watch(&self.core, request)?.map(|bytes| {
             <pb::WatchResponse as prost::Message>::decode(bytes).map_err(|e| Status::internal(e.to_string()))
         });
         Ok(Response::new(Box::pin(stream)))

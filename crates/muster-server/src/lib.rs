@@ -13,6 +13,8 @@ pub mod checks;
 pub mod coalesced_writes;
 pub mod config;
 pub mod consul;
+pub mod discover_cache;
+pub mod encoded_routes;
 pub mod error;
 pub mod forward;
 pub mod grpc;
@@ -34,7 +36,6 @@ pub mod snapshots;
 pub mod status;
 pub mod ui;
 pub mod watch;
-pub mod watch_route;
 pub mod write_batch;
 
 pub use config::{ConfigError, LeaseSettings, NodeConfig, RaftTiming, WatchSettings};

@@ -82,6 +82,10 @@ pub struct Metrics {
     pub http_duration: HistogramFamily<HttpRouteLabels>,
     /// Writes this node forwarded to the leader.
     pub forwarded_writes: Counter,
+    /// gRPC Discover answers built from instances encoded for an earlier read.
+    pub discover_cache_hits: Counter,
+    /// gRPC Discover answers whose instances were encoded for this read.
+    pub discover_cache_misses: Counter,
     /// Commands per Raft entry when concurrent writes were batched.
     pub write_batch_size: Histogram,
     /// Leases expired by this node as leader.
@@ -168,6 +172,16 @@ impl Metrics {
                 HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram)
             ),
             forwarded_writes: reg!("forwarded_writes", "Writes forwarded to the leader", Counter::default()),
+            discover_cache_hits: reg!(
+                "discover_cache_hits",
+                "gRPC Discover answers built from instances encoded for an earlier read",
+                Counter::default()
+            ),
+            discover_cache_misses: reg!(
+                "discover_cache_misses",
+                "gRPC Discover answers whose instances were encoded for this read",
+                Counter::default()
+            ),
             write_batch_size: reg!(
                 "write_batch_size",
                 "Commands per Raft entry when concurrent writes were batched (batches of two or more)",

@@ -116,6 +116,8 @@ pub struct NodeCore {
     pub write_batcher: crate::write_batch::WriteBatcher,
     /// Numbers the writes this node forwards, so a retry cannot apply one twice.
     pub forwarded_writes: crate::forward::ForwardedWrites,
+    /// Discover answers encoded once per service revision.
+    pub discover_cache: crate::discover_cache::DiscoverCache,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -671,6 +673,7 @@ impl Node {
             read_index_batcher: Default::default(),
             write_batcher: Default::default(),
             forwarded_writes: Default::default(),
+            discover_cache: Default::default(),
             quorum_clock,
             voted_before,
             startup_last_log_index,
