@@ -383,7 +383,7 @@ impl NodeCore {
     /// Makes the next local read linearizable: confirms leadership through a quorum
     /// (here or on the leader) and waits until this node has applied the read index.
     pub async fn linearizable_barrier(&self) -> Result<(), ApiError> {
-        let index = self.read_index_batcher.read_index().await?;
+        let index = self.read_index_batcher.read_index(|| self.fetch_read_index(1)).await?;
         let waited = self
             .raft
             .wait(Some(READ_DEADLINE))
@@ -392,10 +392,12 @@ impl NodeCore {
         waited.map(|_| ()).map_err(|e| ApiError::Timeout(e.to_string()))
     }
 
-    /// Obtains a read index: confirmed by a quorum on the leader (here, or asked of
-    /// the leader). Called once per batch of concurrent readers by
+    /// Obtains a read index for `readers` linearizable reads: confirmed by a quorum
+    /// on the leader (here, or asked of the leader). Called once per batch of
+    /// concurrent readers, or by a lone reader, through
     /// [`crate::read_index::ReadIndexBatcher`].
-    pub async fn fetch_read_index(&self) -> Result<u64, ApiError> {
+    pub async fn fetch_read_index(&self, readers: usize) -> Result<u64, ApiError> {
+        self.metrics.read_index_batch_size.observe(readers as f64);
         let deadline = Instant::now() + READ_DEADLINE;
         let index = loop {
             match self.read_index_local().await {
