@@ -150,25 +150,31 @@ impl NodeCore {
         service: &str,
         filter: &DiscoverFilter,
     ) -> Result<Discovered, ApiError> {
+        Ok(self.discover_service(&Self::service_key(namespace, service)?, filter))
+    }
+
+    /// The key of one service, its namespace and name validated.
+    pub fn service_key(namespace: &str, service: &str) -> Result<ServiceKey, ApiError> {
         validate::namespace(namespace)?;
         validate::dns_label("service", service)?;
-        let key = ServiceKey::new(namespace, service);
+        Ok(ServiceKey::new(namespace, service))
+    }
+
+    /// [`NodeCore::discover_local`] for a validated key.
+    pub fn discover_service(&self, key: &ServiceKey, filter: &DiscoverFilter) -> Discovered {
         let registry = self.shared.read();
-        Ok(Discovered {
-            instances: registry.discover(&key, filter),
-            service_revision: registry.service_revision(&key),
+        Discovered {
+            instances: registry.discover(key, filter),
+            service_revision: registry.service_revision(key),
             revision: registry.revision(),
-        })
+        }
     }
 
     /// The revision of the last change to one service and the node's applied
     /// revision, read together from this node's memory (call `read_barrier` first).
-    pub fn service_revision_local(&self, namespace: &str, service: &str) -> Result<(Revision, Revision), ApiError> {
-        validate::namespace(namespace)?;
-        validate::dns_label("service", service)?;
-        let key = ServiceKey::new(namespace, service);
+    pub fn service_revisions(&self, key: &ServiceKey) -> (Revision, Revision) {
         let registry = self.shared.read();
-        Ok((registry.service_revision(&key), registry.revision()))
+        (registry.service_revision(key), registry.revision())
     }
 
     /// One instance from this node's memory (call `read_barrier` first), with the

@@ -87,19 +87,24 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let max = self.max_message_bytes;
-        let core = self.core.clone();
         match req.uri().path() {
-            WATCH_PATH => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(PreEncodedCodec::<Bytes, pb::WatchRequest>::default())
-                    .apply_max_message_size_config(Some(max), Some(max));
-                Ok(grpc.server_streaming(WatchMethod { core }, req).await)
-            }),
-            DISCOVER_PATH => Box::pin(async move {
-                let mut grpc =
-                    tonic::server::Grpc::new(PreEncodedCodec::<EncodedDiscover, pb::DiscoverRequest>::default())
+            WATCH_PATH => {
+                let core = self.core.clone();
+                Box::pin(async move {
+                    let mut grpc = tonic::server::Grpc::new(PreEncodedCodec::<Bytes, pb::WatchRequest>::default())
                         .apply_max_message_size_config(Some(max), Some(max));
-                Ok(grpc.unary(DiscoverMethod { core }, req).await)
-            }),
+                    Ok(grpc.server_streaming(WatchMethod { core }, req).await)
+                })
+            }
+            DISCOVER_PATH => {
+                let core = self.core.clone();
+                Box::pin(async move {
+                    let mut grpc =
+                        tonic::server::Grpc::new(PreEncodedCodec::<EncodedDiscover, pb::DiscoverRequest>::default())
+                            .apply_max_message_size_config(Some(max), Some(max));
+                    Ok(grpc.unary(DiscoverMethod { core }, req).await)
+                })
+            }
             _ => self.inner.call(req),
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use muster_core::{DiscoverFilter, ServiceKey};
+use muster_core::DiscoverFilter;
 use muster_proto::convert;
 use muster_proto::v1 as pb;
 use muster_proto::v1::cluster_server::{Cluster, ClusterServer};
@@ -87,22 +87,23 @@ fn header(core: &NodeCore, revision: u64) -> pb::ResponseHeader {
     }
 }
 
-/// A Discover answer in its encoded parts: the header, the instances (encoded for
-/// this read, or for an earlier one at the same service revision), the service
-/// revision. Written one after the other they are one `DiscoverResponse`, fields in
-/// order.
+/// A Discover answer in its encoded parts: the header and the service revision, and
+/// the instances between them, encoded for this read or for an earlier one at the
+/// same service revision. Written one after the other they are one
+/// `DiscoverResponse`, fields in order.
 pub struct EncodedDiscover {
-    head: bytes::Bytes,
+    header: pb::DiscoverResponse,
     instances: bytes::Bytes,
-    tail: bytes::Bytes,
+    service_revision: pb::DiscoverResponse,
 }
 
 impl EncodedDiscover {
     /// Writes the answer into `dst`.
     pub fn put_into(&self, dst: &mut impl bytes::BufMut) {
-        dst.put_slice(&self.head);
+        use prost::Message;
+        self.header.encode_raw(dst);
         dst.put_slice(&self.instances);
-        dst.put_slice(&self.tail);
+        self.service_revision.encode_raw(dst);
     }
 }
 
@@ -118,8 +119,8 @@ pub async fn discover_encoded(core: &NodeCore, req: pb::DiscoverRequest) -> Resu
         zone: (!req.zone.is_empty()).then_some(req.zone),
         health,
     };
-    let (service_revision, revision) = core.service_revision_local(&req.namespace, &req.service)?;
-    let service = ServiceKey::new(&req.namespace, &req.service);
+    let service = NodeCore::service_key(&req.namespace, &req.service)?;
+    let (service_revision, revision) = core.service_revisions(&service);
     let (instances, service_revision, revision) = match core.discover_cache.get(&service, &filter, service_revision) {
         Some(instances) => {
             core.metrics.discover_cache_hits.inc();
@@ -127,30 +128,27 @@ pub async fn discover_encoded(core: &NodeCore, req: pb::DiscoverRequest) -> Resu
         }
         None => {
             core.metrics.discover_cache_misses.inc();
-            let found = core.discover_local(&req.namespace, &req.service, &filter)?;
+            let found = core.discover_service(&service, &filter);
             let instances = pb::DiscoverResponse {
                 instances: found.instances.iter().map(|i| pb::Instance::from(&**i)).collect(),
                 ..Default::default()
-            }
-            .encode_to_vec();
-            let instances = bytes::Bytes::from(instances);
+            };
+            let instances = bytes::Bytes::from(instances.encode_to_vec());
             core.discover_cache
                 .insert(&service, &filter, found.service_revision, instances.clone());
             (instances, found.service_revision, found.revision)
         }
     };
-    let head = pb::DiscoverResponse {
-        header: Some(header(core, revision)),
-        ..Default::default()
-    };
-    let tail = pb::DiscoverResponse {
-        service_revision,
-        ..Default::default()
-    };
     Ok(EncodedDiscover {
-        head: head.encode_to_vec().into(),
+        header: pb::DiscoverResponse {
+            header: Some(header(core, revision)),
+            ..Default::default()
+        },
         instances,
-        tail: tail.encode_to_vec().into(),
+        service_revision: pb::DiscoverResponse {
+            service_revision,
+            ..Default::default()
+        },
     })
 }
 

@@ -52,17 +52,21 @@ pub enum PeerError {
 impl PeerChannels {
     /// A gRPC client for the peer at `addr` (`host:port`), sharing its connection.
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<PeerTransport>, PeerError> {
-        let origin = http::Uri::try_from(format!("http://{addr}")).map_err(|e| PeerError::Unreachable {
-            addr: addr.to_string(),
-            message: format!("not a host:port address: {e}"),
-        })?;
         let transport = {
             let mut transports = self.transports.lock().unwrap_or_else(|p| p.into_inner());
-            transports
-                .entry(addr.to_string())
-                .or_insert_with(|| PeerTransport::new(addr))
-                .clone()
+            match transports.get(addr) {
+                Some(transport) => transport.clone(),
+                None => {
+                    let transport = PeerTransport::new(addr).map_err(|e| PeerError::Unreachable {
+                        addr: addr.to_string(),
+                        message: format!("not a host:port address: {e}"),
+                    })?;
+                    transports.insert(addr.to_string(), transport.clone());
+                    transport
+                }
+            }
         };
+        let origin = transport.origin().clone();
         Ok(RaftPeerClient::with_origin(transport, origin)
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))

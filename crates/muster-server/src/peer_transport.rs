@@ -39,6 +39,7 @@ const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 #[derive(Clone)]
 pub struct PeerTransport {
     addr: Arc<str>,
+    origin: http::Uri,
     slot: Arc<Mutex<ConnectionSlot>>,
 }
 
@@ -51,17 +52,19 @@ struct ConnectionSlot {
 }
 
 impl PeerTransport {
-    /// A transport to the peer at `addr` (`host:port`); nothing is opened yet.
-    pub fn new(addr: &str) -> Self {
-        PeerTransport {
+    /// A transport to the peer at `addr` (`host:port`); nothing is opened yet. Fails
+    /// when `addr` is not a `host:port` address.
+    pub fn new(addr: &str) -> Result<Self, http::uri::InvalidUri> {
+        Ok(PeerTransport {
             addr: addr.into(),
+            origin: http::Uri::try_from(format!("http://{addr}"))?,
             slot: Arc::new(Mutex::new(ConnectionSlot::default())),
-        }
+        })
     }
 
-    /// The peer's address.
-    pub fn addr(&self) -> &str {
-        &self.addr
+    /// The origin (`http://host:port`) the peer's gRPC calls are addressed to.
+    pub fn origin(&self) -> &http::Uri {
+        &self.origin
     }
 
     fn unreachable(&self, message: impl std::fmt::Display) -> tonic::Status {
