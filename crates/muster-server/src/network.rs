@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use muster_proto::v1::peer::raft_peer_client::RaftPeerClient;
 use muster_proto::v1::peer::PeerMessage;
-use muster_store::{NodeId, TypeConfig};
+use muster_store::{LogDurability, NodeId, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -110,12 +110,23 @@ async fn within<T>(
 pub struct NetworkFactory {
     channels: PeerChannels,
     quorum_clock: Arc<QuorumClock>,
+    log_durability: LogDurability<TypeConfig>,
 }
 
 impl NetworkFactory {
-    /// A factory sharing `channels`, recording accepted appends in `quorum_clock`.
-    pub fn new(channels: PeerChannels, quorum_clock: Arc<QuorumClock>) -> Self {
-        NetworkFactory { channels, quorum_clock }
+    /// A factory sharing `channels`, recording accepted appends in `quorum_clock`;
+    /// the commit index it sends never passes what `log_durability` says is on this
+    /// node's disk.
+    pub fn new(
+        channels: PeerChannels,
+        quorum_clock: Arc<QuorumClock>,
+        log_durability: LogDurability<TypeConfig>,
+    ) -> Self {
+        NetworkFactory {
+            channels,
+            quorum_clock,
+            log_durability,
+        }
     }
 }
 
@@ -125,6 +136,7 @@ pub struct PeerConnection {
     addr: String,
     channels: PeerChannels,
     quorum_clock: Arc<QuorumClock>,
+    log_durability: LogDurability<TypeConfig>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -136,6 +148,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             channels: self.channels.clone(),
             quorum_clock: self.quorum_clock.clone(),
+            log_durability: self.log_durability.clone(),
         }
     }
 }
@@ -193,9 +206,13 @@ impl PeerConnection {
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // The leader may count itself in an entry's quorum while its own disk still
+        // flushes it; followers apply nothing until it is durable here too (see
+        // `LogDurability`).
+        rpc.leader_commit = self.log_durability.durable_prefix(rpc.leader_commit);
         let sent = Instant::now();
         let vote = rpc.vote;
         let response = self.call(Rpc::Append, &rpc, &option).await;

@@ -618,6 +618,10 @@ impl Node {
         let hub = Arc::new(WatchHub::new(config.watch.clone(), metrics.clone()));
         let mut log = SegmentLog::<TypeConfig>::open(&data_dir.join("raft"), LogOptions::default())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
+        // The leader's disk flushes its entries while they travel to the followers; the
+        // state machine and the commit index sent to followers wait for that flush.
+        log.flush_leader_appends_in_background(config.id);
+        let log_durability = log.durability();
         let startup_last_log_index = openraft::storage::RaftLogStorage::get_log_state(&mut log)
             .await
             .map_err(|e| NodeError::Storage(e.to_string()))?
@@ -630,8 +634,9 @@ impl Node {
             .map_err(|e| NodeError::Storage(e.to_string()))?
             .is_some()
             || startup_last_log_index > 0;
-        let state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
+        let mut state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
+        state_machine.apply_only_durable_entries(log_durability.clone());
         let shared = state_machine.shared();
         let store_open = state_machine.open_marker();
         let raft_config = openraft::Config {
@@ -653,7 +658,7 @@ impl Node {
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            NetworkFactory::new(channels.clone(), quorum_clock.clone()),
+            NetworkFactory::new(channels.clone(), quorum_clock.clone(), log_durability),
             log,
             state_machine,
         )

@@ -7,7 +7,7 @@ pub mod log;
 pub mod state_machine;
 pub mod types;
 
-pub use log::{LogOptions, SegmentLog};
+pub use log::{LogDurability, LogOptions, SegmentLog};
 pub use state_machine::{
     EventSink, SharedState, StateMachineStore, WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS,
 };

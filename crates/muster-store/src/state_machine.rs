@@ -107,6 +107,9 @@ pub struct StateMachineStore {
     writer: StateWriter,
     /// Dropped with the store: lets the owner wait until the database is closed.
     open_marker: Arc<()>,
+    /// The Raft log's durability, when the log flushes the leader's appends in the
+    /// background: entries are applied only once they are on disk there.
+    log_durability: Option<crate::LogDurability<TypeConfig>>,
 }
 
 /// Builds snapshots from a point-in-time image of the registry.
@@ -283,6 +286,7 @@ impl StateMachineStore {
             last_applied: None,
             membership: StoredMembership::default(),
             open_marker: Arc::new(()),
+            log_durability: None,
         };
         store.load_from_db()?;
         if let Some(file) = store.read_snapshot_file()? {
@@ -299,6 +303,12 @@ impl StateMachineStore {
         store.shared.revision.send_replace(revision);
         store.shared.sink.reset(revision);
         Ok(store)
+    }
+
+    /// Applies no entry before `log` has it on disk: required once the log flushes the
+    /// leader's appends in the background (see [`crate::LogDurability`]).
+    pub fn apply_only_durable_entries(&mut self, log: crate::LogDurability<TypeConfig>) {
+        self.log_durability = Some(log);
     }
 
     /// Upgradable while the store (and its sled database) is open; a node that
@@ -515,6 +525,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<openraft::Entry<TypeConfig>> = entries.into_iter().collect();
+        if let (Some(log), Some(last)) = (&self.log_durability, entries.last()) {
+            // The leader may count itself in an entry's quorum before its own disk has
+            // it; no answer or read may see the entry until it does.
+            log.wait_durable(last.log_id.index)
+                .await
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
         let mut results = Vec::new();
         let mut events = Vec::new();
         let shared = self.shared.clone();

@@ -14,7 +14,7 @@
 //! - `log-meta`: vote, last purged and committed log ids, replaced atomically.
 //!
 //! All file writes go through one writer, one at a time, on the calling thread (see
-//! `writer.rs`); every un-purged entry is also kept in memory, as the bytes of its record, so reads
+//! `writer.rs`; the leader's own appends are the exception, see [`LogDurability`]); every un-purged entry is also kept in memory, as the bytes of its record, so reads
 //! never touch the disk. A read decodes what it returns: an entry's record is a few
 //! times smaller than the decoded entry, and openraft takes its own copy of every
 //! entry it reads anyway.
@@ -45,7 +45,8 @@ use serde::Serialize;
 use self::meta::Meta;
 use self::record::HEADER_LEN;
 use self::segment::Segment;
-use self::writer::{Chunk, Counters, Op, SharedWriter};
+use self::writer::{Chunk, Counters, DurableMark, Op, SharedWriter};
+use tokio::sync::watch;
 
 /// Tuning knobs of a [`SegmentLog`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +197,79 @@ pub struct SegmentLog<C: RaftTypeConfig> {
     meta: Meta<C::NodeId>,
     writer: SharedWriter,
     counters: Arc<Counters>,
+    /// This node's id, once [`SegmentLog::flush_leader_appends_in_background`] is called.
+    own_id: Option<C::NodeId>,
+    durability: LogDurability<C>,
+}
+
+/// How far a [`SegmentLog`]'s entries are on disk, for those who must not act on an
+/// entry before it is: the state machine and the leader's messages to its followers.
+///
+/// The leader's own appends return once written, before their fdatasync, so openraft
+/// sends them to the followers while the leader's disk flushes them (Raft dissertation,
+/// §10.2.1: the leader may write to its disk in parallel with replicating). Openraft
+/// then counts the leader in the quorum of an entry whose flush is still running, so
+/// an entry can be "committed" on one durable follower and a leader that could still
+/// lose it in a crash. Nothing may act on such an entry until it is durable here too:
+/// the state machine waits for it before applying ([`Self::wait_durable`]), which holds
+/// back every answer to the write and every read that could see it; the commit index
+/// sent to followers ([`Self::durable_prefix`]) and the committed id saved with the
+/// vote stop at it. Every other change to the log (a vote, a truncation, a purge) first
+/// makes the writes before it durable, and a leader must save a new vote before it
+/// answers another leader, so entries not yet durable only ever exist while this node
+/// leads, in its own term.
+pub struct LogDurability<C: RaftTypeConfig> {
+    mark: watch::Receiver<DurableMark>,
+    entries: EntryMap<C>,
+}
+
+impl<C: RaftTypeConfig> Clone for LogDurability<C> {
+    fn clone(&self) -> Self {
+        Self {
+            mark: self.mark.clone(),
+            entries: Arc::clone(&self.entries),
+        }
+    }
+}
+
+impl<C: RaftTypeConfig> LogDurability<C> {
+    /// Every entry up to this index is on disk (`None`: no entry is).
+    pub fn durable_index(&self) -> Option<u64> {
+        self.mark.borrow().index
+    }
+
+    /// Waits until every entry up to `index` is on disk.
+    ///
+    /// Fails when a write of the log failed, or the log was closed first.
+    pub async fn wait_durable(&self, index: u64) -> Result<(), LogError> {
+        let mut mark = self.mark.clone();
+        let reached = mark
+            .wait_for(|m| m.failed || m.index >= Some(index))
+            .await
+            .map(|m| !m.failed);
+        match reached {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(LogError::Write(io::Error::other(format!(
+                "entry {index} will never be durable: a log write failed"
+            )))),
+            Err(_) => Err(LogError::Write(io::Error::other(format!(
+                "entry {index} will never be durable: the log was closed"
+            )))),
+        }
+    }
+
+    /// The longest prefix of the log ending at `log_id` that is on disk: `log_id`
+    /// itself when it is durable, else the id of the last durable entry (`None` when
+    /// that entry is purged or there is none). `log_id` must be in this log.
+    pub fn durable_prefix(&self, log_id: Option<LogId<C::NodeId>>) -> Option<LogId<C::NodeId>> {
+        let wanted = log_id?;
+        let durable = self.durable_index()?;
+        if wanted.index <= durable {
+            return Some(wanted);
+        }
+        let map = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(&durable).map(|stored| stored.log_id.clone())
+    }
 }
 
 /// A cheap, cloneable read handle on the entries of a [`SegmentLog`].
@@ -248,27 +322,65 @@ where
 
         let recovered = segment::recover::<C>(dir)?;
         let counters = Arc::new(Counters::default());
+        let last_index = recovered
+            .entries
+            .keys()
+            .next_back()
+            .copied()
+            .or_else(|| recovered.meta.last_purged.as_ref().map(|p| p.index));
         let writer = SharedWriter::start(
             dir.to_path_buf(),
             options.committed_flush_interval,
             options.segment_bytes,
+            last_index,
             Arc::clone(&counters),
         )
         .map_err(|source| LogError::Io {
-            op: "spawn committed-id writer thread for",
+            op: "spawn background writer thread for",
             path: dir.to_path_buf(),
             source,
         })?;
 
+        let entries = Arc::new(RwLock::new(recovered.entries));
+        let durability = LogDurability {
+            mark: writer.durable(),
+            entries: Arc::clone(&entries),
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             options,
-            entries: Arc::new(RwLock::new(recovered.entries)),
+            entries,
             segments: recovered.segments,
             meta: recovered.meta,
             writer,
             counters,
+            own_id: None,
+            durability,
         })
+    }
+
+    /// Lets the appends this node makes as leader, in its own term, return before their
+    /// fdatasync, which runs in the background meanwhile: see [`LogDurability`], whose
+    /// rules everyone acting on the log's entries must then follow. Appends from any
+    /// other leader stay durable before they return.
+    pub fn flush_leader_appends_in_background(&mut self, own_id: C::NodeId) {
+        self.own_id = Some(own_id);
+    }
+
+    /// How far the entries are on disk.
+    pub fn durability(&self) -> LogDurability<C> {
+        self.durability.clone()
+    }
+
+    /// Whether `entries` are this node's own, appended as the leader of its current
+    /// (committed) vote: only such entries may be flushed in the background.
+    fn appended_as_leader(&self, entries: &[C::Entry]) -> bool {
+        let (Some(own), Some(vote), Some(last)) = (&self.own_id, &self.meta.vote, entries.last()) else {
+            return false;
+        };
+        vote.is_committed()
+            && vote.leader_id().voted_for().as_ref() == Some(own)
+            && &last.get_log_id().leader_id == vote.leader_id()
     }
 
     /// Appends entries and calls `done` once they are durable (or the write failed).
@@ -282,7 +394,7 @@ where
         I: IntoIterator<Item = C::Entry>,
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
-        self.append_inner(entries.into_iter().collect()).map(done)
+        self.append_inner(entries.into_iter().collect(), true).map(done)
     }
 
     /// Appends entries and waits until they are durable.
@@ -293,7 +405,7 @@ where
     where
         I: IntoIterator<Item = C::Entry>,
     {
-        self.append_inner(entries.into_iter().collect())?
+        self.append_inner(entries.into_iter().collect(), true)?
             .map_err(LogError::Write)
     }
 
@@ -325,9 +437,13 @@ where
         }
     }
 
-    /// Encodes, places and writes `entries`: the outer error leaves the log as it was; the
-    /// inner one is the write's, after which the writer refuses further writes.
-    fn append_inner(&mut self, entries: Vec<C::Entry>) -> Result<io::Result<()>, LogError> {
+    /// Encodes, places and writes `entries`, fdatasynced before this returns when `sync`:
+    /// the outer error leaves the log as it was; the inner one is the write's, after
+    /// which the writer refuses further writes.
+    fn append_inner(&mut self, entries: Vec<C::Entry>, sync: bool) -> Result<io::Result<()>, LogError> {
+        let Some(last_index) = entries.last().map(|e| e.get_log_id().index) else {
+            return Ok(Ok(()));
+        };
         // Check and encode everything before changing any state, so a failure leaves the log
         // as it was. Records go into one buffer; `bounds` remembers where each one is.
         let mut expected = self.next_index();
@@ -392,7 +508,11 @@ where
                 map.insert(index, stored);
             }
         }
-        Ok(self.writer.execute(Op::Append { chunks }))
+        Ok(self.writer.execute(Op::Append {
+            chunks,
+            last_index,
+            sync,
+        }))
     }
 
     /// Index the next appended entry must have; `None` while the log is empty and nothing
@@ -439,7 +559,11 @@ where
             return Ok(());
         }
         self.writer
-            .execute(Op::Truncate { delete, cut })
+            .execute(Op::Truncate {
+                delete,
+                cut,
+                last_kept: index.checked_sub(1),
+            })
             .map_err(LogError::Write)
     }
 
@@ -606,7 +730,9 @@ where
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
-        if self.meta.committed == committed {
+        // A restart re-applies up to the saved id, so it never passes what is on disk.
+        let committed = self.durability.durable_prefix(committed);
+        if committed.is_none() || self.meta.committed >= committed {
             return Ok(());
         }
         self.meta.committed = committed;
@@ -628,7 +754,9 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.append_inner(entries.into_iter().collect())
+        let entries: Vec<C::Entry> = entries.into_iter().collect();
+        let sync = !self.appended_as_leader(&entries);
+        self.append_inner(entries, sync)
             .map(|written| callback.log_io_completed(written))
             .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, e))
     }

@@ -3,9 +3,10 @@
 //! Recovery reads every segment in index order and keeps the longest prefix of good records:
 //! complete, checksum-valid, and consecutive in log index. The first record that is not (a
 //! write cut short by a crash, or damage) ends the log: the file is cut there and every later
-//! segment is deleted. Raft allows this because a record whose append was not acknowledged
-//! may be lost, and acknowledged records are fsynced before their callback runs, so only
-//! unacknowledged records can be torn (unless the disk itself lies).
+//! segment is deleted. Raft allows this because a record no other node relies on may be
+//! lost: a follower's records are fsynced before their callback runs, and the leader's own
+//! records, fsynced in the background, are acted on only once durable (see
+//! `super::LogDurability`), so only such records can be torn (unless the disk itself lies).
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};

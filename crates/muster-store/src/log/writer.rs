@@ -2,14 +2,22 @@
 //! on the thread that asks for it.
 //!
 //! Order: Raft requires that a vote saved after an append is not durable before the
-//! append, and operations executed one after the other under one lock guarantee that.
-//! Each append is written and fdatasynced before its callback runs, on the caller's
+//! append, and operations executed one after the other under one lock guarantee that:
+//! every operation but a background append first makes all earlier writes durable.
+//! An append is written and fdatasynced before its callback runs, on the caller's
 //! thread: openraft 0.9 awaits the flush of each append before it does anything else
 //! (it never has two appends in flight), so a writer thread could never group appends
 //! and only added two thread wake-ups to every write, one to hand the append over and
 //! one to hand the flush back (about 50 µs each on this project's machines, on the
 //! path of every acknowledged write, on the leader and again on the follower).
-//! A small thread of its own writes a committed id that was left waiting
+//!
+//! The one exception is the leader's own append ([`Op::Append`] with `sync: false`):
+//! it is written on the caller's thread and fdatasynced by the writer's background
+//! thread, so openraft sends the entries to the followers while the leader's disk
+//! flushes them (see `super::LogDurability` for why that is safe). Each fdatasync
+//! publishes the index it made durable; a truncation or deletion that happened while
+//! the background thread's fdatasync ran (outside the lock) makes it publish nothing.
+//! The same thread writes a committed id that was left waiting
 //! ([`super::LogOptions::committed_flush_interval`]).
 //!
 //! Zeros ahead of the records: when an append reaches the end of the active segment's
@@ -27,9 +35,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use super::meta::{sync_dir, write_meta_file};
 use super::record::segment_path;
@@ -56,10 +66,21 @@ pub(crate) struct Chunk {
 /// One unit of work for the writer; each is durable when [`SharedWriter::execute`]
 /// returns.
 pub(crate) enum Op {
-    /// Write records and fdatasync them.
-    Append { chunks: Vec<Chunk> },
-    /// Delete whole segments (given newest first), then cut one segment to a length.
-    Truncate { delete: Vec<u64>, cut: Option<(u64, u64)> },
+    /// Write records ending with entry `last_index`; fdatasync them now when `sync`,
+    /// else leave that to the background thread (the caller learns of it through the
+    /// published [`DurableMark`]).
+    Append {
+        chunks: Vec<Chunk>,
+        last_index: u64,
+        sync: bool,
+    },
+    /// Delete whole segments (given newest first), then cut one segment to a length;
+    /// `last_kept` is the index of the last entry left.
+    Truncate {
+        delete: Vec<u64>,
+        cut: Option<(u64, u64)>,
+        last_kept: Option<u64>,
+    },
     /// Replace the metadata file, then delete whole segments (oldest first).
     Purge { meta: Vec<u8>, delete: Vec<u64> },
     /// Replace the metadata file (vote change).
@@ -67,6 +88,15 @@ pub(crate) enum Op {
     /// Metadata whose only change is the committed log id: written lazily, see
     /// [`super::LogOptions::committed_flush_interval`].
     SaveCommitted { meta: Vec<u8> },
+}
+
+/// How far the log's entries are on disk, published by the writer after each fdatasync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DurableMark {
+    /// Every entry up to this index is durable (`None`: no entry is).
+    pub(crate) index: Option<u64>,
+    /// A write failed: nothing more will become durable.
+    pub(crate) failed: bool,
 }
 
 /// Counters the writer keeps; read through [`super::SegmentLog::stats`].
@@ -86,65 +116,92 @@ pub(crate) struct SharedWriter {
 
 struct Shared {
     writer: Mutex<Writer>,
-    /// Wakes the committed-id thread: a committed id started waiting, or the log closes.
+    /// Wakes the background thread: a background append was written, a committed id
+    /// started waiting, or the log closes.
     wake: Condvar,
 }
 
 impl SharedWriter {
-    /// The writer of the log in `dir`, with its committed-id thread started.
+    /// The writer of the log in `dir`, whose entries up to `last_index` are on disk, with
+    /// its background thread started.
     pub(crate) fn start(
         dir: PathBuf,
         committed_interval: Duration,
         segment_bytes: u64,
+        last_index: Option<u64>,
         counters: Arc<Counters>,
     ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
-            writer: Mutex::new(Writer::new(dir, committed_interval, segment_bytes, counters)),
+            writer: Mutex::new(Writer::new(
+                dir,
+                committed_interval,
+                segment_bytes,
+                last_index,
+                counters,
+            )),
             wake: Condvar::new(),
         });
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
-            .name("raft-log-committed".into())
-            .spawn(move || for_thread.write_committed_when_due())?;
+            .name("raft-log-sync".into())
+            .spawn(move || for_thread.run_background())?;
         Ok(Self {
             shared,
             thread: Some(thread),
         })
     }
 
-    /// Executes `op` now, on this thread: what it wrote is durable when this returns.
+    /// Executes `op` now, on this thread: what it wrote is durable when this returns,
+    /// except for an append without `sync`, which the background thread makes durable.
     ///
-    /// A committed id alone is left to the committed-id thread (woken when one starts
+    /// A committed id alone is left to the background thread (woken when one starts
     /// waiting), so its two fsyncs never hold up the caller.
     pub(crate) fn execute(&self, op: Op) -> io::Result<()> {
         let mut writer = lock(&self.shared.writer);
         let was_waiting = writer.lazy_meta.is_some();
         let executed = writer.execute(op);
-        if !was_waiting && writer.lazy_meta.is_some() {
+        if writer.active_dirty || (!was_waiting && writer.lazy_meta.is_some()) {
             self.shared.wake.notify_one();
         }
         executed
     }
 
-    /// Stops the committed-id thread and writes a committed id still waiting.
+    /// Follows how far the entries are durable.
+    pub(crate) fn durable(&self) -> watch::Receiver<DurableMark> {
+        lock(&self.shared.writer).durable.subscribe()
+    }
+
+    /// Stops the background thread, makes every written entry durable and writes a
+    /// committed id still waiting.
     pub(crate) fn close(&mut self) {
         lock(&self.shared.writer).closing = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                tracing::error!("raft log committed-id thread panicked");
+                tracing::error!("raft log background thread panicked");
             }
         }
-        lock(&self.shared.writer).write_lazy_meta();
+        let mut writer = lock(&self.shared.writer);
+        if writer.failed.is_none() {
+            if let Err(e) = writer.sync_active() {
+                writer.fail(&e);
+            }
+        }
+        writer.write_lazy_meta();
     }
 }
 
 impl Shared {
-    /// The committed-id thread: writes a waiting committed id once it is due, until the
-    /// writer closes.
-    fn write_committed_when_due(&self) {
+    /// The background thread: fdatasyncs background appends as soon as they are
+    /// written, and writes a waiting committed id once it is due, until the writer
+    /// closes.
+    fn run_background(&self) {
         let mut writer = lock(&self.writer);
         while !writer.closing {
+            if writer.active_dirty && writer.failed.is_none() {
+                writer = self.sync_in_background(writer);
+                continue;
+            }
             match writer.lazy_meta_due_in() {
                 None => writer = self.wake.wait(writer).unwrap_or_else(PoisonError::into_inner),
                 Some(wait) if wait.is_zero() => writer.write_lazy_meta(),
@@ -158,13 +215,47 @@ impl Shared {
             }
         }
     }
+
+    /// Fdatasyncs the active segment without holding the lock, so the next append can
+    /// be written meanwhile, then publishes what that covered.
+    fn sync_in_background<'a>(&'a self, mut writer: MutexGuard<'a, Writer>) -> MutexGuard<'a, Writer> {
+        let file = match &writer.active {
+            Some((_, file)) if !writer.dir_dirty => Arc::clone(file),
+            _ => {
+                // A new segment's directory entry, or nothing open: done under the lock.
+                if let Err(e) = writer.sync_active() {
+                    writer.fail(&e);
+                }
+                return writer;
+            }
+        };
+        let (seq, epoch, written) = (writer.write_seq, writer.epoch, writer.written);
+        drop(writer);
+        let synced = file.sync_data();
+        let mut writer = lock(&self.writer);
+        match synced {
+            Err(e) => writer.fail(&e),
+            Ok(()) => {
+                writer.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+                // A truncation or deletion meanwhile may have removed what was synced.
+                if writer.epoch == epoch {
+                    if writer.write_seq == seq {
+                        writer.active_dirty = false;
+                    }
+                    writer.publish_durable(written);
+                }
+            }
+        }
+        writer
+    }
 }
 
 /// The state of the log's files, behind [`SharedWriter`]'s lock.
 pub(crate) struct Writer {
     dir: PathBuf,
-    /// The segment currently written to, kept open between batches.
-    active: Option<(u64, File)>,
+    /// The segment currently written to, kept open between batches (shared with the
+    /// background thread's fdatasync).
+    active: Option<(u64, Arc<File>)>,
     /// Length of the active segment's file: its records, then zeros.
     active_allocated: u64,
     /// Zeros are never written past this length of a segment file.
@@ -173,6 +264,16 @@ pub(crate) struct Writer {
     active_dirty: bool,
     /// A segment was created and the directory not yet fsynced.
     dir_dirty: bool,
+    /// Index of the last entry written to the files.
+    written: Option<u64>,
+    /// Counts writes to segment files, so a background fdatasync knows whether it
+    /// covered the last one.
+    write_seq: u64,
+    /// Counts truncations and deletions, so a background fdatasync that raced one
+    /// publishes nothing.
+    epoch: u64,
+    /// How far the entries are durable, for the log's readers.
+    durable: watch::Sender<DurableMark>,
     /// Metadata waiting to be written because only `committed` changed.
     lazy_meta: Option<Vec<u8>>,
     last_meta_write: Instant,
@@ -187,7 +288,13 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(dir: PathBuf, committed_interval: Duration, segment_bytes: u64, counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(
+        dir: PathBuf,
+        committed_interval: Duration,
+        segment_bytes: u64,
+        last_index: Option<u64>,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             dir,
             active: None,
@@ -195,6 +302,13 @@ impl Writer {
             segment_bytes,
             active_dirty: false,
             dir_dirty: false,
+            written: last_index,
+            write_seq: 0,
+            epoch: 0,
+            durable: watch::Sender::new(DurableMark {
+                index: last_index,
+                failed: false,
+            }),
             lazy_meta: None,
             last_meta_write: Instant::now(),
             committed_interval,
@@ -216,16 +330,33 @@ impl Writer {
             return Err(err);
         }
         let executed = match op {
-            Op::Append { chunks } => {
+            Op::Append {
+                chunks,
+                last_index,
+                sync,
+            } => {
                 self.counters.append_batches.fetch_add(1, Ordering::Relaxed);
                 chunks
                     .iter()
                     .try_for_each(|chunk| self.write_chunk(chunk))
-                    .and_then(|()| self.sync_active())
+                    .and_then(|()| {
+                        self.written = Some(last_index);
+                        if sync {
+                            self.sync_active()
+                        } else {
+                            Ok(())
+                        }
+                    })
             }
-            Op::Truncate { delete, cut } => self.truncate(&delete, cut),
-            Op::Purge { meta, delete } => self.write_meta(&meta).and_then(|()| self.delete_segments(&delete)),
-            Op::SaveMeta { meta } => self.write_meta(&meta),
+            // Every other change waits for the writes before it to be durable.
+            Op::Truncate { delete, cut, last_kept } => {
+                self.sync_active().and_then(|()| self.truncate(&delete, cut, last_kept))
+            }
+            Op::Purge { meta, delete } => self
+                .sync_active()
+                .and_then(|()| self.write_meta(&meta))
+                .and_then(|()| self.delete_segments(&delete)),
+            Op::SaveMeta { meta } => self.sync_active().and_then(|()| self.write_meta(&meta)),
             Op::SaveCommitted { meta } => {
                 self.lazy_meta = Some(meta);
                 Ok(())
@@ -247,7 +378,10 @@ impl Writer {
         } else {
             end
         };
-        let file = self.segment_file(chunk.segment, false)?;
+        // Marked before writing: a write that fails half way has still changed the file.
+        self.active_dirty = true;
+        self.write_seq += 1;
+        let mut file = self.segment_file(chunk.segment, false)?;
         file.seek(SeekFrom::Start(chunk.offset))?;
         file.write_all(&chunk.data)?;
         let mut at = end;
@@ -256,7 +390,6 @@ impl Writer {
             file.write_all(&ZEROS[..piece])?;
             at += piece as u64;
         }
-        self.active_dirty = true;
         self.active_allocated = self.active_allocated.max(zeros_to);
         self.counters
             .bytes_written
@@ -265,7 +398,7 @@ impl Writer {
     }
 
     /// The open file of `segment`, switching the active segment when needed.
-    fn segment_file(&mut self, segment: u64, create: bool) -> io::Result<&mut File> {
+    fn segment_file(&mut self, segment: u64, create: bool) -> io::Result<&File> {
         let reuse = matches!(&self.active, Some((s, _)) if *s == segment) && !create;
         if !reuse {
             // Leaving a segment: its data must be durable before the group's callbacks run,
@@ -280,9 +413,9 @@ impl Writer {
                 OpenOptions::new().write(true).open(&path)?
             };
             self.active_allocated = file.metadata()?.len();
-            self.active = Some((segment, file));
+            self.active = Some((segment, Arc::new(file)));
         }
-        match &mut self.active {
+        match &self.active {
             Some((_, file)) => Ok(file),
             None => Err(io::Error::other("no active segment")),
         }
@@ -300,10 +433,33 @@ impl Writer {
             sync_dir(&self.dir)?;
             self.dir_dirty = false;
         }
+        let written = self.written;
+        self.publish_durable(written);
         Ok(())
     }
 
-    fn truncate(&mut self, delete: &[u64], cut: Option<(u64, u64)>) -> io::Result<()> {
+    /// Raises the published durable index to `index`.
+    fn publish_durable(&self, index: Option<u64>) {
+        self.durable.send_if_modified(|mark| {
+            let raise = index > mark.index;
+            if raise {
+                mark.index = index;
+            }
+            raise
+        });
+    }
+
+    fn truncate(&mut self, delete: &[u64], cut: Option<(u64, u64)>, last_kept: Option<u64>) -> io::Result<()> {
+        // What was written past the cut is gone whatever happens below.
+        self.epoch += 1;
+        self.written = self.written.min(last_kept);
+        self.durable.send_if_modified(|mark| {
+            let lower = mark.index > last_kept;
+            if lower {
+                mark.index = last_kept;
+            }
+            lower
+        });
         // Newest segments go first, so a crash half way leaves a log that is a prefix of the
         // old one, never one with a hole in the middle.
         self.delete_segments(delete)?;
@@ -312,7 +468,7 @@ impl Writer {
             if !reuse {
                 self.active = None;
                 let file = OpenOptions::new().write(true).open(segment_path(&self.dir, segment))?;
-                self.active = Some((segment, file));
+                self.active = Some((segment, Arc::new(file)));
             }
             if let Some((_, file)) = &self.active {
                 file.set_len(len)?;
@@ -328,6 +484,7 @@ impl Writer {
         if segments.is_empty() {
             return Ok(());
         }
+        self.epoch += 1;
         for &segment in segments {
             if matches!(&self.active, Some((s, _)) if *s == segment) {
                 self.active = None;
@@ -363,6 +520,7 @@ impl Writer {
         if self.failed.is_none() {
             tracing::error!(dir = %self.dir.display(), error = %e, "raft log write failed; refusing further writes");
             self.failed = Some((e.kind(), e.to_string()));
+            self.durable.send_modify(|mark| mark.failed = true);
         }
     }
 
