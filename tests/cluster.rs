@@ -112,6 +112,40 @@ async fn min_revision_reads_your_writes_on_another_node() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_apply_each_write_without_waiting_for_the_next_heartbeat() -> Result<()> {
+    init_tracing();
+    // Heartbeats far apart: a follower that learned a commit index only from the next
+    // heartbeat (or the next write) would miss the bound below. The leader's own disk
+    // may finish an entry after a follower acknowledged it; the commit index it then
+    // holds back must still reach the followers once its disk has the entry.
+    let heartbeat = Duration::from_secs(2);
+    let cluster = TestCluster::start_with(3, |c| {
+        c.raft.heartbeat = heartbeat;
+        c.raft.election_min = Duration::from_secs(7);
+        c.raft.election_max = Duration::from_secs(9);
+    })
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let mut writer = cluster.registry(leader).await?;
+    let mut readers = Vec::new();
+    for id in cluster.running().into_iter().filter(|id| *id != leader) {
+        readers.push((id, cluster.registry(id).await?));
+    }
+    for n in 0..200 {
+        let resp = register(&mut writer, instance("ticks", &format!("tick-{n}"), 7000 + n), 0).await?;
+        let rev = revision(&resp.header);
+        for (id, reader) in &mut readers {
+            let found = tokio::time::timeout(heartbeat / 2, discover(reader, "ticks", pb::ReadMode::MinRevision, rev))
+                .await
+                .with_context(|| format!("node {id} applied write {n} (revision {rev}) only with a later message"))??;
+            assert!(revision(&found.header) >= rev);
+        }
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_input_is_refused_naming_the_field_and_the_node_keeps_serving() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;
@@ -595,6 +629,16 @@ async fn a_node_joins_as_a_learner_is_promoted_and_serves_the_same_state() -> Re
     let members = admin.members(pb::MembersRequest {}).await?.into_inner().members;
     assert!(members.iter().any(|m| m.node_id == 4 && m.voter), "{members:?}");
     cluster.wait_for_same_digest(Duration::from_secs(15)).await?;
+    // The joined node took the cluster's id from the leader and recorded it.
+    let cluster_id = |id: u64| cluster.nodes[&id].handle.as_ref().and_then(|h| h.core().cluster.id());
+    assert!(cluster_id(1).is_some());
+    assert_eq!(cluster_id(4), cluster_id(1));
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cluster.nodes[&4].config.data_dir.join("identity.json"))?)?;
+    assert_eq!(
+        recorded["cluster_id"].as_str(),
+        cluster_id(1).map(muster_server::identity::format_cluster_id).as_deref()
+    );
     let mut c4 = cluster.registry(4).await?;
     assert_eq!(
         discover(&mut c4, "pre", pb::ReadMode::Local, 0).await?.instances.len(),

@@ -149,3 +149,52 @@ async fn messages_larger_than_the_flow_control_windows_pass_both_ways() -> Resul
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_refuses_votes_and_requests_from_another_cluster() -> Result<()> {
+    use muster_proto::v1::peer::PeerMessage;
+    use muster_server::identity::{format_cluster_id, ClusterIdentity};
+    use std::sync::Arc;
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let core = cluster.nodes[&leader].handle.as_ref().expect("running").core().clone();
+    let ours = core.cluster.id().expect("a founding member knows its cluster id");
+    let addr = cluster.nodes[&leader].config.peer_addr.to_string();
+    let term_before = core.raft.metrics().borrow().current_term;
+
+    // A node of another cluster that reached this address (a reused port, a stale
+    // peer list) asks for a vote in a far higher term: refused, naming both clusters.
+    let theirs = ours.wrapping_add(1);
+    let foreign = PeerChannels::new(Arc::new(ClusterIdentity::new(Some(theirs), None)));
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(term_before + 100, 2), None);
+    let refused = foreign
+        .client(&addr)?
+        .vote(PeerMessage {
+            data: bincode::serialize(&vote)?,
+        })
+        .await
+        .expect_err("a vote from another cluster is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let message = refused.message();
+    assert!(
+        message.contains(&format_cluster_id(theirs)) && message.contains(&format_cluster_id(ours)),
+        "{message}"
+    );
+    match read_index(&foreign, &addr, Duration::from_secs(5)).await {
+        Err(PeerError::Unreachable { message, .. }) => assert!(message.contains("belongs to cluster"), "{message}"),
+        other => bail!("expected a refusal, got {other:?}"),
+    }
+    // Nothing of it reached Raft: same term, same leader.
+    assert_eq!(core.raft.metrics().borrow().current_term, term_before);
+    assert_eq!(cluster.wait_for_leader(Duration::from_secs(10)).await?, leader);
+
+    // Its own cluster's peers are served.
+    let own = PeerChannels::new(Arc::new(ClusterIdentity::new(Some(ours), None)));
+    match read_index(&own, &addr, Duration::from_secs(5)).await? {
+        ForwardResponse::ReadIndex(_) => {}
+        other => bail!("the leader answers its own cluster's read index request: {other:?}"),
+    }
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -2,15 +2,25 @@
 //! node started with another node's directory, another cluster's directory, or a
 //! peer list that contradicts the one it was created with refuses to start instead
 //! of joining and corrupting a cluster.
+//!
+//! The cluster has an id ([`ClusterIdentity`]) that every peer request carries, so a
+//! node never takes a vote or an append from a node of another cluster that reached
+//! its address (a peer address reused by another cluster, a stale peer list).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::config::NodeConfig;
 use crate::node::NodeError;
 
 const FILE: &str = "identity.json";
+
+/// The request header naming the sender's cluster on the peer port.
+pub const CLUSTER_ID_HEADER: &str = "muster-cluster-id";
 
 #[derive(Serialize, Deserialize)]
 struct Identity {
@@ -19,6 +29,143 @@ struct Identity {
     /// empty for a node that joined.
     #[serde(default)]
     initial_cluster: BTreeMap<u64, String>,
+    /// The cluster's id, 16 hex digits: derived from `initial_cluster` by the founding
+    /// members, learned from the cluster by a node that joined. Absent in directories
+    /// written before ids existed (then derived again from `initial_cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<String>,
+}
+
+/// The id of the cluster founded with `initial_cluster`: the first 8 bytes of the
+/// SHA-256 of its `id=address` lines. Every founding member computes the same id
+/// from the same list, without talking to the others; two clusters differ in at
+/// least one peer address, so in their ids.
+pub fn founding_cluster_id(initial_cluster: &BTreeMap<u64, String>) -> u64 {
+    let mut hasher = Sha256::new();
+    for (id, addr) in initial_cluster {
+        hasher.update(format!("{id}={addr}\n").as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// A cluster id as written in `identity.json` and the peer header.
+pub fn format_cluster_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// Reads a cluster id written by [`format_cluster_id`].
+pub fn parse_cluster_id(text: &str) -> Option<u64> {
+    (text.len() == 16).then(|| u64::from_str_radix(text, 16).ok()).flatten()
+}
+
+/// Why a peer request was refused by [`ClusterIdentity::admit`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ForeignPeer {
+    /// The header is not 16 hex digits.
+    #[error("peer header {CLUSTER_ID_HEADER} is not 16 hex digits: {0:?}")]
+    Malformed(String),
+    /// The sender belongs to another cluster.
+    #[error("the peer belongs to cluster {theirs}, this node to cluster {ours}; check the peer addresses")]
+    OtherCluster {
+        /// The sender's cluster id.
+        theirs: String,
+        /// This node's cluster id.
+        ours: String,
+    },
+}
+
+/// This node's cluster id, once known, and where to record it when learned.
+#[derive(Debug, Default)]
+pub struct ClusterIdentity {
+    id: OnceLock<u64>,
+    /// The data directory whose `identity.json` records a learned id (`None`: not
+    /// recorded).
+    data_dir: Option<PathBuf>,
+    recording: Mutex<()>,
+}
+
+impl ClusterIdentity {
+    /// An identity already known (`Some`) or to be learned from the first peer that
+    /// names its cluster (`None`: a node that joined and has not been contacted yet),
+    /// recorded then in `data_dir`.
+    pub fn new(id: Option<u64>, data_dir: Option<PathBuf>) -> Self {
+        let cell = OnceLock::new();
+        if let Some(id) = id {
+            let _ = cell.set(id);
+        }
+        ClusterIdentity {
+            id: cell,
+            data_dir,
+            recording: Mutex::new(()),
+        }
+    }
+
+    /// The cluster id, when known.
+    pub fn id(&self) -> Option<u64> {
+        self.id.get().copied()
+    }
+
+    /// Whether to serve a peer request whose [`CLUSTER_ID_HEADER`] is `header`.
+    ///
+    /// A request naming another cluster is refused. One naming none comes from a node
+    /// of an earlier version, or from a node that joined and has not yet heard from
+    /// its cluster, and is served. A node that does not know its cluster yet takes
+    /// the id of the first peer that names one (the leader it asked to join) and
+    /// records it.
+    pub fn admit(&self, header: Option<&str>) -> Result<(), ForeignPeer> {
+        let Some(text) = header else { return Ok(()) };
+        let theirs = parse_cluster_id(text).ok_or_else(|| ForeignPeer::Malformed(text.to_string()))?;
+        let ours = match self.id() {
+            Some(ours) => ours,
+            None => self.learn(theirs),
+        };
+        if theirs == ours {
+            Ok(())
+        } else {
+            Err(ForeignPeer::OtherCluster {
+                theirs: format_cluster_id(theirs),
+                ours: format_cluster_id(ours),
+            })
+        }
+    }
+
+    /// Takes `id` as this node's cluster id unless one was taken first; returns the id
+    /// in force.
+    fn learn(&self, id: u64) -> u64 {
+        let _recording = self.recording.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = self.id() {
+            return known;
+        }
+        if let Some(dir) = &self.data_dir {
+            if let Err(e) = record_cluster_id(dir, id) {
+                tracing::warn!(error = %e, "could not record the cluster id; it will be learned again after a restart");
+            }
+        }
+        let _ = self.id.set(id);
+        tracing::info!(cluster = %format_cluster_id(id), "learned this node's cluster id");
+        id
+    }
+}
+
+/// Writes `id` into `data_dir/identity.json`.
+fn record_cluster_id(data_dir: &Path, id: u64) -> Result<(), String> {
+    let bytes = std::fs::read(data_dir.join(FILE)).map_err(|e| e.to_string())?;
+    let mut identity: Identity = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    identity.cluster_id = Some(format_cluster_id(id));
+    let bytes = serde_json::to_vec_pretty(&identity).map_err(|e| e.to_string())?;
+    muster_store::state_machine::write_file_durably(data_dir, FILE, &bytes).map_err(|e| e.to_string())
+}
+
+/// The cluster id recorded in `identity`, or derived from its initial cluster.
+fn cluster_id_of(identity: &Identity) -> Option<u64> {
+    match &identity.cluster_id {
+        Some(text) => parse_cluster_id(text),
+        None if identity.initial_cluster.is_empty() => None,
+        None => Some(founding_cluster_id(&identity.initial_cluster)),
+    }
 }
 
 fn describe(cluster: &BTreeMap<u64, String>) -> String {
@@ -61,8 +208,9 @@ fn conflict(recorded: &Identity, config: &NodeConfig) -> Option<String> {
     None
 }
 
-/// Checks `data_dir/identity.json` against the configuration, or writes it.
-pub fn check_or_record(config: &NodeConfig) -> Result<(), NodeError> {
+/// Checks `data_dir/identity.json` against the configuration, or writes it; returns
+/// the cluster id, when known (a node that joined learns it from its first peer).
+pub fn check_or_record(config: &NodeConfig) -> Result<Option<u64>, NodeError> {
     let path = config.data_dir.join(FILE);
     let err = |message: String| NodeError::DataDir {
         path: config.data_dir.display().to_string(),
@@ -77,7 +225,7 @@ pub fn check_or_record(config: &NodeConfig) -> Result<(), NodeError> {
             })?;
             match conflict(&recorded, config) {
                 Some(message) => Err(err(message)),
-                None => Ok(()),
+                None => Ok(cluster_id_of(&recorded)),
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -98,13 +246,16 @@ pub fn check_or_record(config: &NodeConfig) -> Result<(), NodeError> {
                     "the directory is not empty but has no {FILE}; it was not written by a Muster node — use an empty --data-dir"
                 )));
             }
+            let cluster_id = (!config.initial_cluster.is_empty()).then(|| founding_cluster_id(&config.initial_cluster));
             let identity = Identity {
                 node_id: config.id,
                 initial_cluster: config.initial_cluster.clone(),
+                cluster_id: cluster_id.map(format_cluster_id),
             };
             let bytes = serde_json::to_vec_pretty(&identity).map_err(|e| err(e.to_string()))?;
             muster_store::state_machine::write_file_durably(&config.data_dir, FILE, &bytes)
-                .map_err(|e| err(e.to_string()))
+                .map_err(|e| err(e.to_string()))?;
+            Ok(cluster_id)
         }
         Err(e) => Err(err(e.to_string())),
     }
@@ -130,6 +281,7 @@ mod tests {
         Identity {
             node_id: id,
             initial_cluster: cluster.iter().map(|(i, a)| (*i, a.to_string())).collect(),
+            cluster_id: None,
         }
     }
 
@@ -154,5 +306,58 @@ mod tests {
             None
         );
         assert_eq!(conflict(&recorded, &config(1, &[])), None);
+    }
+
+    fn cluster(members: &[(u64, &str)]) -> BTreeMap<u64, String> {
+        members.iter().map(|(i, a)| (*i, a.to_string())).collect()
+    }
+
+    #[test]
+    fn founding_members_agree_on_the_cluster_id_and_other_clusters_differ() {
+        let ours = cluster(&[(1, "a:7300"), (2, "b:7300"), (3, "c:7300")]);
+        let id = founding_cluster_id(&ours);
+        assert_eq!(id, founding_cluster_id(&ours.clone()));
+        assert_ne!(
+            id,
+            founding_cluster_id(&cluster(&[(1, "a:7300"), (2, "b:7300"), (3, "c:7301")]))
+        );
+        assert_ne!(id, founding_cluster_id(&cluster(&[(1, "a:7300"), (2, "b:7300")])));
+        assert_eq!(parse_cluster_id(&format_cluster_id(id)), Some(id));
+        // A directory written before ids existed derives the same id again.
+        let mut old = identity(1, &[(1, "a:7300"), (2, "b:7300"), (3, "c:7300")]);
+        assert_eq!(cluster_id_of(&old), Some(id));
+        old.cluster_id = Some(format_cluster_id(7));
+        assert_eq!(cluster_id_of(&old), Some(7));
+        assert_eq!(cluster_id_of(&identity(4, &[])), None);
+    }
+
+    #[test]
+    fn peers_of_another_cluster_are_refused_and_unnamed_ones_served() {
+        let ours = ClusterIdentity::new(Some(0xabc), None);
+        assert_eq!(ours.admit(Some("0000000000000abc")), Ok(()));
+        assert_eq!(ours.admit(None), Ok(()));
+        let refused = ours.admit(Some("0000000000000abd")).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "the peer belongs to cluster 0000000000000abd, this node to cluster 0000000000000abc; check the peer addresses"
+        );
+        let malformed = ours.admit(Some("abc")).unwrap_err();
+        assert!(malformed.to_string().contains(CLUSTER_ID_HEADER), "{malformed}");
+    }
+
+    #[test]
+    fn a_joined_node_takes_and_records_the_first_cluster_id_it_hears() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut joiner = config(4, &[]);
+        joiner.data_dir = dir.path().to_path_buf();
+        assert_eq!(check_or_record(&joiner).unwrap(), None);
+        let learner = ClusterIdentity::new(None, Some(dir.path().to_path_buf()));
+        assert_eq!(learner.admit(None), Ok(()));
+        assert_eq!(learner.id(), None);
+        assert_eq!(learner.admit(Some("00000000000000aa")), Ok(()));
+        assert_eq!(learner.id(), Some(0xaa));
+        assert!(learner.admit(Some("00000000000000bb")).is_err());
+        // After a restart the node knows it from its directory.
+        assert_eq!(check_or_record(&joiner).unwrap(), Some(0xaa));
     }
 }

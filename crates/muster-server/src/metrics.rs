@@ -106,6 +106,9 @@ pub struct Metrics {
     pub watch_events_sent: Counter,
     /// Resets sent to watchers (fell behind, or history compacted).
     pub watch_resets: Counter,
+    /// Heartbeats sent as soon as this leader's disk had a commit index it had held
+    /// back from its followers.
+    pub held_commits_resent: Counter,
     /// Raft term.
     pub raft_term: Gauge,
     /// Known leader id (0: none).
@@ -215,6 +218,11 @@ impl Metrics {
             watchers: reg!("watchers", "Open watch streams (gRPC and SSE)", Gauge::default()),
             watch_events_sent: reg!("watch_events_sent", "Watch events sent to clients", Counter::default()),
             watch_resets: reg!("watch_resets", "Resets sent to watchers", Counter::default()),
+            held_commits_resent: reg!(
+                "held_commits_resent",
+                "Heartbeats sent as soon as the leader's disk had a commit index held back from followers",
+                Counter::default()
+            ),
             raft_term: reg!("raft_term", "Current Raft term", Gauge::default()),
             raft_leader: reg!("raft_leader_id", "Known leader id, 0 when none", Gauge::default()),
             raft_is_leader: reg!("raft_is_leader", "1 when this node is the leader", Gauge::default()),

@@ -4,6 +4,7 @@
 //! enforced here, whatever the peer does.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,15 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, Raft};
+use prometheus_client::metrics::counter::Counter;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::forward::{ForwardRequest, ForwardResponse};
+use crate::identity::ClusterIdentity;
 use crate::leader_lease::QuorumClock;
 use crate::peer_transport::PeerTransport;
 
@@ -31,6 +36,7 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     transports: Arc<Mutex<HashMap<String, PeerTransport>>>,
+    cluster: Arc<ClusterIdentity>,
 }
 
 /// A peer call failed.
@@ -50,6 +56,15 @@ pub enum PeerError {
 }
 
 impl PeerChannels {
+    /// Transports whose calls name the cluster `cluster` (see
+    /// [`ClusterIdentity::admit`]). `PeerChannels::default()` names none.
+    pub fn new(cluster: Arc<ClusterIdentity>) -> Self {
+        PeerChannels {
+            transports: Default::default(),
+            cluster,
+        }
+    }
+
     /// A gRPC client for the peer at `addr` (`host:port`), sharing its connection.
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<PeerTransport>, PeerError> {
         let transport = {
@@ -57,10 +72,11 @@ impl PeerChannels {
             match transports.get(addr) {
                 Some(transport) => transport.clone(),
                 None => {
-                    let transport = PeerTransport::new(addr).map_err(|e| PeerError::Unreachable {
-                        addr: addr.to_string(),
-                        message: format!("not a host:port address: {e}"),
-                    })?;
+                    let transport =
+                        PeerTransport::new(addr, self.cluster.clone()).map_err(|e| PeerError::Unreachable {
+                            addr: addr.to_string(),
+                            message: format!("not a host:port address: {e}"),
+                        })?;
                     transports.insert(addr.to_string(), transport.clone());
                     transport
                 }
@@ -106,26 +122,86 @@ async fn within<T>(
     })
 }
 
+/// The commit index this leader held back from its followers because its own disk
+/// had not reached it yet.
+///
+/// openraft tells the followers about a new commit index at once, usually in an
+/// append without entries, and sends nothing more until the next write or heartbeat.
+/// When the leader's own flush ends after a follower's acknowledgement, that commit
+/// index is clamped to the durable prefix ([`LogDurability`]); [`resend_held_commit`]
+/// asks openraft for a heartbeat once the disk has it, so followers (and their
+/// watchers) learn of the commit without waiting for the next heartbeat.
+#[derive(Debug, Default)]
+pub struct HeldCommit {
+    /// The highest index held back (0: none yet).
+    index: AtomicU64,
+    held: Notify,
+}
+
+impl HeldCommit {
+    /// Records that the commit index `index` was held back from a follower.
+    fn hold(&self, index: u64) {
+        if self.index.fetch_max(index, Ordering::AcqRel) < index {
+            self.held.notify_one();
+        }
+    }
+}
+
+/// Sends a heartbeat carrying the commit index each time one held back by
+/// [`HeldCommit`] is on this node's disk. The wait is bounded by `give_up_after` (the
+/// heartbeat interval): an index that will never be durable here (this node stepped
+/// down and its entry was truncated) is left to the next leader.
+pub async fn resend_held_commit(
+    raft: Raft<TypeConfig>,
+    held: Arc<HeldCommit>,
+    log_durability: LogDurability<TypeConfig>,
+    give_up_after: Duration,
+    resent: Counter,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = held.held.notified() => {}
+        }
+        let index = held.index.load(Ordering::Acquire);
+        match tokio::time::timeout(give_up_after, log_durability.wait_durable(index)).await {
+            Ok(Ok(())) => {
+                resent.inc();
+                if let Err(e) = raft.trigger().heartbeat().await {
+                    tracing::debug!(error = %e, "raft stopped; no more held commits to send");
+                    return;
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(index, error = %e, "held commit index will not become durable"),
+            Err(_) => tracing::debug!(index, "held commit index not durable within a heartbeat"),
+        }
+    }
+}
+
 /// Builds a connection per Raft target.
 pub struct NetworkFactory {
     channels: PeerChannels,
     quorum_clock: Arc<QuorumClock>,
     log_durability: LogDurability<TypeConfig>,
+    held_commit: Arc<HeldCommit>,
 }
 
 impl NetworkFactory {
     /// A factory sharing `channels`, recording accepted appends in `quorum_clock`;
     /// the commit index it sends never passes what `log_durability` says is on this
-    /// node's disk.
+    /// node's disk, and what it holds back is recorded in `held_commit`.
     pub fn new(
         channels: PeerChannels,
         quorum_clock: Arc<QuorumClock>,
         log_durability: LogDurability<TypeConfig>,
+        held_commit: Arc<HeldCommit>,
     ) -> Self {
         NetworkFactory {
             channels,
             quorum_clock,
             log_durability,
+            held_commit,
         }
     }
 }
@@ -137,6 +213,7 @@ pub struct PeerConnection {
     channels: PeerChannels,
     quorum_clock: Arc<QuorumClock>,
     log_durability: LogDurability<TypeConfig>,
+    held_commit: Arc<HeldCommit>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -149,6 +226,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             channels: self.channels.clone(),
             quorum_clock: self.quorum_clock.clone(),
             log_durability: self.log_durability.clone(),
+            held_commit: self.held_commit.clone(),
         }
     }
 }
@@ -212,7 +290,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // The leader may count itself in an entry's quorum while its own disk still
         // flushes it; followers apply nothing until it is durable here too (see
         // `LogDurability`).
-        rpc.leader_commit = self.log_durability.durable_prefix(rpc.leader_commit);
+        let commit = rpc.leader_commit;
+        rpc.leader_commit = self.log_durability.durable_prefix(commit);
+        if let Some(held) = commit.filter(|_| rpc.leader_commit != commit) {
+            self.held_commit.hold(held.index);
+        }
         let sent = Instant::now();
         let vote = rpc.vote;
         let response = self.call(Rpc::Append, &rpc, &option).await;

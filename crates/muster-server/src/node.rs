@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::error::ApiError;
 use crate::forward::{ForwardRequest, ForwardResponse, MembershipChange};
+use crate::identity::ClusterIdentity;
 use crate::leases::LeaseKeeper;
 use crate::metrics::Metrics;
-use crate::network::{NetworkFactory, PeerChannels};
+use crate::network::{HeldCommit, NetworkFactory, PeerChannels};
 use crate::watch::WatchHub;
 
 /// How long a write waits for a leader before answering UNAVAILABLE.
@@ -100,6 +101,8 @@ pub struct NodeCore {
     pub changes: crate::blocking::ChangeNotifier,
     /// Channels to peers.
     pub channels: PeerChannels,
+    /// The cluster this node belongs to; peers of another cluster are refused.
+    pub cluster: Arc<ClusterIdentity>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node stops.
@@ -613,7 +616,8 @@ impl Node {
             path: data_dir.display().to_string(),
             message: e.to_string(),
         })?;
-        crate::identity::check_or_record(&config)?;
+        let cluster_id = crate::identity::check_or_record(&config)?;
+        let cluster = Arc::new(ClusterIdentity::new(cluster_id, Some(data_dir.clone())));
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(WatchHub::new(config.watch.clone(), metrics.clone()));
         let mut log = SegmentLog::<TypeConfig>::open(&data_dir.join("raft"), LogOptions::default())
@@ -653,12 +657,18 @@ impl Node {
         }
         .validate()
         .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let channels = PeerChannels::default();
+        let channels = PeerChannels::new(cluster.clone());
         let quorum_clock = Arc::new(crate::leader_lease::QuorumClock::default());
+        let held_commit = Arc::new(HeldCommit::default());
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            NetworkFactory::new(channels.clone(), quorum_clock.clone(), log_durability),
+            NetworkFactory::new(
+                channels.clone(),
+                quorum_clock.clone(),
+                log_durability.clone(),
+                held_commit.clone(),
+            ),
             log,
             state_machine,
         )
@@ -675,6 +685,7 @@ impl Node {
             shared,
             hub,
             channels,
+            cluster,
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
@@ -702,6 +713,14 @@ impl Node {
             tokio::spawn(crate::checks::run(core.clone())),
             tokio::spawn(crate::blocking::run(core.clone())),
             tokio::spawn(crate::metrics::run_raft_gauges(core.clone())),
+            tokio::spawn(crate::network::resend_held_commit(
+                core.raft.clone(),
+                held_commit,
+                log_durability,
+                core.config.raft.heartbeat,
+                core.metrics.held_commits_resent.clone(),
+                core.shutdown.clone(),
+            )),
             tokio::spawn(close_watches_on_shutdown(core.clone())),
         ];
 

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::coalesced_writes::incoming;
 use crate::error::ApiError;
 use crate::forward::{ForwardRequest, ForwardResponse};
+use crate::identity::{ForeignPeer, CLUSTER_ID_HEADER};
 use crate::network::MAX_PEER_MESSAGE_BYTES;
 use crate::node::NodeCore;
 
@@ -37,9 +38,26 @@ struct PeerApi {
     core: Arc<NodeCore>,
 }
 
-fn decode<T: DeserializeOwned>(req: Request<PeerMessage>) -> Result<T, Status> {
-    bincode::deserialize(&req.into_inner().data)
-        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+impl PeerApi {
+    /// Decodes a peer request after checking that its sender belongs to this node's
+    /// cluster ([`crate::identity::ClusterIdentity::admit`]).
+    fn decode<T: DeserializeOwned>(&self, req: Request<PeerMessage>) -> Result<T, Status> {
+        let header = match req.metadata().get(CLUSTER_ID_HEADER).map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(text)) => Some(text),
+            Some(Err(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "peer header {CLUSTER_ID_HEADER} is not ASCII"
+                )))
+            }
+        };
+        self.core.cluster.admit(header).map_err(|refused| match refused {
+            ForeignPeer::Malformed(_) => Status::invalid_argument(refused.to_string()),
+            ForeignPeer::OtherCluster { .. } => Status::failed_precondition(refused.to_string()),
+        })?;
+        bincode::deserialize(&req.into_inner().data)
+            .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<PeerMessage>, Status> {
@@ -51,7 +69,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<PeerMessage>, Status> {
 #[tonic::async_trait]
 impl RaftPeer for PeerApi {
     async fn append_entries(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
+        let req: AppendEntriesRequest<TypeConfig> = self.decode(request)?;
         let leader_commit = req.leader_commit.map_or(0, |l| l.index);
         let result = self.core.raft.append_entries(req).await;
         if let Ok(resp) = &result {
@@ -64,7 +82,7 @@ impl RaftPeer for PeerApi {
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: VoteRequest<u64> = decode(request)?;
+        let req: VoteRequest<u64> = self.decode(request)?;
         // Before it stopped, this node may have accepted a leader moments ago and
         // promised (by openraft's leader lease) not to vote for another one for an
         // election timeout; it forgot when, so it keeps that promise from its start.
@@ -81,7 +99,7 @@ impl RaftPeer for PeerApi {
     }
 
     async fn install_snapshot(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: InstallSnapshotRequest<TypeConfig> = decode(request)?;
+        let req: InstallSnapshotRequest<TypeConfig> = self.decode(request)?;
         let result = self.core.raft.install_snapshot(req).await;
         if result.is_ok() {
             self.core.touch_leader_contact();
@@ -90,7 +108,7 @@ impl RaftPeer for PeerApi {
     }
 
     async fn forward(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: ForwardRequest = decode(request)?;
+        let req: ForwardRequest = self.decode(request)?;
         let core = &self.core;
         let response = match req {
             ForwardRequest::Write(command) => match core.propose_on_leader(*command).await {

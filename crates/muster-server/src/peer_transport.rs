@@ -21,6 +21,8 @@ use http_body_util::BodyExt;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use crate::identity::{format_cluster_id, ClusterIdentity, CLUSTER_ID_HEADER};
+
 /// How long opening a connection to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often an idle connection is pinged, and how long a ping may go unanswered.
@@ -41,6 +43,7 @@ pub struct PeerTransport {
     addr: Arc<str>,
     origin: http::Uri,
     slot: Arc<Mutex<ConnectionSlot>>,
+    cluster: Arc<ClusterIdentity>,
 }
 
 /// The open connection, if any, numbered so that a failure reported by a call made
@@ -52,13 +55,15 @@ struct ConnectionSlot {
 }
 
 impl PeerTransport {
-    /// A transport to the peer at `addr` (`host:port`); nothing is opened yet. Fails
-    /// when `addr` is not a `host:port` address.
-    pub fn new(addr: &str) -> Result<Self, http::uri::InvalidUri> {
+    /// A transport to the peer at `addr` (`host:port`) whose calls name the cluster
+    /// `cluster` once it is known; nothing is opened yet. Fails when `addr` is not a
+    /// `host:port` address.
+    pub fn new(addr: &str, cluster: Arc<ClusterIdentity>) -> Result<Self, http::uri::InvalidUri> {
         Ok(PeerTransport {
             addr: addr.into(),
             origin: http::Uri::try_from(format!("http://{addr}"))?,
             slot: Arc::new(Mutex::new(ConnectionSlot::default())),
+            cluster,
         })
     }
 
@@ -133,7 +138,12 @@ impl PeerTransport {
         &self,
         request: http::Request<tonic::body::Body>,
     ) -> Result<http::Response<PeerResponseBody>, tonic::Status> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if let Some(id) = self.cluster.id() {
+            let value = http::HeaderValue::from_str(&format_cluster_id(id))
+                .map_err(|e| tonic::Status::internal(format!("cluster id header: {e}")))?;
+            parts.headers.insert(CLUSTER_ID_HEADER, value);
+        }
         let message = body.collect().await?.to_bytes();
         let (number, sender) = self.connection().await?;
         let result = async {
