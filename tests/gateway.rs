@@ -2,7 +2,8 @@
 //! started in the test: requests are proxied with method, path, query, body and
 //! headers intact and X-Forwarded-* added, spread over the instances, sent again
 //! to another instance when one is stopped (whose breaker then opens), and
-//! refused with a JSON reason when they cannot be served. The metrics pass
+//! refused with a JSON reason when they cannot be served; WebSockets (a real
+//! client and server) are relayed, at most `max_tunnels` at once. The metrics pass
 //! `promtool check metrics`.
 
 use std::collections::BTreeMap;
@@ -10,12 +11,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
-use axum::routing::any;
+use axum::response::Response;
+use axum::routing::{any, get};
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
 use muster_client::{BreakerPolicy, Client};
 use muster_core::InstanceSpec;
 use muster_gateway::{GatewayConfig, ServeError};
@@ -24,6 +28,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -52,12 +57,31 @@ async fn echo(State(name): State<Arc<str>>, method: Method, uri: Uri, headers: H
     }))
 }
 
+/// `/ws`: a WebSocket that answers each text message with the backend's name in
+/// front of it and each binary message with itself.
+async fn ws_echo(State(name): State<Arc<str>>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |mut socket| async move {
+        while let Some(Ok(message)) = socket.recv().await {
+            let reply = match message {
+                Message::Text(text) => Message::Text(format!("{name}: {}", text.as_str()).into()),
+                Message::Binary(bytes) => Message::Binary(bytes),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
 impl Backend {
     async fn start(name: &str) -> Result<Backend> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let app = Router::new()
             .route("/hang", any(std::future::pending::<()>))
+            .route("/ws", get(ws_echo))
             .fallback(echo)
             .with_state(Arc::<str>::from(name));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -497,6 +521,81 @@ async fn the_gateway_answers_json_reasons_when_it_cannot_serve() -> Result<()> {
         assert!(text.contains(needle), "/gateway/metrics lacks {needle:?}:\n{text}");
     }
     promtool_check(&text)?;
+
+    gateway.shutdown().await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_are_relayed_and_their_number_is_bounded() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let registry = Client::connect(nodes(&cluster)).await?;
+    let backend = Backend::start("chat-1").await?;
+    registry.register(backend.spec("chat"), None).await?;
+    let gateway = Gateway::start(GatewayConfig {
+        max_tunnels: 1,
+        ..test_config(&cluster)
+    })
+    .await?;
+    let http = http_client();
+    wait_for_instances(&gateway, &http, "chat", 1).await?;
+    let ws_url = gateway.url("/chat/ws").replacen("http://", "ws://", 1);
+
+    // The handshake goes through and messages go both ways, a large one too.
+    let (mut socket, handshake) = tokio_tungstenite::connect_async(&ws_url).await?;
+    assert_eq!(handshake.status(), StatusCode::SWITCHING_PROTOCOLS);
+    socket.send(tungstenite::Message::text("hello")).await?;
+    let reply = socket.next().await.context("the tunnel closed")??;
+    assert_eq!(reply, tungstenite::Message::text("chat-1: hello"));
+    let large: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    socket.send(tungstenite::Message::binary(large.clone())).await?;
+    let reply = socket.next().await.context("the tunnel closed")??;
+    assert_eq!(reply, tungstenite::Message::binary(large));
+
+    // Plain requests to the same service still go through meanwhile.
+    let answer = json_with(http.get(gateway.url("/chat/plain")).send().await?, StatusCode::OK).await?;
+    assert_eq!(answer["name"], "chat-1");
+
+    // A second tunnel is one more than max_tunnels: 503 with the reason.
+    match tokio_tungstenite::connect_async(&ws_url).await {
+        Err(tungstenite::Error::Http(refused)) => {
+            assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let body = refused.body().as_deref().context("a refusal with a body")?;
+            let answer: Value = serde_json::from_slice(body)?;
+            assert_eq!(answer["error"], "too_many_tunnels");
+            assert_eq!(answer["service"], "chat");
+        }
+        Ok(_) => bail!("a second tunnel was opened past max_tunnels 1"),
+        Err(e) => bail!("the second tunnel failed otherwise: {e}"),
+    }
+    let text = http.get(gateway.url("/gateway/metrics")).send().await?.text().await?;
+    assert_eq!(metric_value(&text, "muster_gateway_tunnels")?, 1.0, "{text}");
+    assert_eq!(
+        metric_value(&text, r#"muster_gateway_tunnels_opened_total{service="chat"}"#)?,
+        1.0
+    );
+    promtool_check(&text)?;
+
+    // Closing the first frees its place: the gauge goes back to 0 and a new tunnel opens.
+    socket.close(None).await?;
+    while let Some(message) = socket.next().await {
+        if message.is_err() {
+            break;
+        }
+    }
+    drop(socket);
+    eventually(WAIT, "the closed tunnel to be counted out", || async {
+        let text = http.get(gateway.url("/gateway/metrics")).send().await?.text().await?;
+        Ok(metric_value(&text, "muster_gateway_tunnels")? == 0.0)
+    })
+    .await?;
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await?;
+    socket.send(tungstenite::Message::text("again")).await?;
+    let reply = socket.next().await.context("the tunnel closed")??;
+    assert_eq!(reply, tungstenite::Message::text("chat-1: again"));
+    socket.close(None).await?;
 
     gateway.shutdown().await?;
     cluster.shutdown().await;

@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     /// Most services followed at once (each has a watch on the registry); a
     /// request for one more gets 503.
     pub max_services: usize,
+    /// Most upgraded connections (WebSocket and other `Upgrade` protocols) relayed at
+    /// once; an upgrade request beyond them gets 503.
+    pub max_tunnels: usize,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +53,7 @@ impl Default for GatewayConfig {
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             max_services: 1024,
+            max_tunnels: 10_000,
         }
     }
 }
@@ -116,6 +120,9 @@ impl GatewayConfig {
         if self.max_services == 0 {
             return Err(ConfigError::new("max-services", "must be at least 1"));
         }
+        if self.max_tunnels == 0 {
+            return Err(ConfigError::new("max-tunnels", "must be at least 1"));
+        }
         Ok(())
     }
 }
@@ -145,6 +152,7 @@ mod tests {
         assert_eq!(bad(|c| c.max_body_bytes = 0), "max-body-bytes");
         assert_eq!(bad(|c| c.upstream_timeout = Duration::ZERO), "upstream-timeout");
         assert_eq!(bad(|c| c.max_services = 0), "max-services");
+        assert_eq!(bad(|c| c.max_tunnels = 0), "max-tunnels");
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub enum ProxyError {
         /// The limit.
         max: usize,
     },
+    /// The gateway already relays as many upgraded connections as it may (503).
+    #[error("the gateway relays at most {max} upgraded connections at once")]
+    TooManyTunnels {
+        /// The service asked for.
+        service: String,
+        /// The limit.
+        max: usize,
+    },
     /// The request body is larger than allowed (413).
     #[error("the request body exceeds {max} bytes")]
     BodyTooLarge {
@@ -85,7 +93,9 @@ impl ProxyError {
         match self {
             ProxyError::InvalidService { .. } | ProxyError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Reserved { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoInstance { .. } | ProxyError::TooManyServices { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoInstance { .. } | ProxyError::TooManyServices { .. } | ProxyError::TooManyTunnels { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -99,6 +109,7 @@ impl ProxyError {
             | ProxyError::Reserved { service }
             | ProxyError::NoInstance { service, .. }
             | ProxyError::TooManyServices { service, .. }
+            | ProxyError::TooManyTunnels { service, .. }
             | ProxyError::BodyTooLarge { service, .. }
             | ProxyError::BadRequestBody { service, .. }
             | ProxyError::Upstream { service, .. }
@@ -113,6 +124,7 @@ impl ProxyError {
             ProxyError::Reserved { .. } => "reserved_path",
             ProxyError::NoInstance { .. } => "no_instance",
             ProxyError::TooManyServices { .. } => "too_many_services",
+            ProxyError::TooManyTunnels { .. } => "too_many_tunnels",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequestBody { .. } => "bad_request_body",
             ProxyError::Upstream { .. } => "upstream_failed",
@@ -173,6 +185,14 @@ mod tests {
             ProxyError::NoInstance {
                 service: service(),
                 reason: "no instance is registered".into()
+            }
+            .status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ProxyError::TooManyTunnels {
+                service: service(),
+                max: 1
             }
             .status(),
             StatusCode::SERVICE_UNAVAILABLE

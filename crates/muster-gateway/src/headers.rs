@@ -27,7 +27,8 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Removes the hop-by-hop headers, including every header the `Connection`
-/// header names, and `Upgrade` (the gateway does not relay protocol upgrades).
+/// header names, and `Upgrade` (a relayed upgrade puts it back with
+/// [`ask_upgrade`]).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -40,6 +41,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// The protocol a request asks to switch to (`Upgrade: websocket` with `upgrade`
+/// among the `Connection` options, RFC 9110 §7.8), if it asks for one.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|option| option.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = headers.get(header::UPGRADE)?;
+    (asks && !protocol.as_bytes().iter().all(u8::is_ascii_whitespace)).then(|| protocol.clone())
+}
+
+/// Sets `Connection: upgrade` and `Upgrade: {protocol}`, the two headers of an
+/// upgrade on the next hop (a request to the instance, or its 101 answer to the
+/// client).
+pub fn ask_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
 }
 
 /// Prepares a client's request headers for the instance: hop-by-hop headers and
@@ -108,6 +130,25 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept", "content-type"]);
+    }
+
+    #[test]
+    fn an_upgrade_is_asked_only_with_the_connection_option_and_a_protocol() {
+        let asked = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(requested_upgrade(&asked).unwrap(), "websocket");
+        assert_eq!(requested_upgrade(&map(&[("upgrade", "websocket")])), None);
+        assert_eq!(requested_upgrade(&map(&[("connection", "upgrade")])), None);
+        assert_eq!(
+            requested_upgrade(&map(&[("connection", "upgrade"), ("upgrade", " ")])),
+            None
+        );
+
+        let mut headers = asked.clone();
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+        ask_upgrade(&mut headers, requested_upgrade(&asked).unwrap());
+        assert_eq!(headers["connection"], "upgrade");
+        assert_eq!(headers["upgrade"], "websocket");
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //!   except the hop-by-hop ones, and `X-Forwarded-For` (appended to),
 //!   `X-Forwarded-Host` and `X-Forwarded-Proto` are added;
 //! - request bodies larger than [`GatewayConfig::max_body_bytes`] get 413;
+//! - an HTTP/1.1 request asking for an upgrade (`Connection: upgrade`, e.g.
+//!   WebSocket) is sent with its `Upgrade` header; when the instance answers 101,
+//!   the client gets that answer and the two connections are relayed byte for byte
+//!   until both sides finish, the second within 10 s of the first (at most [`GatewayConfig::max_tunnels`] at once, beyond
+//!   which an upgrade request gets 503);
 //! - when the connection to the instance fails before any answer, a request that
 //!   may be repeated (an idempotent method, or any method when the connection
 //!   could not even be opened) whose body is small enough to be held in memory

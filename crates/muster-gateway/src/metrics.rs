@@ -57,6 +57,10 @@ pub struct Metrics {
     pub breaker_opens: Family<ServiceLabels, Counter>,
     /// Services followed (one resolver and one watch each).
     pub services: Gauge,
+    /// Upgraded connections (WebSocket and other `Upgrade` protocols) relayed now.
+    pub tunnels: Gauge,
+    /// Upgraded connections relayed, by service, since the gateway started.
+    pub tunnels_opened: Family<ServiceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -113,6 +117,16 @@ impl Metrics {
                 "Services followed (one registry watch each)",
                 Gauge::default()
             ),
+            tunnels: reg!(
+                "tunnels",
+                "Upgraded connections (WebSocket and other Upgrade protocols) relayed now",
+                Gauge::default()
+            ),
+            tunnels_opened: reg!(
+                "tunnels_opened",
+                "Upgraded connections relayed, by service",
+                Family::default()
+            ),
             registry,
         }
     }
@@ -149,6 +163,13 @@ impl Metrics {
     /// Counts a 503 for want of an instance.
     pub fn no_instance(&self, service_name: &str) {
         self.no_instance.get_or_create(&service(service_name)).inc();
+    }
+
+    /// Counts an upgraded connection that opened; [`Metrics::tunnels`] counts it
+    /// until it closes.
+    pub fn tunnel_opened(&self, service_name: &str) {
+        self.tunnels_opened.get_or_create(&service(service_name)).inc();
+        self.tunnels.inc();
     }
 
     /// Counts a breaker that opened.

@@ -1,29 +1,35 @@
 //! Forwarding one request: name the service from the path, pick an instance from
 //! that service's resolver, send the request over the pooled HTTP client, and
 //! send it once more to another instance when the connection failed before any
-//! answer and the request may be repeated.
+//! answer and the request may be repeated. A request asking for an upgrade
+//! (WebSocket) that the instance accepts with 101 becomes a tunnel: both
+//! connections are handed over and their bytes copied both ways until either
+//! side closes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::header::{HeaderMap, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, UPGRADE};
 use http::{Method, StatusCode, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body as _;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use muster_client::{Client, ClientError, ClientOptions, Picked, Resolver, ResolverOptions};
-use tokio::sync::OnceCell;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{GatewayConfig, REPLAYABLE_BODY_BYTES};
 use crate::error::{ProxyError, ServeError};
-use crate::headers::{remove_hop_by_hop, upstream_request_headers};
+use crate::headers::{ask_upgrade, remove_hop_by_hop, requested_upgrade, upstream_request_headers};
 use crate::metrics::Metrics;
 
 /// The path prefix of the gateway's own endpoints; no service of this name can
@@ -46,7 +52,19 @@ pub(crate) struct Gateway {
     pub(crate) registry: Client,
     http: HttpClient,
     resolvers: Resolvers,
+    /// One permit per upgraded connection relayed ([`GatewayConfig::max_tunnels`]).
+    tunnels: Arc<Semaphore>,
     pub(crate) metrics: Metrics,
+}
+
+/// A client's request for an upgrade, until the instance answers it.
+struct UpgradeAsked {
+    /// The protocol asked for (the `Upgrade` header).
+    protocol: HeaderValue,
+    /// The client's connection, handed over once the 101 answer is sent.
+    client: OnUpgrade,
+    /// The tunnel's place among [`GatewayConfig::max_tunnels`].
+    slot: OwnedSemaphorePermit,
 }
 
 /// The request body as it will be sent: held in memory (so it can be sent
@@ -157,11 +175,13 @@ impl Gateway {
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+        let tunnels = Arc::new(Semaphore::new(config.max_tunnels.min(Semaphore::MAX_PERMITS)));
         Ok(Gateway {
             config,
             registry,
             http,
             resolvers: RwLock::default(),
+            tunnels,
             metrics: Metrics::new(),
         })
     }
@@ -240,9 +260,27 @@ impl Gateway {
             return Err(ProxyError::BodyTooLarge { service, max });
         }
         let resolver = self.resolver(&service).await?;
+        // Only an HTTP/1.1 connection can be handed over (HTTP/2 has no Upgrade).
+        let mut upgrade = match requested_upgrade(&parts.headers).zip(parts.extensions.remove::<OnUpgrade>()) {
+            Some((protocol, client)) => {
+                let slot = self
+                    .tunnels
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ProxyError::TooManyTunnels {
+                        service: service.clone(),
+                        max: self.config.max_tunnels,
+                    })?;
+                Some(UpgradeAsked { protocol, client, slot })
+            }
+            None => None,
+        };
 
         let host = parts.uri.authority().map(|a| a.to_string());
         upstream_request_headers(&mut parts.headers, peer.ip(), host.as_deref());
+        if let Some(asked) = &upgrade {
+            ask_upgrade(&mut parts.headers, asked.protocol.clone());
+        }
         let replayable_size = body.size_hint().upper().is_some_and(|n| n <= REPLAYABLE_BODY_BYTES);
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let limited = Limited::new(body, limit);
@@ -341,6 +379,9 @@ impl Gateway {
                 }
                 Ok(Ok(response)) => {
                     self.metrics.upstream(&service, started.elapsed());
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return self.open_tunnel(&resolver, service, instance, upgrade.take(), response);
+                    }
                     let status = response.status();
                     if matches!(
                         status,
@@ -358,6 +399,43 @@ impl Gateway {
         }
     }
 
+    /// Answers the client with the instance's 101 and relays the two connections,
+    /// once both are handed over, until either side closes. A 101 to a request that
+    /// asked for no upgrade is the instance's failure.
+    fn open_tunnel(
+        &self,
+        resolver: &Resolver,
+        service: String,
+        instance: String,
+        upgrade: Option<UpgradeAsked>,
+        mut response: http::Response<hyper::body::Incoming>,
+    ) -> Result<Response, ProxyError> {
+        let Some(asked) = upgrade else {
+            self.report_failure(resolver, &instance);
+            return Err(ProxyError::Upstream {
+                service,
+                instance,
+                reason: "the instance switched protocols (101) on a request that asked for no upgrade".into(),
+            });
+        };
+        resolver.record_success(&instance);
+        let protocol = response.headers().get(UPGRADE).cloned().unwrap_or(asked.protocol);
+        let upstream = hyper::upgrade::on(&mut response);
+        let (mut head, _) = response.into_parts();
+        remove_hop_by_hop(&mut head.headers);
+        ask_upgrade(&mut head.headers, protocol);
+        self.metrics.tunnel_opened(&service);
+        tokio::spawn(relay(
+            service,
+            instance,
+            asked.client,
+            upstream,
+            asked.slot,
+            self.metrics.tunnels.clone(),
+        ));
+        Ok(Response::from_parts(head, Body::empty()))
+    }
+
     /// The next instance, avoiding `avoid` (the instance that just failed):
     /// `Ok(None)` when every usable instance is that one.
     fn pick(&self, resolver: &Resolver, avoid: Option<&str>) -> Result<Option<Picked>, ClientError> {
@@ -367,6 +445,64 @@ impl Gateway {
             Some(avoid) => Ok(resolver.pick_excluding(&[avoid]).ok()),
         }
     }
+}
+
+/// How long a tunnel one side has finished sending on may wait for the other side
+/// to finish too before both connections are closed, so that a peer that never
+/// closes cannot hold a tunnel's place.
+const HALF_CLOSED_GRACE: Duration = Duration::from_secs(10);
+
+/// Copies `from` to `to` until `from` ends, then ends `to`: the bytes copied.
+async fn pipe(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> std::io::Result<u64> {
+    let copied = tokio::io::copy(&mut from, &mut to).await?;
+    to.shutdown().await?;
+    Ok(copied)
+}
+
+/// What one direction of a tunnel did, for the log.
+fn outcome(copied: Option<std::io::Result<u64>>) -> String {
+    match copied {
+        Some(Ok(bytes)) => format!("{bytes} bytes"),
+        Some(Err(e)) => format!("broke off: {e}"),
+        None => format!("cut after {}s half-closed", HALF_CLOSED_GRACE.as_secs()),
+    }
+}
+
+/// Copies bytes both ways between the client's and the instance's upgraded
+/// connections until both sides have finished (the second within
+/// [`HALF_CLOSED_GRACE`] of the first); `open` counts the tunnel until then, and
+/// `slot` holds its place among the gateway's tunnels.
+async fn relay(
+    service: String,
+    instance: String,
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    slot: OwnedSemaphorePermit,
+    open: Gauge,
+) {
+    match tokio::try_join!(client, upstream) {
+        Err(e) => tracing::debug!(%service, %instance, reason = %describe(&e), "tunnel not handed over"),
+        Ok((client, upstream)) => {
+            let (client_read, client_write) = tokio::io::split(TokioIo::new(client));
+            let (upstream_read, upstream_write) = tokio::io::split(TokioIo::new(upstream));
+            let to_instance = pipe(client_read, upstream_write);
+            let to_client = pipe(upstream_read, client_write);
+            tokio::pin!(to_instance, to_client);
+            let (to_instance, to_client) = tokio::select! {
+                sent = &mut to_instance => (Some(sent), tokio::time::timeout(HALF_CLOSED_GRACE, to_client).await.ok()),
+                sent = &mut to_client => (tokio::time::timeout(HALF_CLOSED_GRACE, to_instance).await.ok(), Some(sent)),
+            };
+            tracing::debug!(
+                %service,
+                %instance,
+                to_instance = %outcome(to_instance),
+                to_client = %outcome(to_client),
+                "tunnel closed"
+            );
+        }
+    }
+    open.dec();
+    drop(slot);
 }
 
 /// The handler of every path outside `/gateway/`.

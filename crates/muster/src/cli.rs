@@ -257,6 +257,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "MUSTER_GATEWAY_MAX_SERVICES", default_value_t = 1024)]
     pub max_services: usize,
 
+    /// Most upgraded connections (WebSocket) relayed at once; more get 503.
+    #[arg(long, env = "MUSTER_GATEWAY_MAX_TUNNELS", default_value_t = 10_000)]
+    pub max_tunnels: usize,
+
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
     #[arg(long, env = "MUSTER_GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -39,6 +39,7 @@ pub fn gateway_config(args: &GatewayArgs) -> Result<GatewayConfig, String> {
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,
         max_services: args.max_services,
+        max_tunnels: args.max_tunnels,
     })
 }
 
