@@ -579,6 +579,47 @@ async fn a_stopped_leader_is_replaced_and_no_acknowledged_write_is_lost() -> Res
     Ok(())
 }
 
+/// A follower that forwards a write to a leader that has just stopped gets no
+/// answer, sends the write again (same number in its forwarding session) until the
+/// next leader takes it, and counts each repeat in
+/// `muster_forwarded_write_retries_total`; the write is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_forwarded_to_a_stopped_leader_is_retried_on_the_next_and_counted() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    let mut client = cluster.registry(follower).await?;
+    // Forwarded and answered at once: nothing to repeat.
+    register(&mut client, instance("relay", "before", 80), 0).await?;
+    let retries = |cluster: &TestCluster| {
+        let core = cluster.nodes[&follower].handle.as_ref().expect("running").core();
+        muster_testkit::metric_value(&core.metrics.render(), "muster_forwarded_write_retries_total")
+    };
+    assert_eq!(retries(&cluster), 0.0);
+
+    // The follower still takes the stopped node for its leader for an election
+    // timeout or more, so the write goes there first.
+    cluster.stop(leader).await;
+    let written = register(&mut client, instance("relay", "after", 81), 0).await?;
+    assert_ne!(cluster.wait_for_leader(Duration::from_secs(10)).await?, leader);
+    assert!(retries(&cluster) >= 1.0, "the write was not repeated");
+
+    let read = discover(&mut client, "relay", pb::ReadMode::Linearizable, 0).await?;
+    let after = read
+        .instances
+        .iter()
+        .find(|i| i.instance_id == "after")
+        .context("the repeated write is on the follower")?;
+    assert_eq!(
+        after.create_revision, after.mod_revision,
+        "the repeated write was applied more than once"
+    );
+    assert_eq!(after.mod_revision, revision(&written.header));
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_without_a_quorum_gets_unavailable_with_a_retry_hint() -> Result<()> {
     init_tracing();

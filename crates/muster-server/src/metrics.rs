@@ -82,6 +82,9 @@ pub struct Metrics {
     pub http_duration: HistogramFamily<HttpRouteLabels>,
     /// Writes this node forwarded to the leader.
     pub forwarded_writes: Counter,
+    /// Forwarded writes attempted again (forwarded, or proposed here) after an
+    /// attempt that got no answer; each is still applied once (forwarding sessions).
+    pub forwarded_write_retries: Counter,
     /// gRPC Discover answers built from instances encoded for an earlier read.
     pub discover_cache_hits: Counter,
     /// gRPC Discover answers whose instances were encoded for this read.
@@ -175,6 +178,11 @@ impl Metrics {
                 HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram)
             ),
             forwarded_writes: reg!("forwarded_writes", "Writes forwarded to the leader", Counter::default()),
+            forwarded_write_retries: reg!(
+                "forwarded_write_retries",
+                "Forwarded writes attempted again after an attempt that got no answer (each is still applied once)",
+                Counter::default()
+            ),
             discover_cache_hits: reg!(
                 "discover_cache_hits",
                 "gRPC Discover answers built from instances encoded for an earlier read",

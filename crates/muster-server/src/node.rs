@@ -271,6 +271,10 @@ impl NodeCore {
         let mut command = command;
         let mut in_flight = None;
         loop {
+            if in_flight.is_some() {
+                // A forwarded attempt went unanswered: this one carries its number.
+                self.metrics.forwarded_write_retries.inc();
+            }
             // openraft answers ForwardToLeader only for entries it did not append or
             // truncated, so proposing again after it is safe.
             match self.write_batcher.write(&self.raft, command.clone()).await {
