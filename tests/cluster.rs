@@ -845,6 +845,38 @@ async fn a_restarted_node_refuses_votes_for_an_election_timeout() -> Result<()> 
     Ok(())
 }
 
+/// A write that finds nothing queued and a slot free is proposed by its own
+/// request, not handed to the write batcher's task (two task hand-offs fewer on the
+/// path of every write at low load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_write_at_a_time_is_proposed_alone_and_never_batched() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let counts = || {
+        let core = cluster.nodes[&leader].handle.as_ref().expect("running").core();
+        let text = core.metrics.render();
+        (
+            muster_testkit::metric_value(&text, "muster_lone_writes_total"),
+            muster_testkit::metric_value(&text, "muster_write_batch_size_count"),
+        )
+    };
+    let (lone_before, batches_before) = counts();
+    let mut client = cluster.registry(leader).await?;
+    for n in 0..20 {
+        register(&mut client, instance("solo", &format!("s-{n}"), 80), 0).await?;
+    }
+    let (lone_after, batches_after) = counts();
+    assert!(
+        lone_after - lone_before >= 20.0,
+        "{} of 20 writes proposed alone",
+        lone_after - lone_before
+    );
+    assert_eq!(batches_after, batches_before, "a write one at a time was batched");
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_share_raft_entries_and_each_gets_its_own_answer() -> Result<()> {
     init_tracing();

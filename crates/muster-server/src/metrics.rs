@@ -91,6 +91,8 @@ pub struct Metrics {
     pub discover_cache_misses: Counter,
     /// Commands per Raft entry when concurrent writes were batched.
     pub write_batch_size: Histogram,
+    /// Writes proposed alone by their own request (nothing queued, a slot free).
+    pub lone_writes: Counter,
     /// Leases expired by this node as leader.
     pub lease_expirations: Counter,
     /// Expiries deferred by the rate limit.
@@ -197,6 +199,11 @@ impl Metrics {
                 "write_batch_size",
                 "Commands per Raft entry when concurrent writes were batched (batches of two or more)",
                 Histogram::new([2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
+            ),
+            lone_writes: reg!(
+                "lone_writes",
+                "Writes proposed alone by their own request (nothing queued, a slot free), not through the write batcher",
+                Counter::default()
             ),
             read_index_batch_size: reg!(
                 "read_index_batch_size",

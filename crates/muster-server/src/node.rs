@@ -679,6 +679,7 @@ impl Node {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+        let write_batcher = crate::write_batch::WriteBatcher::new(metrics.lone_writes.clone());
         let core = Arc::new(NodeCore {
             id: config.id,
             leases: LeaseKeeper::new(config.leases.clone(), metrics.clone()),
@@ -693,7 +694,7 @@ impl Node {
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
-            write_batcher: Default::default(),
+            write_batcher,
             forwarded_writes: Default::default(),
             discover_cache: Default::default(),
             quorum_clock,

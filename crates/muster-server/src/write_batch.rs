@@ -15,6 +15,7 @@ use muster_core::{ApplyResult, Command, Outcome, MAX_BATCH_COMMANDS};
 use muster_store::TypeConfig;
 use openraft::error::{ClientWriteError, Fatal, RaftError};
 use openraft::{BasicNode, Raft};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{oneshot, Notify, Semaphore};
 
 use crate::node::NodeCore;
@@ -33,19 +34,21 @@ pub struct WriteBatcher {
     waiting: Mutex<Vec<Waiter>>,
     wake: Notify,
     in_flight: Arc<Semaphore>,
+    /// Counts the writes proposed alone.
+    lone_writes: Counter,
 }
 
-impl Default for WriteBatcher {
-    fn default() -> Self {
+impl WriteBatcher {
+    /// An empty queue; each write proposed alone is counted in `lone_writes`.
+    pub fn new(lone_writes: Counter) -> Self {
         WriteBatcher {
             waiting: Mutex::new(Vec::new()),
             wake: Notify::new(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            lone_writes,
         }
     }
-}
 
-impl WriteBatcher {
     /// Proposes `command` through `raft`, alone when no write is waiting and a slot is
     /// free, else in the next batch, and answers its own result.
     pub async fn write(&self, raft: &Raft<TypeConfig>, command: Command) -> WriteAnswer {
@@ -54,6 +57,7 @@ impl WriteBatcher {
             waiting.is_empty().then(|| self.in_flight.try_acquire().ok()).flatten()
         };
         if let Some(permit) = lone {
+            self.lone_writes.inc();
             let answer = raft.client_write(command).await.map(|r| r.data);
             drop(permit);
             return answer;
