@@ -592,10 +592,7 @@ async fn a_write_forwarded_to_a_stopped_leader_is_retried_on_the_next_and_counte
     let mut client = cluster.registry(follower).await?;
     // Forwarded and answered at once: nothing to repeat.
     register(&mut client, instance("relay", "before", 80), 0).await?;
-    let retries = |cluster: &TestCluster| {
-        let core = cluster.nodes[&follower].handle.as_ref().expect("running").core();
-        muster_testkit::metric_value(&core.metrics.render(), "muster_forwarded_write_retries_total")
-    };
+    let retries = |cluster: &TestCluster| cluster.metric(follower, "muster_forwarded_write_retries_total");
     assert_eq!(retries(&cluster), 0.0);
 
     // The follower still takes the stopped node for its leader for an election
@@ -737,10 +734,7 @@ async fn a_leader_reads_from_its_lease_only_while_a_quorum_accepts_it() -> Resul
     let mut writer = cluster.registry(leader).await?;
     let mut reader = cluster.registry(follower).await?;
     let mut on_leader = cluster.registry(leader).await?;
-    let lease_reads = |cluster: &TestCluster| {
-        let core = cluster.nodes[&leader].handle.as_ref().expect("running").core();
-        muster_testkit::metric_value(&core.metrics.render(), "muster_lease_reads_total")
-    };
+    let lease_reads = |cluster: &TestCluster| cluster.metric(leader, "muster_lease_reads_total");
     let before = lease_reads(&cluster);
     for n in 0..5u32 {
         register(&mut writer, instance("leased", &format!("l-{n}"), 80), 0).await?;
@@ -757,16 +751,14 @@ async fn a_leader_reads_from_its_lease_only_while_a_quorum_accepts_it() -> Resul
         lease_reads(&cluster) >= before + 10.0,
         "the leader gave read indexes from its lease"
     );
-    let follower_core = cluster.nodes[&follower].handle.as_ref().expect("running").core();
-    let follower_metrics = follower_core.metrics.render();
     // One reader at a time: five read indexes, each serving one of the five reads.
     assert_eq!(
-        muster_testkit::metric_value(&follower_metrics, "muster_read_index_batch_size_count"),
+        cluster.metric(follower, "muster_read_index_batch_size_count"),
         5.0,
         "the follower counts the read indexes it obtained"
     );
     assert_eq!(
-        muster_testkit::metric_value(&follower_metrics, "muster_read_index_batch_size_sum"),
+        cluster.metric(follower, "muster_read_index_batch_size_sum"),
         5.0,
         "and the readers they served"
     );
@@ -854,11 +846,9 @@ async fn one_write_at_a_time_is_proposed_alone_and_never_batched() -> Result<()>
     let cluster = TestCluster::start(3).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
     let counts = || {
-        let core = cluster.nodes[&leader].handle.as_ref().expect("running").core();
-        let text = core.metrics.render();
         (
-            muster_testkit::metric_value(&text, "muster_lone_writes_total"),
-            muster_testkit::metric_value(&text, "muster_write_batch_size_count"),
+            cluster.metric(leader, "muster_lone_writes_total"),
+            cluster.metric(leader, "muster_write_batch_size_count"),
         )
     };
     let (lone_before, batches_before) = counts();
@@ -996,13 +986,7 @@ async fn discover_answers_are_reused_until_the_service_changes() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
-    let core = cluster.nodes[&leader]
-        .handle
-        .as_ref()
-        .context("running")?
-        .core()
-        .clone();
-    let hits = || muster_testkit::metric_value(&core.metrics.render(), "muster_discover_cache_hits_total");
+    let hits = || cluster.metric(leader, "muster_discover_cache_hits_total");
     let mut client = cluster.registry(leader).await?;
     let read = |tags: &[&str]| pb::DiscoverRequest {
         service: "cached".into(),

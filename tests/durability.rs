@@ -173,8 +173,7 @@ async fn mass_expiry_is_rate_limited_and_drains_gradually() -> Result<()> {
         distinct.len() >= 4,
         "the registry drained in steps, not in one tick: {samples:?}"
     );
-    let metrics = cluster.nodes[&leader].handle.as_ref().unwrap().core().metrics.render();
-    let throttled = muster_testkit::metric_value(&metrics, "muster_lease_expiry_throttled_total");
+    let throttled = cluster.metric(leader, "muster_lease_expiry_throttled_total");
     assert!(throttled > 0.0, "the rate limit engaged and was counted");
     cluster.shutdown().await;
     Ok(())

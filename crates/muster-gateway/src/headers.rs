@@ -30,12 +30,8 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 /// header names, and `Upgrade` (a relayed upgrade puts it back with
 /// [`ask_upgrade`]).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_options(headers)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -43,15 +39,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// The protocol a request asks to switch to (`Upgrade: websocket` with `upgrade`
-/// among the `Connection` options, RFC 9110 §7.8), if it asks for one.
-pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
+/// The options of every `Connection` header, trimmed (RFC 9110 §7.6.1).
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|option| option.trim().eq_ignore_ascii_case("upgrade"));
+        .map(str::trim)
+}
+
+/// The protocol a request asks to switch to (`Upgrade: websocket` with `upgrade`
+/// among the `Connection` options, RFC 9110 §7.8), if it asks for one.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"));
     let protocol = headers.get(header::UPGRADE)?;
     (asks && !protocol.as_bytes().iter().all(u8::is_ascii_whitespace)).then(|| protocol.clone())
 }

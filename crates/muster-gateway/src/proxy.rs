@@ -3,8 +3,8 @@
 //! send it once more to another instance when the connection failed before any
 //! answer and the request may be repeated. A request asking for an upgrade
 //! (WebSocket) that the instance accepts with 101 becomes a tunnel: both
-//! connections are handed over and their bytes copied both ways until either
-//! side closes.
+//! connections are handed over and their bytes copied both ways until both sides
+//! have finished.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -399,9 +399,9 @@ impl Gateway {
         }
     }
 
-    /// Answers the client with the instance's 101 and relays the two connections,
-    /// once both are handed over, until either side closes. A 101 to a request that
-    /// asked for no upgrade is the instance's failure.
+    /// Answers the client with the instance's 101 and relays the two connections
+    /// once both are handed over ([`relay`]). A 101 to a request that asked for no
+    /// upgrade is the instance's failure.
     fn open_tunnel(
         &self,
         resolver: &Resolver,

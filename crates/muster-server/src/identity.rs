@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::OnceLock;
+
+use http::HeaderValue;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -77,14 +79,29 @@ pub enum ForeignPeer {
     },
 }
 
+/// A known cluster id, with the header value that names it on peer requests.
+#[derive(Debug)]
+struct KnownCluster {
+    id: u64,
+    header: HeaderValue,
+}
+
+impl KnownCluster {
+    fn new(id: u64) -> Self {
+        KnownCluster {
+            id,
+            header: HeaderValue::from_str(&format_cluster_id(id)).expect("hex digits are a valid header value"),
+        }
+    }
+}
+
 /// This node's cluster id, once known, and where to record it when learned.
 #[derive(Debug, Default)]
 pub struct ClusterIdentity {
-    id: OnceLock<u64>,
+    known: OnceLock<KnownCluster>,
     /// The data directory whose `identity.json` records a learned id (`None`: not
     /// recorded).
     data_dir: Option<PathBuf>,
-    recording: Mutex<()>,
 }
 
 impl ClusterIdentity {
@@ -92,20 +109,20 @@ impl ClusterIdentity {
     /// names its cluster (`None`: a node that joined and has not been contacted yet),
     /// recorded then in `data_dir`.
     pub fn new(id: Option<u64>, data_dir: Option<PathBuf>) -> Self {
-        let cell = OnceLock::new();
-        if let Some(id) = id {
-            let _ = cell.set(id);
-        }
         ClusterIdentity {
-            id: cell,
+            known: id.map(KnownCluster::new).map(OnceLock::from).unwrap_or_default(),
             data_dir,
-            recording: Mutex::new(()),
         }
     }
 
     /// The cluster id, when known.
     pub fn id(&self) -> Option<u64> {
-        self.id.get().copied()
+        self.known.get().map(|k| k.id)
+    }
+
+    /// The [`CLUSTER_ID_HEADER`] value of this node's requests, when the id is known.
+    pub fn header(&self) -> Option<&HeaderValue> {
+        self.known.get().map(|k| &k.header)
     }
 
     /// Whether to serve a peer request whose [`CLUSTER_ID_HEADER`] is `header`.
@@ -115,13 +132,14 @@ impl ClusterIdentity {
     /// its cluster, and is served. A node that does not know its cluster yet takes
     /// the id of the first peer that names one (the leader it asked to join) and
     /// records it.
-    pub fn admit(&self, header: Option<&str>) -> Result<(), ForeignPeer> {
-        let Some(text) = header else { return Ok(()) };
-        let theirs = parse_cluster_id(text).ok_or_else(|| ForeignPeer::Malformed(text.to_string()))?;
-        let ours = match self.id() {
-            Some(ours) => ours,
-            None => self.learn(theirs),
-        };
+    pub fn admit(&self, header: Option<&[u8]>) -> Result<(), ForeignPeer> {
+        let Some(bytes) = header else { return Ok(()) };
+        let theirs = std::str::from_utf8(bytes)
+            .ok()
+            .and_then(parse_cluster_id)
+            .ok_or_else(|| ForeignPeer::Malformed(String::from_utf8_lossy(bytes).into_owned()))?;
+        // The first id heard is taken, recorded once, while other callers wait.
+        let ours = self.known.get_or_init(|| self.learn(theirs)).id;
         if theirs == ours {
             Ok(())
         } else {
@@ -132,21 +150,15 @@ impl ClusterIdentity {
         }
     }
 
-    /// Takes `id` as this node's cluster id unless one was taken first; returns the id
-    /// in force.
-    fn learn(&self, id: u64) -> u64 {
-        let _recording = self.recording.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(known) = self.id() {
-            return known;
-        }
+    /// Records `id` as this node's cluster id in its data directory.
+    fn learn(&self, id: u64) -> KnownCluster {
         if let Some(dir) = &self.data_dir {
             if let Err(e) = record_cluster_id(dir, id) {
                 tracing::warn!(error = %e, "could not record the cluster id; it will be learned again after a restart");
             }
         }
-        let _ = self.id.set(id);
         tracing::info!(cluster = %format_cluster_id(id), "learned this node's cluster id");
-        id
+        KnownCluster::new(id)
     }
 }
 
@@ -334,14 +346,14 @@ mod tests {
     #[test]
     fn peers_of_another_cluster_are_refused_and_unnamed_ones_served() {
         let ours = ClusterIdentity::new(Some(0xabc), None);
-        assert_eq!(ours.admit(Some("0000000000000abc")), Ok(()));
+        assert_eq!(ours.admit(Some(b"0000000000000abc")), Ok(()));
         assert_eq!(ours.admit(None), Ok(()));
-        let refused = ours.admit(Some("0000000000000abd")).unwrap_err();
+        let refused = ours.admit(Some(b"0000000000000abd")).unwrap_err();
         assert_eq!(
             refused.to_string(),
             "the peer belongs to cluster 0000000000000abd, this node to cluster 0000000000000abc; check the peer addresses"
         );
-        let malformed = ours.admit(Some("abc")).unwrap_err();
+        let malformed = ours.admit(Some(b"abc")).unwrap_err();
         assert!(malformed.to_string().contains(CLUSTER_ID_HEADER), "{malformed}");
     }
 
@@ -354,9 +366,9 @@ mod tests {
         let learner = ClusterIdentity::new(None, Some(dir.path().to_path_buf()));
         assert_eq!(learner.admit(None), Ok(()));
         assert_eq!(learner.id(), None);
-        assert_eq!(learner.admit(Some("00000000000000aa")), Ok(()));
+        assert_eq!(learner.admit(Some(b"00000000000000aa")), Ok(()));
         assert_eq!(learner.id(), Some(0xaa));
-        assert!(learner.admit(Some("00000000000000bb")).is_err());
+        assert!(learner.admit(Some(b"00000000000000bb")).is_err());
         // After a restart the node knows it from its directory.
         assert_eq!(check_or_record(&joiner).unwrap(), Some(0xaa));
     }

@@ -42,15 +42,7 @@ impl PeerApi {
     /// Decodes a peer request after checking that its sender belongs to this node's
     /// cluster ([`crate::identity::ClusterIdentity::admit`]).
     fn decode<T: DeserializeOwned>(&self, req: Request<PeerMessage>) -> Result<T, Status> {
-        let header = match req.metadata().get(CLUSTER_ID_HEADER).map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(text)) => Some(text),
-            Some(Err(_)) => {
-                return Err(Status::invalid_argument(format!(
-                    "peer header {CLUSTER_ID_HEADER} is not ASCII"
-                )))
-            }
-        };
+        let header = req.metadata().get(CLUSTER_ID_HEADER).map(|v| v.as_bytes());
         self.core.cluster.admit(header).map_err(|refused| match refused {
             ForeignPeer::Malformed(_) => Status::invalid_argument(refused.to_string()),
             ForeignPeer::OtherCluster { .. } => Status::failed_precondition(refused.to_string()),

@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use crate::identity::{format_cluster_id, ClusterIdentity, CLUSTER_ID_HEADER};
+use crate::identity::{ClusterIdentity, CLUSTER_ID_HEADER};
 
 /// How long opening a connection to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -139,10 +139,8 @@ impl PeerTransport {
         request: http::Request<tonic::body::Body>,
     ) -> Result<http::Response<PeerResponseBody>, tonic::Status> {
         let (mut parts, body) = request.into_parts();
-        if let Some(id) = self.cluster.id() {
-            let value = http::HeaderValue::from_str(&format_cluster_id(id))
-                .map_err(|e| tonic::Status::internal(format!("cluster id header: {e}")))?;
-            parts.headers.insert(CLUSTER_ID_HEADER, value);
+        if let Some(header) = self.cluster.header() {
+            parts.headers.insert(CLUSTER_ID_HEADER, header.clone());
         }
         let message = body.collect().await?.to_bytes();
         let (number, sender) = self.connection().await?;

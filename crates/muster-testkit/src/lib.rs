@@ -116,6 +116,12 @@ impl TestCluster {
         self.nodes[&id].config.grpc_addr
     }
 
+    /// The value of `series` (see [`metric_value`]) in running node `id`'s metrics.
+    pub fn metric(&self, id: u64, series: &str) -> f64 {
+        let core = self.nodes[&id].handle.as_ref().expect("the node is running").core();
+        metric_value(&core.metrics.render(), series)
+    }
+
     /// A Registry client connected to node `id`.
     pub async fn registry(&self, id: u64) -> Result<RegistryClient<Channel>> {
         Ok(RegistryClient::connect(format!("http://{}", self.grpc_addr(id))).await?)
