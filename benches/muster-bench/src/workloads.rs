@@ -342,7 +342,7 @@ pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bo
     let (title, note) = if linearizable {
         (
             "Discover, linearizable",
-            "Muster: `Discover` with `READ_MODE_LINEARIZABLE` on a follower (read index from the leader, then a local read). etcd: linearizable range get of the prefix on a follower.",
+            "Muster: `Discover` with `READ_MODE_LINEARIZABLE` on a follower (under the follower's read lease, else a read index from the leader; then a local read). etcd: linearizable range get of the prefix on a follower.",
         )
     } else {
         (

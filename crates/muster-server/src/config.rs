@@ -53,6 +53,9 @@ pub struct RaftTiming {
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot (for slow followers).
     pub keep_behind_snapshot: u64,
+    /// Whether followers answer linearizable reads under a read lease from the
+    /// leader instead of asking it for a read index (`crate::read_lease`).
+    pub follower_read_leases: bool,
 }
 
 impl Default for RaftTiming {
@@ -76,6 +79,7 @@ impl Default for RaftTiming {
             // a second (BENCHMARKS.md).
             snapshot_every: 20_000,
             keep_behind_snapshot: 500,
+            follower_read_leases: true,
         }
     }
 }

@@ -31,6 +31,8 @@ pub enum ForwardRequest {
     KeepAlive(Vec<LeaseId>),
     /// Confirm leadership and answer the log index a linearizable read must wait for.
     ReadIndex,
+    /// Grant the node with this id a read lease (`crate::read_lease`).
+    ReadLease(u64),
     /// Change the membership.
     Membership(MembershipChange),
     /// Report on a TTL check: renews its TTL, and records its status and output when
@@ -47,6 +49,8 @@ pub enum ForwardResponse {
     KeptAlive(Vec<(LeaseId, u64)>),
     /// Wait until the local applied index reaches this.
     ReadIndex(u64),
+    /// A read lease granted.
+    ReadLease(crate::read_lease::ReadLeaseGrant),
     /// The membership change's log index.
     MembershipChanged(u64),
     /// This node is not the leader (any more).

@@ -29,6 +29,7 @@ pub mod node;
 pub mod peer;
 pub mod peer_transport;
 pub mod read_index;
+pub mod read_lease;
 pub mod replication;
 pub mod request_metrics;
 pub mod rest;

@@ -105,6 +105,12 @@ pub struct Metrics {
     pub read_index_batch_size: Histogram,
     /// Read indexes this node gave as leader from its leader lease (no heartbeat round).
     pub lease_reads: Counter,
+    /// Linearizable reads this node answered as a follower under its read lease.
+    pub follower_lease_reads: Counter,
+    /// Read leases this node obtained from the leader as a follower.
+    pub read_leases_held: Counter,
+    /// Read leases this node granted to followers as leader.
+    pub read_leases_granted: Counter,
     /// Watch streams open now (gRPC and SSE).
     pub watchers: Gauge,
     /// Watch events sent.
@@ -228,6 +234,21 @@ impl Metrics {
             lease_checkpoints: reg!(
                 "lease_checkpoints",
                 "Leases whose checkpoint (time left while nobody renews them) this node recorded or cleared as leader",
+                Counter::default()
+            ),
+            follower_lease_reads: reg!(
+                "follower_lease_reads",
+                "Linearizable reads answered as a follower under a read lease, without asking the leader",
+                Counter::default()
+            ),
+            read_leases_held: reg!(
+                "read_leases_held",
+                "Read leases obtained from the leader as a follower",
+                Counter::default()
+            ),
+            read_leases_granted: reg!(
+                "read_leases_granted",
+                "Read leases granted to followers as leader",
                 Counter::default()
             ),
             watchers: reg!("watchers", "Open watch streams (gRPC and SSE)", Gauge::default()),

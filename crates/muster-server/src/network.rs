@@ -28,6 +28,7 @@ use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::ClusterIdentity;
 use crate::leader_lease::QuorumClock;
 use crate::peer_transport::PeerTransport;
+use crate::read_lease::ReadLeaseTable;
 
 /// Largest peer message (snapshot chunks, append batches).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -185,23 +186,28 @@ pub struct NetworkFactory {
     quorum_clock: Arc<QuorumClock>,
     log_durability: LogDurability<TypeConfig>,
     held_commit: Arc<HeldCommit>,
+    read_leases: Arc<ReadLeaseTable>,
 }
 
 impl NetworkFactory {
     /// A factory sharing `channels`, recording accepted appends in `quorum_clock`;
     /// the commit index it sends never passes what `log_durability` says is on this
-    /// node's disk, and what it holds back is recorded in `held_commit`.
+    /// node's disk, and what it holds back is recorded in `held_commit`. Appends
+    /// accepted are recorded in `read_leases`, which may hold the commit index back
+    /// further for the holders of read leases.
     pub fn new(
         channels: PeerChannels,
         quorum_clock: Arc<QuorumClock>,
         log_durability: LogDurability<TypeConfig>,
         held_commit: Arc<HeldCommit>,
+        read_leases: Arc<ReadLeaseTable>,
     ) -> Self {
         NetworkFactory {
             channels,
             quorum_clock,
             log_durability,
             held_commit,
+            read_leases,
         }
     }
 }
@@ -214,6 +220,7 @@ pub struct PeerConnection {
     quorum_clock: Arc<QuorumClock>,
     log_durability: LogDurability<TypeConfig>,
     held_commit: Arc<HeldCommit>,
+    read_leases: Arc<ReadLeaseTable>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -227,6 +234,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             quorum_clock: self.quorum_clock.clone(),
             log_durability: self.log_durability.clone(),
             held_commit: self.held_commit.clone(),
+            read_leases: self.read_leases.clone(),
         }
     }
 }
@@ -291,20 +299,33 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // flushes it; followers apply nothing until it is durable here too (see
         // `LogDurability`).
         let commit = rpc.leader_commit;
-        rpc.leader_commit = self.log_durability.durable_prefix(commit);
-        if let Some(held) = commit.filter(|_| rpc.leader_commit != commit) {
+        let durable = self.log_durability.durable_prefix(commit);
+        if let Some(held) = commit.filter(|_| durable != commit) {
             self.held_commit.hold(held.index);
         }
+        // Nor of entries a read lease holder lacks (`crate::read_lease`).
+        rpc.leader_commit = self.read_leases.commit_cap(self.target, &rpc.vote, durable);
+        let last_sent = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let sent = Instant::now();
         let vote = rpc.vote;
         let response = self.call(Rpc::Append, &rpc, &option).await;
         // Anything but a higher vote means the follower accepted this leader (a
         // conflict only says its log differs).
-        if let Ok(
-            AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict,
-        ) = &response
-        {
-            self.quorum_clock.record(self.target, &vote, sent);
+        match &response {
+            Ok(AppendEntriesResponse::Success) => {
+                self.quorum_clock.record(self.target, &vote, sent);
+                if let Some(last) = last_sent {
+                    self.read_leases.record_match(self.target, vote, last);
+                }
+            }
+            Ok(AppendEntriesResponse::PartialSuccess(matched)) => {
+                self.quorum_clock.record(self.target, &vote, sent);
+                if let Some(last) = matched {
+                    self.read_leases.record_match(self.target, vote, *last);
+                }
+            }
+            Ok(AppendEntriesResponse::Conflict) => self.quorum_clock.record(self.target, &vote, sent),
+            _ => {}
         }
         response
     }

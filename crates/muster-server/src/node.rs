@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use muster_core::{ApplyResult, Command, LeaseId, Outcome, Revision};
-use muster_store::{LogOptions, SegmentLog, SharedState, StateMachineStore, TypeConfig};
+use muster_store::{LogOptions, NodeId, SegmentLog, SharedState, StateMachineStore, TypeConfig};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState, SnapshotPolicy, Vote};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -113,6 +113,12 @@ pub struct NodeCore {
     pub voted_before: bool,
     /// When a quorum last accepted this node as leader (lease reads, keep-alives).
     pub quorum_clock: Arc<crate::leader_lease::QuorumClock>,
+    /// The read leases this node granted as leader.
+    pub read_leases: Arc<crate::read_lease::ReadLeaseTable>,
+    /// This node's read lease as a follower.
+    pub follower_read_lease: crate::read_lease::FollowerReadLease,
+    /// How far this node's log is appended and on disk.
+    pub log_durability: muster_store::LogDurability<TypeConfig>,
     /// Batches linearizable reads into one read index per round.
     pub read_index_batcher: Arc<crate::read_index::ReadIndexBatcher>,
     /// Batches concurrent writes into one Raft entry.
@@ -187,6 +193,17 @@ impl NodeCore {
     /// leader can have been elected since (see [`crate::leader_lease`]). `None` when it
     /// does not lead, leads a joint membership, or the lease ran out.
     pub fn leased_leadership(&self) -> Option<u64> {
+        self.leader_lease().map(|(_, _, last_log_index)| last_log_index)
+    }
+
+    /// When this leader's lease ends, with the vote it leads under; `None` when this
+    /// node does not lead with a running lease.
+    pub fn leader_lease_end(&self) -> Option<(Vote<NodeId>, Instant)> {
+        self.leader_lease().map(|(vote, end, _)| (vote, end))
+    }
+
+    /// The vote, the end and the last log index of this leader's running lease.
+    fn leader_lease(&self) -> Option<(Vote<NodeId>, Instant, u64)> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
         if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
@@ -200,8 +217,8 @@ impl NodeCore {
         let accepted = self
             .quorum_clock
             .quorum_accepted_at(self.id, &m.vote, membership.voter_ids(), now)?;
-        (now.saturating_duration_since(accepted) <= self.config.raft.election_min / 2)
-            .then_some(m.last_log_index.unwrap_or(0))
+        let end = accepted + self.config.raft.election_min / 2;
+        (now <= end).then_some((m.vote, end, m.last_log_index.unwrap_or(0)))
     }
 
     /// Time since this node started.
@@ -277,7 +294,7 @@ impl NodeCore {
             }
             // openraft answers ForwardToLeader only for entries it did not append or
             // truncated, so proposing again after it is safe.
-            match self.write_batcher.write(&self.raft, command.clone()).await {
+            match self.write_batcher.write(self, command.clone()).await {
                 Ok(result) => return Ok(result),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
@@ -387,13 +404,27 @@ impl NodeCore {
         }
     }
 
-    /// Makes the next local read linearizable: confirms leadership through a quorum
-    /// (here or on the leader) and waits until this node has applied the read index.
+    /// Makes the next local read linearizable: waits until this node has applied the
+    /// read index, which comes from its read lease as a follower
+    /// ([`crate::read_lease`]) or from the leader, confirmed by a quorum.
     pub async fn linearizable_barrier(&self) -> Result<(), ApiError> {
+        if let Some(index) = self.follower_lease_read_index() {
+            // Entries of a former leader still at the end of this log may never be
+            // committed: if the lease's index is not applied soon, ask the leader.
+            let wait = self.config.raft.heartbeat * 2;
+            if self.wait_applied(index, wait).await.is_ok() {
+                return Ok(());
+            }
+        }
         let index = self.read_index_batcher.read_index(|| self.fetch_read_index(1)).await?;
+        self.wait_applied(index, READ_DEADLINE).await
+    }
+
+    /// Waits at most `timeout` until this node has applied the log up to `index`.
+    async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), ApiError> {
         let waited = self
             .raft
-            .wait(Some(READ_DEADLINE))
+            .wait(Some(timeout))
             .applied_index_at_least(Some(index), "linearizable read")
             .await;
         waited.map(|_| ()).map_err(|e| ApiError::Timeout(e.to_string()))
@@ -432,8 +463,15 @@ impl NodeCore {
         Ok(index)
     }
 
-    /// The read index when this node is the leader; `Err(None)` when it is not.
+    /// The read index when this node is the leader; `Err(None)` when it is not. It is
+    /// answered once every follower holding a read lease has appended it.
     pub async fn read_index_local(&self) -> Result<u64, Option<ApiError>> {
+        let index = self.leader_read_index().await?;
+        self.await_read_lease_holders(index).await;
+        Ok(index)
+    }
+
+    async fn leader_read_index(&self) -> Result<u64, Option<ApiError>> {
         // Within the leader lease every entry committed so far is in this leader's
         // log (entries are acknowledged only once committed, after the metrics
         // showing them appended were published), so its last index is a read index
@@ -664,6 +702,7 @@ impl Node {
         let channels = PeerChannels::new(cluster.clone());
         let quorum_clock = Arc::new(crate::leader_lease::QuorumClock::default());
         let held_commit = Arc::new(HeldCommit::default());
+        let read_leases = Arc::new(crate::read_lease::ReadLeaseTable::default());
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
@@ -672,6 +711,7 @@ impl Node {
                 quorum_clock.clone(),
                 log_durability.clone(),
                 held_commit.clone(),
+                read_leases.clone(),
             ),
             log,
             state_machine,
@@ -694,6 +734,9 @@ impl Node {
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
+            read_leases,
+            follower_read_lease: Default::default(),
+            log_durability: log_durability.clone(),
             write_batcher,
             forwarded_writes: Default::default(),
             discover_cache: Default::default(),
@@ -724,6 +767,12 @@ impl Node {
                 log_durability,
                 core.config.raft.heartbeat,
                 core.metrics.held_commits_resent.clone(),
+                core.shutdown.clone(),
+            )),
+            tokio::spawn(crate::read_lease::run(core.clone())),
+            tokio::spawn(crate::read_lease::resend_capped_commit(
+                core.raft.clone(),
+                core.read_leases.clone(),
                 core.shutdown.clone(),
             )),
             tokio::spawn(close_watches_on_shutdown(core.clone())),
@@ -782,12 +831,24 @@ async fn bootstrap(core: &Arc<NodeCore>) -> Result<(), NodeError> {
 }
 
 impl NodeCore {
+    /// Proposes `command` through this node's Raft and answers its applied result
+    /// once every follower holding a read lease has appended it (see
+    /// [`crate::read_lease`]).
+    pub async fn client_write(
+        &self,
+        command: Command,
+    ) -> Result<ApplyResult, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        let response = self.raft.client_write(command).await?;
+        self.await_read_lease_holders(response.log_id.index).await;
+        Ok(response.data)
+    }
+
     /// Proposes a command only if this node leads; never forwards. Used for the
     /// leader's own decisions (lease expiry), which a former leader must not push to
     /// its successor.
     pub async fn propose_on_leader(&self, command: Command) -> Result<ApplyResult, ApiError> {
-        match self.raft.client_write(command).await {
-            Ok(resp) => Ok(resp.data),
+        match self.client_write(command).await {
+            Ok(result) => Ok(result),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ApiError::NoLeader {
                 reason: "no longer the leader".into(),
                 retry_after_ms: 0,

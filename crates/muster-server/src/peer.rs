@@ -117,6 +117,10 @@ impl RaftPeer for PeerApi {
                 Err(None) => ForwardResponse::NotLeader,
                 Err(Some(e)) => ForwardResponse::Failed(e),
             },
+            ForwardRequest::ReadLease(follower) => match core.grant_read_lease(follower) {
+                Some(grant) => ForwardResponse::ReadLease(grant),
+                None => ForwardResponse::NotLeader,
+            },
             ForwardRequest::ReportCheck(report) => match core.checks.report_local(core, &report).await {
                 Some(Ok(result)) => ForwardResponse::Written(result),
                 Some(Err(e)) => ForwardResponse::Failed(e),

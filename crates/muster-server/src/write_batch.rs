@@ -12,9 +12,8 @@
 use std::sync::{Arc, Mutex};
 
 use muster_core::{ApplyResult, Command, Outcome, MAX_BATCH_COMMANDS};
-use muster_store::TypeConfig;
 use openraft::error::{ClientWriteError, Fatal, RaftError};
-use openraft::{BasicNode, Raft};
+use openraft::BasicNode;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{oneshot, Notify, Semaphore};
 
@@ -49,16 +48,16 @@ impl WriteBatcher {
         }
     }
 
-    /// Proposes `command` through `raft`, alone when no write is waiting and a slot is
-    /// free, else in the next batch, and answers its own result.
-    pub async fn write(&self, raft: &Raft<TypeConfig>, command: Command) -> WriteAnswer {
+    /// Proposes `command` through `core`'s Raft, alone when no write is waiting and a
+    /// slot is free, else in the next batch, and answers its own result.
+    pub async fn write(&self, core: &NodeCore, command: Command) -> WriteAnswer {
         let lone = {
             let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
             waiting.is_empty().then(|| self.in_flight.try_acquire().ok()).flatten()
         };
         if let Some(permit) = lone {
             self.lone_writes.inc();
-            let answer = raft.client_write(command).await.map(|r| r.data);
+            let answer = core.client_write(command).await;
             drop(permit);
             return answer;
         }
@@ -106,7 +105,7 @@ pub async fn run(core: Arc<NodeCore>) {
 async fn propose(core: &NodeCore, mut batch: Vec<Waiter>) {
     if batch.len() == 1 {
         if let Some((command, tx)) = batch.pop() {
-            let answer = core.raft.client_write(command).await.map(|r| r.data);
+            let answer = core.client_write(command).await;
             let _ = tx.send(answer);
         }
         return;
@@ -114,8 +113,8 @@ async fn propose(core: &NodeCore, mut batch: Vec<Waiter>) {
     core.metrics.write_batch_size.observe(batch.len() as f64);
     let (commands, waiters): (Vec<Command>, Vec<oneshot::Sender<WriteAnswer>>) = batch.into_iter().unzip();
     let count = commands.len();
-    match core.raft.client_write(Command::Batch { commands }).await {
-        Ok(response) => match response.data.outcome {
+    match core.client_write(Command::Batch { commands }).await {
+        Ok(response) => match response.outcome {
             Outcome::Batch(results) if results.len() == count => {
                 for (tx, result) in waiters.into_iter().zip(results) {
                     let _ = tx.send(Ok(result));
@@ -125,7 +124,7 @@ async fn propose(core: &NodeCore, mut batch: Vec<Waiter>) {
                 // Only a leader bug could get here; every writer learns it.
                 tracing::error!(?other, count, "a batch was not answered one result per command");
                 let result = ApplyResult {
-                    revision: response.data.revision,
+                    revision: response.revision,
                     outcome: other,
                 };
                 for tx in waiters {

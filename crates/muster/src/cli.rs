@@ -143,6 +143,11 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
 
+    /// Whether followers answer linearizable reads under a read lease from the
+    /// leader, without asking it for each batch of reads [default: true].
+    #[arg(long, env = "MUSTER_FOLLOWER_READ_LEASES")]
+    pub follower_read_leases: Option<bool>,
+
     /// Build a snapshot after this many log entries or revisions [default: 20000].
     #[arg(long, env = "MUSTER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,

@@ -65,6 +65,9 @@ pub fn node_config(args: &ServerArgs, id: u64) -> NodeConfig {
     if let Some(ms) = args.election_timeout_max_ms {
         config.raft.election_max = Duration::from_millis(ms);
     }
+    if let Some(on) = args.follower_read_leases {
+        config.raft.follower_read_leases = on;
+    }
     if let Some(n) = args.snapshot_every {
         config.raft.snapshot_every = n;
     }
@@ -175,6 +178,7 @@ mod tests {
             "0.0.0.0:8500".parse().unwrap(),
         );
         assert_eq!(config.raft.heartbeat, defaults.raft.heartbeat);
+        assert!(config.raft.follower_read_leases);
         assert_eq!(config.leases.expiry_rate, defaults.leases.expiry_rate);
         assert_eq!(config.http_addr, defaults.http_addr);
         assert!(config.validate().is_ok());
@@ -197,7 +201,10 @@ mod tests {
             "5000",
             "--keep-behind-snapshot",
             "100",
+            "--follower-read-leases",
+            "false",
         ]));
+        assert!(!config.raft.follower_read_leases);
         assert_eq!(config.raft.snapshot_every, 5000);
         assert_eq!(config.raft.keep_behind_snapshot, 100);
         assert_eq!(config.raft.heartbeat, Duration::from_millis(50));

@@ -238,6 +238,13 @@ impl<C: RaftTypeConfig> LogDurability<C> {
         self.mark.borrow().index
     }
 
+    /// The index of the last entry appended to the log, on disk or not (`None`: the
+    /// log holds no entry). An entry is here before it can be sent to a follower.
+    pub fn last_index(&self) -> Option<u64> {
+        let map = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        map.last_key_value().map(|(index, _)| *index)
+    }
+
     /// Waits until every entry up to `index` is on disk.
     ///
     /// Fails when a write of the log failed, or the log was closed first.
