@@ -58,6 +58,9 @@ pub struct Findings {
     pub unchecked_keys: Vec<String>,
     /// Keep-alives answered.
     pub keepalives: usize,
+    /// Linearizable reads answered by followers under a read lease.
+    #[serde(default)]
+    pub follower_lease_reads: u64,
     /// Violations.
     pub anomalies: Vec<Anomaly>,
 }
@@ -75,6 +78,7 @@ impl Findings {
 pub fn check_round(h: &RoundHistory) -> Findings {
     let mut f = Findings {
         ops: h.ops.len(),
+        follower_lease_reads: h.follower_lease_reads,
         ..Default::default()
     };
     for op in &h.ops {

@@ -241,6 +241,10 @@ pub struct RoundHistory {
     pub recovery: Option<Micros>,
     /// Digest status after recovery, per node (for reports).
     pub final_status: BTreeMap<u64, String>,
+    /// Linearizable reads followers answered under a read lease, summed over the
+    /// nodes running at the end (a node restarted in the round counts from then).
+    #[serde(default)]
+    pub follower_lease_reads: u64,
 }
 
 /// The shared clock and sinks the workload records into.

@@ -335,6 +335,15 @@ pub fn table(report: &SuiteReport) -> String {
         ("watch resets", sum(|f| f.watch_resets).to_string()),
         ("lease keep-alives", sum(|f| f.keepalives).to_string()),
         (
+            "follower lease reads",
+            report
+                .rounds
+                .iter()
+                .map(|r| r.findings.follower_lease_reads)
+                .sum::<u64>()
+                .to_string(),
+        ),
+        (
             "keys not proven",
             report
                 .rounds

@@ -271,6 +271,11 @@ async fn drive(
             );
         }
     }
+    for id in cluster.active() {
+        if let Ok(reads) = cluster.metric(id, "muster_follower_lease_reads_total").await {
+            history.follower_lease_reads += reads as u64;
+        }
+    }
     // Final state on every node, then let the watchers catch up to it.
     let mut target = 0;
     for id in cluster.active() {

@@ -439,6 +439,22 @@ impl ProcessCluster {
         Ok(self.node(id)?.grpc)
     }
 
+    /// The value of `series` (see [`crate::metric_value`]) in node `id`'s metrics,
+    /// scraped from its HTTP port. Counters start again at 0 when a node restarts.
+    pub async fn metric(&self, id: u64, series: &str) -> Result<f64> {
+        let url = format!("http://{}/metrics", self.node(id)?.http);
+        let text = reqwest::Client::builder()
+            .timeout(RPC_TIMEOUT)
+            .build()?
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(crate::metric_value(&text, series))
+    }
+
     /// A Registry client for node `id` (connecting times out; calls wait for the
     /// server's answer).
     pub async fn registry(&self, id: u64) -> Result<RegistryClient<Channel>> {
