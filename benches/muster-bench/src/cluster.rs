@@ -189,7 +189,11 @@ impl Cluster {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let child = Command::new(&self.program)
             .args(&node.args)
-            .env("RUST_LOG", "warn")
+            // MUSTER_BENCH_LOG sets the nodes' log filter (default: warnings only).
+            .env(
+                "RUST_LOG",
+                std::env::var("MUSTER_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
