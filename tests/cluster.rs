@@ -923,6 +923,43 @@ async fn what_one_lease_holder_shows_every_later_read_shows() -> Result<()> {
     Ok(())
 }
 
+/// On an idle cluster the leader's lease is renewed by heartbeats alone, which
+/// openraft sends from a timer every one and a half intervals (slipping under
+/// load); while followers hold read leases the leader sends its own when its lease
+/// would end within a heartbeat, so that the grants it bounds stay ahead and nearly
+/// every read is answered under the follower's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_keeps_its_lease_ahead_of_the_read_leases_it_grants() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start_with(3, |c| {
+        c.raft.heartbeat = Duration::from_millis(100);
+        c.raft.election_min = Duration::from_millis(400);
+        c.raft.election_max = Duration::from_millis(800);
+    })
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    until_read_lease_held(&cluster, follower, "idle").await?;
+    let lease_reads = || cluster.metric(follower, "muster_follower_lease_reads_total");
+    let asked = || cluster.metric(follower, "muster_read_index_batch_size_count");
+    let (lease_before, asked_before) = (lease_reads(), asked());
+    let mut reader = cluster.registry(follower).await?;
+    for _ in 0..3_000 {
+        discover(&mut reader, "idle", pb::ReadMode::Linearizable, 0).await?;
+    }
+    let (under_lease, asked_leader) = (lease_reads() - lease_before, asked() - asked_before);
+    assert!(
+        asked_leader * 50.0 <= under_lease,
+        "{asked_leader} reads asked the leader against {under_lease} under the lease"
+    );
+    assert!(
+        cluster.metric(leader, "muster_leader_lease_heartbeats_total") > 0.0,
+        "the leader sent no heartbeat of its own"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// A lease holder that stops delays the leader's answers only until its lease
 /// ends: writes go on, the other holder's reads see each of them, and the stopped
 /// node, back, reads them all.

@@ -111,6 +111,8 @@ pub struct Metrics {
     pub read_leases_held: Counter,
     /// Read leases this node granted to followers as leader.
     pub read_leases_granted: Counter,
+    /// Heartbeats this leader sent to keep its lease ahead of the read leases it grants.
+    pub leader_lease_heartbeats: Counter,
     /// Watch streams open now (gRPC and SSE).
     pub watchers: Gauge,
     /// Watch events sent.
@@ -249,6 +251,11 @@ impl Metrics {
             read_leases_granted: reg!(
                 "read_leases_granted",
                 "Read leases granted to followers as leader",
+                Counter::default()
+            ),
+            leader_lease_heartbeats: reg!(
+                "leader_lease_heartbeats",
+                "Heartbeats sent as leader to keep the leader lease ahead of granted read leases",
                 Counter::default()
             ),
             watchers: reg!("watchers", "Open watch streams (gRPC and SSE)", Gauge::default()),

@@ -775,6 +775,7 @@ impl Node {
                 core.shutdown.clone(),
             )),
             tokio::spawn(crate::read_lease::run(core.clone())),
+            tokio::spawn(crate::read_lease::keep_leader_lease_ahead(core.clone())),
             tokio::spawn(crate::read_lease::resend_capped_commit(
                 core.raft.clone(),
                 core.read_leases.clone(),

@@ -56,7 +56,7 @@ pub const KEEP_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// lease on its clock and the holder on its own; at 0.45 a holder's lease ends in
 /// time as long as the leader's clock runs less than 2.2 times as fast as the
 /// holder's (the fault suite runs nodes at twice real speed).
-const TRUSTED_SHARE: f64 = 0.45;
+pub const TRUSTED_SHARE: f64 = 0.45;
 
 /// The leader's answer to a lease request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,6 +131,11 @@ impl Default for ReadLeaseTable {
 }
 
 impl ReadLeaseTable {
+    /// Whether a lease granted by this node may still be running.
+    pub fn maybe_running(&self) -> bool {
+        self.any.load(Ordering::SeqCst)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -242,6 +247,32 @@ pub async fn resend_capped_commit(raft: Raft<TypeConfig>, table: Arc<ReadLeaseTa
         }
         if raft.trigger().heartbeat().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Keeps this leader's own lease (and so the leases it grants) at least a heartbeat
+/// ahead while followers hold read leases: openraft sends heartbeats from a timer
+/// that fires every one and a half heartbeat intervals and slips under load, and a
+/// grant can only run to the end of the leader lease.
+pub async fn keep_leader_lease_ahead(core: Arc<NodeCore>) {
+    let heartbeat = core.config.raft.heartbeat;
+    loop {
+        tokio::select! {
+            _ = core.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(heartbeat / 2) => {}
+        }
+        if !core.read_leases.maybe_running() || !core.is_leader() {
+            continue;
+        }
+        let ends_soon = core
+            .leader_lease_end()
+            .is_none_or(|(_, end)| end.saturating_duration_since(Instant::now()) < heartbeat);
+        if ends_soon {
+            core.metrics.leader_lease_heartbeats.inc();
+            if core.raft.trigger().heartbeat().await.is_err() {
+                return;
+            }
         }
     }
 }
