@@ -51,6 +51,12 @@ pub const RENEW_EVERY: Duration = Duration::from_millis(10);
 /// How long a follower keeps renewing its lease after its last linearizable read.
 pub const KEEP_WHILE_IDLE: Duration = Duration::from_secs(2);
 
+/// How many entries a follower may be behind the leader's log and still get a
+/// lease. A holder holds back the leader's answers until it has appended each
+/// entry, so a node catching up (restarted, or slow) reads through the leader
+/// instead of slowing every write to its pace.
+pub const MAX_HOLDER_LAG: u64 = 256;
+
 /// The share of a granted duration a holder relies on: the rest is margin for
 /// clocks that run at different rates on the two nodes. The leader measures the
 /// lease on its clock and the holder on its own; at 0.45 a holder's lease ends in
@@ -149,6 +155,15 @@ impl ReadLeaseTable {
         table.leases.retain(|_, g| g.expires > now);
         table.leases.insert(follower, Granted { vote, expires });
         self.any.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `follower` has accepted an append from the leader with `vote` ending
+    /// within [`MAX_HOLDER_LAG`] entries of `last_index`.
+    pub fn keeps_up(&self, follower: NodeId, vote: &Vote<NodeId>, last_index: u64) -> bool {
+        self.lock()
+            .matched
+            .get(&follower)
+            .is_some_and(|(v, l)| v == vote && l.index + MAX_HOLDER_LAG >= last_index)
     }
 
     /// Records that `follower` accepted an append from the leader with `vote` ending
@@ -381,7 +396,8 @@ pub async fn run(core: Arc<NodeCore>) {
 
 impl NodeCore {
     /// Grants `follower` a read lease, when this node leads with a running leader
-    /// lease and read leases are on; `None` otherwise.
+    /// lease, read leases are on and the follower keeps up with the log
+    /// ([`MAX_HOLDER_LAG`]); `None` otherwise.
     pub fn grant_read_lease(&self, follower: NodeId) -> Option<ReadLeaseGrant> {
         if !self.config.raft.follower_read_leases || follower == self.id {
             return None;
@@ -393,6 +409,10 @@ impl NodeCore {
             if !m.membership_config.membership().nodes().any(|(id, _)| *id == follower) {
                 return None;
             }
+        }
+        let last_index = self.log_durability.last_index().unwrap_or(0);
+        if !self.read_leases.keeps_up(follower, &vote, last_index) {
+            return None;
         }
         let now = Instant::now();
         self.read_leases.grant(follower, vote, expires);
@@ -476,6 +496,16 @@ mod tests {
         // Nor is progress under an earlier vote, for a leader with a new one.
         table.record_match(4, vote(1), log_id(1, 9));
         assert_eq!(table.commit_cap(3, &vote(2), Some(log_id(2, 12))), None);
+    }
+
+    #[test]
+    fn only_a_follower_that_keeps_up_with_this_leaders_log_may_hold_a_lease() {
+        let table = ReadLeaseTable::default();
+        assert!(!table.keeps_up(2, &vote(1), 10), "nothing accepted from this leader yet");
+        table.record_match(2, vote(1), log_id(1, 100));
+        assert!(table.keeps_up(2, &vote(1), 100 + MAX_HOLDER_LAG));
+        assert!(!table.keeps_up(2, &vote(1), 101 + MAX_HOLDER_LAG), "too far behind");
+        assert!(!table.keeps_up(2, &vote(2), 100), "accepted from another vote");
     }
 
     #[test]
