@@ -501,7 +501,10 @@ mod tests {
     #[test]
     fn only_a_follower_that_keeps_up_with_this_leaders_log_may_hold_a_lease() {
         let table = ReadLeaseTable::default();
-        assert!(!table.keeps_up(2, &vote(1), 10), "nothing accepted from this leader yet");
+        assert!(
+            !table.keeps_up(2, &vote(1), 10),
+            "nothing accepted from this leader yet"
+        );
         table.record_match(2, vote(1), log_id(1, 100));
         assert!(table.keeps_up(2, &vote(1), 100 + MAX_HOLDER_LAG));
         assert!(!table.keeps_up(2, &vote(1), 101 + MAX_HOLDER_LAG), "too far behind");
