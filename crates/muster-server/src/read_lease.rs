@@ -137,9 +137,16 @@ impl Default for ReadLeaseTable {
 }
 
 impl ReadLeaseTable {
-    /// Whether a lease granted by this node may still be running.
+    /// Whether a lease granted by this node may still be running, or a follower
+    /// asked for one.
     pub fn maybe_running(&self) -> bool {
         self.any.load(Ordering::SeqCst)
+    }
+
+    /// Records that a follower asked for a lease this node could not grant for want
+    /// of a running leader lease, so that [`keep_leader_lease_ahead`] renews it.
+    fn asked_without_leader_lease(&self) {
+        self.any.store(true, Ordering::SeqCst);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -267,7 +274,7 @@ pub async fn resend_capped_commit(raft: Raft<TypeConfig>, table: Arc<ReadLeaseTa
 }
 
 /// Keeps this leader's own lease (and so the leases it grants) at least a heartbeat
-/// ahead while followers hold read leases: openraft sends heartbeats from a timer
+/// ahead while followers hold or ask for read leases: openraft sends heartbeats from a timer
 /// that fires every one and a half heartbeat intervals and slips under load, and a
 /// grant can only run to the end of the leader lease.
 pub async fn keep_leader_lease_ahead(core: Arc<NodeCore>) {
@@ -402,7 +409,13 @@ impl NodeCore {
         if !self.config.raft.follower_read_leases || follower == self.id {
             return None;
         }
-        let (vote, expires) = self.leader_lease_end()?;
+        let Some((vote, expires)) = self.leader_lease_end() else {
+            tracing::debug!(follower, "read lease refused: no running leader lease");
+            if self.is_leader() {
+                self.read_leases.asked_without_leader_lease();
+            }
+            return None;
+        };
         {
             let metrics = self.raft.metrics();
             let m = metrics.borrow();
@@ -412,6 +425,7 @@ impl NodeCore {
         }
         let last_index = self.log_durability.last_index().unwrap_or(0);
         if !self.read_leases.keeps_up(follower, &vote, last_index) {
+            tracing::debug!(follower, last_index, %vote, "read lease refused: the follower is behind");
             return None;
         }
         let now = Instant::now();
