@@ -1,0 +1,256 @@
+//! Follower read leases, on three real nodes in one test process: linearizable reads
+//! a follower answers from its own memory, and the leader's promises that keep them
+//! linearizable. Kept apart from `cluster.rs` so that their load does not run beside
+//! its timing-bound tests.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use muster_proto::v1 as pb;
+use muster_proto::v1::registry_client::RegistryClient;
+use muster_testkit::{eventually, init_tracing, TestCluster};
+use tonic::transport::Channel;
+
+fn instance(service: &str, id: &str, port: u32) -> pb::Instance {
+    pb::Instance {
+        service: service.into(),
+        instance_id: id.into(),
+        address: "10.0.0.1".into(),
+        port,
+        tags: vec!["v1".into()],
+        ..Default::default()
+    }
+}
+
+async fn register(
+    client: &mut RegistryClient<Channel>,
+    inst: pb::Instance,
+    ttl_ms: u64,
+) -> Result<pb::RegisterResponse> {
+    Ok(client
+        .register(pb::RegisterRequest {
+            instance: Some(inst),
+            ttl_ms,
+        })
+        .await?
+        .into_inner())
+}
+
+async fn discover(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    mode: pb::ReadMode,
+    min_revision: u64,
+) -> Result<pb::DiscoverResponse> {
+    Ok(client
+        .discover(pb::DiscoverRequest {
+            service: service.into(),
+            mode: mode as i32,
+            min_revision,
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+/// Reads linearizably on `node` until it holds a read lease from the leader.
+async fn until_read_lease_held(cluster: &TestCluster, node: u64, service: &str) -> Result<()> {
+    let client = cluster.registry(node).await?;
+    let service = service.to_string();
+    eventually(Duration::from_secs(30), "the follower holds a read lease", || {
+        let (mut c, service) = (client.clone(), service.clone());
+        async move {
+            discover(&mut c, &service, pb::ReadMode::Linearizable, 0).await?;
+            Ok(cluster.metric(node, "muster_read_leases_held_total") > 0.0)
+        }
+    })
+    .await
+}
+
+/// Followers holding a read lease answer linearizable reads without asking the
+/// leader, and still see every write answered before the read, wherever it was
+/// made: the leader answers a write only once every holder has appended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_read_under_a_read_lease_and_miss_no_answered_write() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
+    for f in &followers {
+        until_read_lease_held(&cluster, *f, "leased").await?;
+    }
+    let before: Vec<f64> = followers
+        .iter()
+        .map(|f| cluster.metric(*f, "muster_follower_lease_reads_total"))
+        .collect();
+    let mut writers = Vec::new();
+    for id in cluster.running() {
+        writers.push(cluster.registry(id).await?);
+    }
+    let mut readers = Vec::new();
+    for f in &followers {
+        readers.push(cluster.registry(*f).await?);
+    }
+    // Writers on every node at once, each reading its own write back on both
+    // followers as soon as it is answered.
+    let rounds = 25usize;
+    let mut tasks = Vec::new();
+    for t in 0..24usize {
+        let mut writer = writers[t % 3].clone();
+        let mut readers = readers.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..rounds {
+                let id = format!("l-{t}-{n}");
+                register(&mut writer, instance("leased", &id, 80), 0).await?;
+                for reader in readers.iter_mut() {
+                    let seen = discover(reader, "leased", pb::ReadMode::Linearizable, 0).await?;
+                    anyhow::ensure!(
+                        seen.instances.iter().any(|i| i.instance_id == id),
+                        "a read under a lease missed the answered write {id}"
+                    );
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    for (f, before) in followers.iter().zip(before) {
+        let lease_reads = cluster.metric(*f, "muster_follower_lease_reads_total") - before;
+        assert!(
+            lease_reads >= (24 * rounds) as f64 / 2.0,
+            "node {f} answered only {lease_reads} reads under its lease"
+        );
+    }
+    assert!(cluster.metric(leader, "muster_read_leases_granted_total") > 0.0);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// What one lease holder shows in a linearizable read, even before the write is
+/// answered, the other shows in any later one: the leader tells no node an entry
+/// is committed before every other holder has appended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_one_lease_holder_shows_every_later_read_shows() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
+    for f in &followers {
+        until_read_lease_held(&cluster, *f, "shown").await?;
+    }
+    let writes = 160usize;
+    let mut writer_tasks = Vec::new();
+    for t in 0..8usize {
+        let mut writer = cluster.registry(leader).await?;
+        writer_tasks.push(tokio::spawn(async move {
+            for n in 0..writes / 8 {
+                register(&mut writer, instance("shown", &format!("s-{t}-{n}"), 80), 0).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    // Each checker reads on one holder, then at once on the other: the second read
+    // began after the first ended, so it must hold at least as many instances.
+    let mut checkers = Vec::new();
+    for (first, second) in [(followers[0], followers[1]), (followers[1], followers[0])] {
+        for _ in 0..2 {
+            let mut a = cluster.registry(first).await?;
+            let mut b = cluster.registry(second).await?;
+            checkers.push(tokio::spawn(async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    anyhow::ensure!(std::time::Instant::now() < deadline, "the writes did not all show");
+                    let seen = discover(&mut a, "shown", pb::ReadMode::Linearizable, 0).await?;
+                    let then = discover(&mut b, "shown", pb::ReadMode::Linearizable, 0).await?;
+                    anyhow::ensure!(
+                        then.instances.len() >= seen.instances.len(),
+                        "node {second} showed {} instances after node {first} showed {}",
+                        then.instances.len(),
+                        seen.instances.len()
+                    );
+                    if seen.instances.len() == writes {
+                        return anyhow::Ok(());
+                    }
+                }
+            }));
+        }
+    }
+    for task in writer_tasks {
+        task.await??;
+    }
+    for task in checkers {
+        task.await??;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// On an idle cluster the leader's lease is renewed by heartbeats alone, which
+/// openraft sends from a timer every one and a half intervals (slipping under
+/// load); while followers hold read leases the leader sends its own when its lease
+/// would end within a heartbeat, so that the grants it bounds stay ahead and nearly
+/// every read is answered under the follower's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_keeps_its_lease_ahead_of_the_read_leases_it_grants() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start_with(3, |c| {
+        c.raft.heartbeat = Duration::from_millis(100);
+        c.raft.election_min = Duration::from_millis(400);
+        c.raft.election_max = Duration::from_millis(800);
+    })
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let follower = cluster.follower().await?;
+    until_read_lease_held(&cluster, follower, "idle").await?;
+    let lease_reads = || cluster.metric(follower, "muster_follower_lease_reads_total");
+    let asked = || cluster.metric(follower, "muster_read_index_batch_size_count");
+    let (lease_before, asked_before) = (lease_reads(), asked());
+    let mut reader = cluster.registry(follower).await?;
+    for _ in 0..1_500 {
+        discover(&mut reader, "idle", pb::ReadMode::Linearizable, 0).await?;
+    }
+    let (under_lease, asked_leader) = (lease_reads() - lease_before, asked() - asked_before);
+    assert!(
+        asked_leader * 50.0 <= under_lease,
+        "{asked_leader} reads asked the leader against {under_lease} under the lease"
+    );
+    assert!(
+        cluster.metric(leader, "muster_leader_lease_heartbeats_total") > 0.0,
+        "the leader sent no heartbeat of its own"
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A lease holder that stops delays the leader's answers only until its lease
+/// ends: writes go on, the other holder's reads see each of them, and the stopped
+/// node, back, reads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_lease_holder_holds_writes_back_only_until_its_lease_ends() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
+    let (gone, staying) = (followers[0], followers[1]);
+    for f in &followers {
+        until_read_lease_held(&cluster, *f, "held").await?;
+    }
+    cluster.stop(gone).await;
+    let mut writer = cluster.registry(leader).await?;
+    let mut reader = cluster.registry(staying).await?;
+    for n in 0..20usize {
+        register(&mut writer, instance("held", &format!("h-{n}"), 80), 0).await?;
+        let seen = discover(&mut reader, "held", pb::ReadMode::Linearizable, 0).await?;
+        assert_eq!(seen.instances.len(), n + 1, "a read missed write {n}");
+    }
+    cluster.restart(gone).await?;
+    let mut back = cluster.registry(gone).await?;
+    for _ in 0..20 {
+        let seen = discover(&mut back, "held", pb::ReadMode::Linearizable, 0).await?;
+        assert_eq!(seen.instances.len(), 20, "the restarted node's read missed a write");
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
