@@ -7,51 +7,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use muster_proto::v1 as pb;
-use muster_proto::v1::registry_client::RegistryClient;
 use muster_testkit::{eventually, init_tracing, TestCluster};
-use tonic::transport::Channel;
 
-fn instance(service: &str, id: &str, port: u32) -> pb::Instance {
-    pb::Instance {
-        service: service.into(),
-        instance_id: id.into(),
-        address: "10.0.0.1".into(),
-        port,
-        tags: vec!["v1".into()],
-        ..Default::default()
-    }
-}
-
-async fn register(
-    client: &mut RegistryClient<Channel>,
-    inst: pb::Instance,
-    ttl_ms: u64,
-) -> Result<pb::RegisterResponse> {
-    Ok(client
-        .register(pb::RegisterRequest {
-            instance: Some(inst),
-            ttl_ms,
-        })
-        .await?
-        .into_inner())
-}
-
-async fn discover(
-    client: &mut RegistryClient<Channel>,
-    service: &str,
-    mode: pb::ReadMode,
-    min_revision: u64,
-) -> Result<pb::DiscoverResponse> {
-    Ok(client
-        .discover(pb::DiscoverRequest {
-            service: service.into(),
-            mode: mode as i32,
-            min_revision,
-            ..Default::default()
-        })
-        .await?
-        .into_inner())
-}
+use muster_tests::{discover, instance, register};
 
 /// Reads linearizably on `node` until it holds a read lease from the leader.
 async fn until_read_lease_held(cluster: &TestCluster, node: u64, service: &str) -> Result<()> {
