@@ -93,9 +93,30 @@ async fn followers_apply_each_write_without_waiting_for_the_next_heartbeat() -> 
         let resp = register(&mut writer, instance("ticks", &format!("tick-{n}"), 7000 + n), 0).await?;
         let rev = revision(&resp.header);
         for (id, reader) in &mut readers {
-            let found = tokio::time::timeout(heartbeat / 2, discover(reader, "ticks", pb::ReadMode::MinRevision, rev))
-                .await
-                .with_context(|| format!("node {id} applied write {n} (revision {rev}) only with a later message"))??;
+            let found = tokio::time::timeout(
+                heartbeat * 3 / 4,
+                discover(reader, "ticks", pb::ReadMode::MinRevision, rev),
+            )
+            .await
+            .with_context(|| {
+                let nodes: Vec<String> = cluster
+                    .running()
+                    .into_iter()
+                    .map(|id| {
+                        let s = cluster.status(id);
+                        format!(
+                            "node {id}: {} log {} commit {} applied {} revision {}",
+                            s.role, s.last_log_index, s.commit_index, s.applied_index, s.revision
+                        )
+                    })
+                    .collect();
+                format!(
+                    "node {id} applied write {n} (revision {rev}) only with a later message; {}; \
+                         the leader resent {} held commit indexes",
+                    nodes.join("; "),
+                    cluster.metric(leader, "muster_held_commits_resent_total")
+                )
+            })??;
             assert!(revision(&found.header) >= rev);
         }
     }

@@ -132,26 +132,123 @@ async fn within<T>(
 /// index is clamped to the durable prefix ([`LogDurability`]); [`resend_held_commit`]
 /// asks openraft for a heartbeat once the disk has it, so followers (and their
 /// watchers) learn of the commit without waiting for the next heartbeat.
+///
+/// openraft sends that heartbeat only to followers with no append in flight, as it
+/// sees them: a follower whose clamped append was answered just before the request,
+/// but whose answer openraft had not yet taken in, is skipped. So each follower's
+/// held index is kept until an append tells it, and the heartbeat is asked for again
+/// while one is left untold with nothing in flight to it.
 #[derive(Debug, Default)]
 pub struct HeldCommit {
     /// The highest index held back (0: none yet).
     index: AtomicU64,
     held: Notify,
+    /// Per follower: the highest index held back from it and not told since, and the
+    /// appends in flight to it.
+    followers: Mutex<HashMap<NodeId, FollowerCommit>>,
+    /// Woken each time a follower is told a held index.
+    told: Notify,
 }
 
+/// What [`HeldCommit`] knows of one follower.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct FollowerCommit {
+    /// The highest commit index held back from it and not told since (0: none).
+    untold: u64,
+    /// When it was first left untold (of no use while `untold` is 0).
+    untold_since: Option<Instant>,
+    /// Appends sent to it and not yet answered.
+    in_flight: u32,
+}
+
+/// Whether every follower has been told a held commit index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Telling {
+    /// No follower is left untold up to the index.
+    Done,
+    /// An untold follower has an append in flight, which may still tell it.
+    Waiting,
+    /// An untold follower has nothing in flight: only a new heartbeat tells it.
+    Stuck,
+}
+
+/// How many times [`resend_held_commit`] asks again for a heartbeat for one index,
+/// after the first: enough to outlast openraft's view of an append just answered,
+/// few enough that a follower that is down costs little.
+const MAX_HELD_COMMIT_RETRIES: u32 = 3;
+
+/// The share of the heartbeat interval a follower may stay untold with nothing in
+/// flight to it before the heartbeat is asked for again.
+const HELD_COMMIT_RETRY_DIVISOR: u32 = 10;
+
 impl HeldCommit {
-    /// Records that the commit index `index` was held back from a follower.
-    fn hold(&self, index: u64) {
-        if self.index.fetch_max(index, Ordering::AcqRel) < index {
-            self.held.notify_one();
+    fn followers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, FollowerCommit>> {
+        self.followers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that an append to `target` is about to be sent: it tells `target` the
+    /// commit index `told`, and holds back `wanted` when that is higher.
+    fn sending(&self, target: NodeId, wanted: Option<u64>, told: Option<u64>) {
+        let told = told.unwrap_or(0);
+        let held = wanted.filter(|w| *w > told);
+        {
+            let mut followers = self.followers();
+            let follower = followers.entry(target).or_default();
+            follower.in_flight += 1;
+            if let Some(held) = held {
+                if follower.untold == 0 {
+                    follower.untold_since = Some(Instant::now());
+                }
+                follower.untold = follower.untold.max(held);
+            } else if follower.untold != 0 && follower.untold <= told {
+                follower.untold = 0;
+                self.told.notify_waiters();
+            }
         }
+        if let Some(held) = held {
+            if self.index.fetch_max(held, Ordering::AcqRel) < held {
+                self.held.notify_one();
+            }
+        }
+    }
+
+    /// Records that the append to `target` recorded by [`HeldCommit::sending`] has
+    /// been answered, or failed.
+    fn answered(&self, target: NodeId) {
+        let mut followers = self.followers();
+        if let Some(follower) = followers.get_mut(&target) {
+            follower.in_flight = follower.in_flight.saturating_sub(1);
+        }
+        drop(followers);
+        self.told.notify_waiters();
+    }
+
+    /// Whether each follower held back at `index` or below, within `recent`, has
+    /// since been told. One left untold for longer (down, or removed from the
+    /// cluster) is left to the heartbeats.
+    fn telling(&self, index: u64, recent: Duration) -> Telling {
+        let now = Instant::now();
+        let followers = self.followers();
+        let untold = followers.values().filter(|f| {
+            f.untold != 0 && f.untold <= index && f.untold_since.is_some_and(|t| now.duration_since(t) < recent)
+        });
+        let mut telling = Telling::Done;
+        for follower in untold {
+            if follower.in_flight == 0 {
+                return Telling::Stuck;
+            }
+            telling = Telling::Waiting;
+        }
+        telling
     }
 }
 
 /// Sends a heartbeat carrying the commit index each time one held back by
-/// [`HeldCommit`] is on this node's disk. The wait is bounded by `give_up_after` (the
-/// heartbeat interval): an index that will never be durable here (this node stepped
-/// down and its entry was truncated) is left to the next leader.
+/// [`HeldCommit`] is on this node's disk, and again, a few times at most, while a
+/// follower it was held from is left untold with nothing in flight to it. The wait
+/// is bounded by `give_up_after` (the heartbeat interval): an index that will never
+/// be durable here (this node stepped down and its entry was truncated), or a
+/// follower that does not answer, is left to the next heartbeat or leader.
 pub async fn resend_held_commit(
     raft: Raft<TypeConfig>,
     held: Arc<HeldCommit>,
@@ -166,16 +263,64 @@ pub async fn resend_held_commit(
             _ = held.held.notified() => {}
         }
         let index = held.index.load(Ordering::Acquire);
-        match tokio::time::timeout(give_up_after, log_durability.wait_durable(index)).await {
-            Ok(Ok(())) => {
-                resent.inc();
-                if let Err(e) = raft.trigger().heartbeat().await {
-                    tracing::debug!(error = %e, "raft stopped; no more held commits to send");
-                    return;
-                }
+        let deadline = tokio::time::Instant::now() + give_up_after;
+        match tokio::time::timeout_at(deadline, log_durability.wait_durable(index)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(index, error = %e, "held commit index will not become durable");
+                continue;
             }
-            Ok(Err(e)) => tracing::debug!(index, error = %e, "held commit index will not become durable"),
-            Err(_) => tracing::debug!(index, "held commit index not durable within a heartbeat"),
+            Err(_) => {
+                tracing::debug!(index, "held commit index not durable within a heartbeat");
+                continue;
+            }
+        }
+        for attempt in 0..=MAX_HELD_COMMIT_RETRIES {
+            resent.inc();
+            if let Err(e) = raft.trigger().heartbeat().await {
+                tracing::debug!(error = %e, "raft stopped; no more held commits to send");
+                return;
+            }
+            if !wait_until_told(&held, index, give_up_after, deadline).await {
+                break;
+            }
+            tracing::debug!(
+                index,
+                attempt,
+                "a follower was not told a held commit index; asking again"
+            );
+        }
+    }
+}
+
+/// Waits until every follower held back at `index` or below has been told (false),
+/// or one of them has had nothing in flight to it for a tenth of `heartbeat` (true:
+/// ask for another heartbeat), or `deadline` passes (false).
+async fn wait_until_told(held: &HeldCommit, index: u64, heartbeat: Duration, deadline: tokio::time::Instant) -> bool {
+    let retry_after = heartbeat / HELD_COMMIT_RETRY_DIVISOR;
+    let mut stuck_since = None;
+    loop {
+        // Registered before the check, so a change after it wakes the wait below.
+        let told = held.told.notified();
+        tokio::pin!(told);
+        told.as_mut().enable();
+        let wake = match held.telling(index, heartbeat) {
+            Telling::Done => return false,
+            Telling::Waiting => {
+                stuck_since = None;
+                deadline
+            }
+            Telling::Stuck => {
+                // openraft may not yet have taken in the answer that left it idle.
+                let since = *stuck_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= retry_after {
+                    return true;
+                }
+                deadline.min(since + retry_after)
+            }
+        };
+        if tokio::time::timeout_at(wake, told).await.is_err() && tokio::time::Instant::now() >= deadline {
+            return false;
         }
     }
 }
@@ -300,15 +445,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // `LogDurability`).
         let commit = rpc.leader_commit;
         let durable = self.log_durability.durable_prefix(commit);
-        if let Some(held) = commit.filter(|_| durable != commit) {
-            self.held_commit.hold(held.index);
-        }
+        self.held_commit
+            .sending(self.target, commit.map(|c| c.index), durable.map(|d| d.index));
         // Nor of entries a read lease holder lacks (`crate::read_lease`).
         rpc.leader_commit = self.read_leases.commit_cap(self.target, &rpc.vote, durable);
         let last_sent = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let sent = Instant::now();
         let vote = rpc.vote;
         let response = self.call(Rpc::Append, &rpc, &option).await;
+        self.held_commit.answered(self.target);
         // Anything but a higher vote means the follower accepted this leader (a
         // conflict only says its log differs).
         match &response {
@@ -349,5 +494,73 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
     fn backoff(&self) -> openraft::network::Backoff {
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECENT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_follower_held_back_is_untold_until_an_append_tells_it() {
+        let held = HeldCommit::default();
+        held.sending(2, Some(5), Some(4));
+        assert_eq!(held.index.load(Ordering::Acquire), 5);
+        assert_eq!(held.telling(5, RECENT), Telling::Waiting, "its append is in flight");
+        held.answered(2);
+        assert_eq!(held.telling(5, RECENT), Telling::Stuck, "answered, still untold");
+        assert_eq!(held.telling(4, RECENT), Telling::Done, "nothing held at 4 or below");
+        held.sending(2, Some(5), Some(5));
+        assert_eq!(held.telling(5, RECENT), Telling::Done);
+    }
+
+    #[test]
+    fn a_later_hold_is_kept_when_an_earlier_index_is_told() {
+        let held = HeldCommit::default();
+        held.sending(2, Some(5), Some(4));
+        held.answered(2);
+        held.sending(2, Some(7), Some(6));
+        held.answered(2);
+        assert_eq!(held.telling(7, RECENT), Telling::Stuck, "6 told, 7 still held");
+        assert_eq!(held.telling(6, RECENT), Telling::Done, "the hold left is above 6");
+        held.sending(3, Some(7), Some(7));
+        assert_eq!(
+            held.telling(7, RECENT),
+            Telling::Stuck,
+            "another follower told says nothing of 2"
+        );
+    }
+
+    #[test]
+    fn a_follower_left_untold_for_long_is_left_to_the_heartbeats() {
+        let held = HeldCommit::default();
+        held.sending(2, Some(5), None);
+        held.answered(2);
+        assert_eq!(held.telling(5, RECENT), Telling::Stuck);
+        assert_eq!(held.telling(5, Duration::ZERO), Telling::Done);
+    }
+
+    #[tokio::test]
+    async fn the_wait_ends_when_the_follower_is_told_and_asks_again_when_it_stays_idle() {
+        let held = Arc::new(HeldCommit::default());
+        let heartbeat = Duration::from_millis(200);
+        let far = tokio::time::Instant::now() + Duration::from_secs(30);
+        held.sending(2, Some(5), Some(4));
+        let waiter = tokio::spawn({
+            let held = held.clone();
+            async move { wait_until_told(&held, 5, heartbeat, far).await }
+        });
+        held.answered(2);
+        held.sending(2, Some(5), Some(5));
+        assert!(!waiter.await.unwrap(), "told: no heartbeat needed");
+
+        held.sending(3, Some(6), Some(5));
+        held.answered(3);
+        assert!(
+            wait_until_told(&held, 6, heartbeat, far).await,
+            "idle and untold: ask again"
+        );
     }
 }

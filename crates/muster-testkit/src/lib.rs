@@ -122,6 +122,16 @@ impl TestCluster {
         metric_value(&core.metrics.render(), series)
     }
 
+    /// The status of running node `id`, as its `/v1/status` endpoint shows it.
+    pub fn status(&self, id: u64) -> muster_server::status::NodeStatus {
+        self.nodes[&id]
+            .handle
+            .as_ref()
+            .expect("the node is running")
+            .core()
+            .status()
+    }
+
     /// A Registry client connected to node `id`.
     pub async fn registry(&self, id: u64) -> Result<RegistryClient<Channel>> {
         Ok(RegistryClient::connect(format!("http://{}", self.grpc_addr(id))).await?)
