@@ -212,3 +212,40 @@ async fn a_stopped_lease_holder_holds_writes_back_only_until_its_lease_ends() ->
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A follower whose leader grants no read leases (turned off there) reads through
+/// the leader's read index, and asks for a lease ever less often instead of a
+/// hundred times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_refused_read_leases_asks_ever_less_often() -> Result<()> {
+    init_tracing();
+    const ASKING: u64 = 3;
+    let mut cluster = TestCluster::start_with(3, |c| c.raft.follower_read_leases = c.id == ASKING).await?;
+    if cluster.wait_for_leader(Duration::from_secs(10)).await? == ASKING {
+        // A restarted node refuses votes for an election timeout: another leads.
+        cluster.stop(ASKING).await;
+        cluster.wait_for_leader(Duration::from_secs(10)).await?;
+        cluster.restart(ASKING).await?;
+    }
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    assert_ne!(leader, ASKING);
+    let mut writer = cluster.registry(leader).await?;
+    let mut reader = cluster.registry(ASKING).await?;
+    // Two seconds of linearizable reads: asking every 10 ms would be 200 requests.
+    let reading = Duration::from_secs(2);
+    let start = tokio::time::Instant::now();
+    let mut n = 0usize;
+    while start.elapsed() < reading {
+        register(&mut writer, instance("refused", &format!("r-{n}"), 80), 0).await?;
+        n += 1;
+        let seen = discover(&mut reader, "refused", pb::ReadMode::Linearizable, 0).await?;
+        assert_eq!(seen.instances.len(), n, "a read missed write {n}");
+    }
+    let asked = cluster.metric(ASKING, "muster_read_lease_requests_total");
+    assert!(asked >= 1.0, "the follower never asked for a lease");
+    assert!(asked <= 30.0, "{asked} lease requests in {reading:?} of refusals");
+    assert_eq!(cluster.metric(ASKING, "muster_read_leases_held_total"), 0.0);
+    assert_eq!(cluster.metric(ASKING, "muster_follower_lease_reads_total"), 0.0);
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub follower_lease_reads: Counter,
     /// Read leases this node obtained from the leader as a follower.
     pub read_leases_held: Counter,
+    /// Read lease requests this node sent to the leader as a follower, granted or not.
+    pub read_lease_requests: Counter,
     /// Read leases this node granted to followers as leader.
     pub read_leases_granted: Counter,
     /// Heartbeats this leader sent to keep its lease ahead of the read leases it grants.
@@ -246,6 +248,11 @@ impl Metrics {
             read_leases_held: reg!(
                 "read_leases_held",
                 "Read leases obtained from the leader as a follower",
+                Counter::default()
+            ),
+            read_lease_requests: reg!(
+                "read_lease_requests",
+                "Read lease requests sent to the leader as a follower, granted or not",
                 Counter::default()
             ),
             read_leases_granted: reg!(

@@ -48,6 +48,13 @@ use crate::node::NodeCore;
 /// the holder relies on less than half of that ([`TRUSTED_SHARE`]).
 pub const RENEW_EVERY: Duration = Duration::from_millis(10);
 
+/// The longest a follower waits before asking again after its lease requests were
+/// refused or failed: the wait doubles from [`RENEW_EVERY`] with each refusal in a
+/// row, so a leader that grants none (read leases off there, or no leader lease)
+/// is not asked a hundred times a second, and a lease is back soon after a brief
+/// refusal (a new leader's first heartbeats).
+pub const MAX_REFUSED_WAIT: Duration = Duration::from_millis(640);
+
 /// How long a follower keeps renewing its lease after its last linearizable read.
 pub const KEEP_WHILE_IDLE: Duration = Duration::from_secs(2);
 
@@ -372,9 +379,11 @@ pub async fn run(core: Arc<NodeCore>) {
         return;
     }
     let lease = &core.follower_read_lease;
+    let mut wait = RENEW_EVERY;
     loop {
         if !lease.wanted_recently() {
             lease.drop_lease();
+            wait = RENEW_EVERY;
             tokio::select! {
                 _ = core.shutdown.cancelled() => return,
                 _ = lease.wanted.notified() => continue,
@@ -383,21 +392,41 @@ pub async fn run(core: Arc<NodeCore>) {
         match core.leader() {
             Some((leader, addr)) if leader != core.id => {
                 let sent = Instant::now();
-                match core.forward_to(&addr, &ForwardRequest::ReadLease(core.id)).await {
+                core.metrics.read_lease_requests.inc();
+                let granted = match core.forward_to(&addr, &ForwardRequest::ReadLease(core.id)).await {
                     Ok(ForwardResponse::ReadLease(grant)) => {
                         lease.hold(leader, sent, &grant);
                         core.metrics.read_leases_held.inc();
+                        true
                     }
-                    Ok(other) => tracing::debug!(?other, leader, "read lease refused"),
-                    Err(e) => tracing::debug!(error = %e, leader, "read lease request failed"),
-                }
+                    Ok(other) => {
+                        tracing::debug!(?other, leader, "read lease refused");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, leader, "read lease request failed");
+                        false
+                    }
+                };
+                wait = next_request_wait(wait, granted);
             }
             _ => lease.drop_lease(),
         }
         tokio::select! {
             _ = core.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RENEW_EVERY) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// How long a follower waits before its next lease request, after `last` and an
+/// answer that `granted` one or not: [`RENEW_EVERY`] after a grant, twice `last`
+/// (at most [`MAX_REFUSED_WAIT`]) after a refusal or failure.
+fn next_request_wait(last: Duration, granted: bool) -> Duration {
+    if granted {
+        RENEW_EVERY
+    } else {
+        (last * 2).min(MAX_REFUSED_WAIT)
     }
 }
 
@@ -481,6 +510,18 @@ mod tests {
 
     fn log_id(term: u64, index: u64) -> LogId<NodeId> {
         LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    #[test]
+    fn refused_lease_requests_come_ever_less_often_until_one_is_granted() {
+        let mut wait = RENEW_EVERY;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            wait = next_request_wait(wait, false);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, [20, 40, 80, 160, 320, 640, 640, 640]);
+        assert_eq!(next_request_wait(wait, true), RENEW_EVERY);
     }
 
     #[test]
