@@ -21,6 +21,7 @@ use crate::report::Table;
 enum Workload {
     Floor,
     Register,
+    RegisterUnderReads,
     Discover,
     DiscoverLinearizable,
     Keepalive,
@@ -81,6 +82,7 @@ async fn main() -> Result<()> {
         vec![
             Workload::Floor,
             Workload::Register,
+            Workload::RegisterUnderReads,
             Workload::Discover,
             Workload::DiscoverLinearizable,
             Workload::Keepalive,
@@ -108,6 +110,7 @@ async fn main() -> Result<()> {
         let table = match w {
             Workload::Floor => workloads::floor(&args.bin, &settings).await?,
             Workload::Register => workloads::register(&args.bin, &kinds, &settings).await?,
+            Workload::RegisterUnderReads => workloads::register_under_reads(&args.bin, &kinds, &settings).await?,
             Workload::Discover => workloads::discover(&args.bin, &kinds, &settings, false).await?,
             Workload::DiscoverLinearizable => workloads::discover(&args.bin, &kinds, &settings, true).await?,
             Workload::Keepalive => workloads::keepalive(&args.bin, &kinds, &settings).await?,

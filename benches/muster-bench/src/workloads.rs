@@ -74,6 +74,50 @@ fn value() -> Vec<u8> {
     vec![b'x'; 256]
 }
 
+/// One Muster registration with a lease: instance `id` of service `reg`.
+async fn muster_register_once(mut r: RegistryClient<Channel>, id: String) -> bool {
+    r.register(pb::RegisterRequest {
+        instance: Some(instance("reg", &id, 0)),
+        ttl_ms: 600_000,
+    })
+    .await
+    .is_ok()
+}
+
+/// etcd's registration with a lease: a lease grant, then a put under `key` with it.
+async fn etcd_register_once(mut e: etcd_client::Client, key: String) -> bool {
+    let Ok(lease) = e.lease_grant(600, None).await else {
+        return false;
+    };
+    e.put(key, value(), Some(PutOptions::new().with_lease(lease.id())))
+        .await
+        .is_ok()
+}
+
+/// One Muster Discover of `service` in `mode`, counted only when it finds all
+/// ten instances.
+async fn muster_discover_once(mut r: RegistryClient<Channel>, service: &str, mode: pb::ReadMode) -> bool {
+    matches!(
+        r.discover(pb::DiscoverRequest {
+            service: service.into(),
+            mode: mode as i32,
+            ..Default::default()
+        })
+        .await,
+        Ok(resp) if resp.get_ref().instances.len() == 10
+    )
+}
+
+/// etcd's discover: a range get of `service`'s prefix, counted only when it finds
+/// all ten keys.
+async fn etcd_discover_once(mut e: etcd_client::Client, service: &str, linearizable: bool) -> bool {
+    let mut opts = GetOptions::new().with_prefix();
+    if !linearizable {
+        opts = opts.with_serializable();
+    }
+    matches!(e.get(format!("/registry/{service}/"), Some(opts)).await, Ok(r) if r.kvs().len() == 10)
+}
+
 /// One load point on one system: rate, latencies and server CPU per operation.
 struct Point {
     result: LoadResult,
@@ -167,6 +211,39 @@ pub async fn floor(bin: &Path, s: &Settings) -> Result<Table> {
     Ok(table)
 }
 
+/// `clients` registering with a lease through `addr` (the leader) for `duration`;
+/// instance names (etcd: keys) start with `prefix`.
+async fn measure_register(
+    cluster: &Cluster,
+    addr: &str,
+    clients: usize,
+    duration: Duration,
+    prefix: &str,
+) -> Result<Point> {
+    let n = connections_for(clients);
+    let prefix = prefix.to_string();
+    Ok(match cluster.kind {
+        Kind::Muster => {
+            let chans = channels(addr, n).await?;
+            measure(cluster, clients, duration, move |c, seq| {
+                let r = RegistryClient::new(chans[c % chans.len()].clone());
+                muster_register_once(r, format!("{prefix}{clients}-{c}-{seq}"))
+            })
+            .await
+        }
+        Kind::Etcd => {
+            let cs = etcd_clients(addr, n).await?;
+            measure(cluster, clients, duration, move |c, seq| {
+                etcd_register_once(
+                    cs[c % cs.len()].clone(),
+                    format!("/registry/reg/{prefix}{clients}-{c}-{seq}"),
+                )
+            })
+            .await
+        }
+    })
+}
+
 /// Register with a lease (Muster: one Register carrying the TTL; etcd: lease grant +
 /// put with the lease), on the leader; and etcd's plain put at one client, the
 /// latency a registration with a lease is held to.
@@ -190,43 +267,7 @@ pub async fn register(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table>
         }
         for &clients in &s.clients {
             cluster.compact().await?;
-            let n = connections_for(clients);
-            let point = match kind {
-                Kind::Muster => {
-                    let chans = channels(&addr, n).await?;
-                    measure(&cluster, clients, s.duration, move |c, seq| {
-                        let mut r = RegistryClient::new(chans[c % chans.len()].clone());
-                        async move {
-                            r.register(pb::RegisterRequest {
-                                instance: Some(instance("reg", &format!("c{clients}-{c}-{seq}"), 0)),
-                                ttl_ms: 600_000,
-                            })
-                            .await
-                            .is_ok()
-                        }
-                    })
-                    .await
-                }
-                Kind::Etcd => {
-                    let cs = etcd_clients(&addr, n).await?;
-                    measure(&cluster, clients, s.duration, move |c, seq| {
-                        let mut e = cs[c % cs.len()].clone();
-                        async move {
-                            let Ok(lease) = e.lease_grant(600, None).await else {
-                                return false;
-                            };
-                            e.put(
-                                format!("/registry/reg/c{clients}-{c}-{seq}"),
-                                value(),
-                                Some(PutOptions::new().with_lease(lease.id())),
-                            )
-                            .await
-                            .is_ok()
-                        }
-                    })
-                    .await
-                }
-            };
+            let point = measure_register(&cluster, &addr, clients, s.duration, "c").await?;
             eprintln!(
                 "  {} register {clients} clients: {:.0} ops/s",
                 name(kind),
@@ -301,32 +342,14 @@ pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bo
                         pb::ReadMode::Local
                     };
                     measure(&cluster, clients, s.duration, move |c, _| {
-                        let mut r = RegistryClient::new(chans[c % chans.len()].clone());
-                        async move {
-                            matches!(
-                                r.discover(pb::DiscoverRequest {
-                                    service: "disc".into(),
-                                    mode: mode as i32,
-                                    ..Default::default()
-                                })
-                                .await,
-                                Ok(resp) if resp.get_ref().instances.len() == 10
-                            )
-                        }
+                        muster_discover_once(RegistryClient::new(chans[c % chans.len()].clone()), "disc", mode)
                     })
                     .await
                 }
                 Kind::Etcd => {
                     let cs = etcd_clients(&addr, n).await?;
                     measure(&cluster, clients, s.duration, move |c, _| {
-                        let mut e = cs[c % cs.len()].clone();
-                        async move {
-                            let mut opts = GetOptions::new().with_prefix();
-                            if !linearizable {
-                                opts = opts.with_serializable();
-                            }
-                            matches!(e.get("/registry/disc/", Some(opts)).await, Ok(r) if r.kvs().len() == 10)
-                        }
+                        etcd_discover_once(cs[c % cs.len()].clone(), "disc", linearizable)
                     })
                     .await
                 }
@@ -357,6 +380,89 @@ pub async fn discover(bin: &Path, kinds: &[Kind], s: &Settings, linearizable: bo
             points.get(&(Kind::Muster, clients)),
             points.get(&(Kind::Etcd, clients)),
         ));
+    }
+    Ok(table)
+}
+
+/// Linearizable readers on each follower during [`register_under_reads`].
+const READERS_PER_FOLLOWER: usize = 4;
+
+/// Register with a lease on the leader, as in [`register`], while
+/// [`READERS_PER_FOLLOWER`] clients on each follower read a service linearizably
+/// without pause: what the followers' reads cost the writes (for Muster, the
+/// promises of the read leases those followers hold).
+pub async fn register_under_reads(bin: &Path, kinds: &[Kind], s: &Settings) -> Result<Table> {
+    let mut points: HashMap<(Kind, usize), (Point, f64)> = HashMap::new();
+    for &kind in kinds {
+        let cluster = start(kind, bin).await?;
+        let leader = cluster.leader().await?;
+        let leader_addr = cluster.nodes[leader].client.clone();
+        seed_service(kind, &leader_addr, "lin").await?;
+        let reads = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for follower in cluster.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+            let addr = follower.1.client.clone();
+            let muster = channels(&addr, 1).await?.remove(0);
+            let etcd = match kind {
+                Kind::Etcd => Some(etcd_clients(&addr, 1).await?.remove(0)),
+                Kind::Muster => None,
+            };
+            for _ in 0..READERS_PER_FOLLOWER {
+                let (muster, etcd, reads, stop) = (muster.clone(), etcd.clone(), reads.clone(), stop.clone());
+                readers.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let ok = match &etcd {
+                            Some(e) => etcd_discover_once(e.clone(), "lin", true).await,
+                            None => {
+                                muster_discover_once(
+                                    RegistryClient::new(muster.clone()),
+                                    "lin",
+                                    pb::ReadMode::Linearizable,
+                                )
+                                .await
+                            }
+                        };
+                        if ok {
+                            reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+        }
+        for &clients in &s.clients {
+            cluster.compact().await?;
+            let (reads0, t0) = (reads.load(Ordering::Relaxed), Instant::now());
+            let point = measure_register(&cluster, &leader_addr, clients, s.duration, "u").await?;
+            let read_rate = (reads.load(Ordering::Relaxed) - reads0) as f64 / t0.elapsed().as_secs_f64();
+            eprintln!(
+                "  {} register {clients} clients under reads: {:.0} ops/s, {read_rate:.0} reads/s",
+                name(kind),
+                point.result.rate()
+            );
+            points.insert((kind, clients), (point, read_rate));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            let _ = r.await;
+        }
+    }
+    let mut columns = LOAD_COLUMNS.to_vec();
+    columns.push("reads/s M / e");
+    let mut table = Table::new(
+        "Register while followers read linearizably",
+        &format!(
+            "Register with a lease on the leader, as above, while {READERS_PER_FOLLOWER} clients on each follower read a service of 10 instances linearizably without pause (Muster: under the followers' read leases, whose holders the leader waits for before it answers a write; etcd: a read index from the leader per read). CPU per operation counts the reads' CPU too."
+        ),
+        &columns,
+    );
+    for &clients in &s.clients {
+        let m = points.get(&(Kind::Muster, clients));
+        let e = points.get(&(Kind::Etcd, clients));
+        let mut row = load_row(clients, m.map(|(p, _)| p), e.map(|(p, _)| p));
+        let cell = |v: Option<&(Point, f64)>| v.map_or("-".into(), |(_, r)| num(*r));
+        row.push(cell(m) + " / " + &cell(e));
+        table.row(row);
     }
     Ok(table)
 }
