@@ -172,6 +172,18 @@ enum Telling {
     Stuck,
 }
 
+/// An append to one follower in flight, as [`HeldCommit`] counts it.
+struct AppendInFlight<'a> {
+    held: &'a HeldCommit,
+    target: NodeId,
+}
+
+impl Drop for AppendInFlight<'_> {
+    fn drop(&mut self) {
+        self.held.answered(self.target);
+    }
+}
+
 /// How many times [`resend_held_commit`] asks again for a heartbeat for one index,
 /// after the first: enough to outlast openraft's view of an append just answered,
 /// few enough that a follower that is down costs little.
@@ -187,8 +199,10 @@ impl HeldCommit {
     }
 
     /// Records that an append to `target` is about to be sent: it tells `target` the
-    /// commit index `told`, and holds back `wanted` when that is higher.
-    fn sending(&self, target: NodeId, wanted: Option<u64>, told: Option<u64>) {
+    /// commit index `told`, and holds back `wanted` when that is higher. The append
+    /// counts as in flight until the returned guard is dropped (answered, failed, or
+    /// given up by openraft).
+    fn sending(&self, target: NodeId, wanted: Option<u64>, told: Option<u64>) -> AppendInFlight<'_> {
         let told = told.unwrap_or(0);
         let held = wanted.filter(|w| *w > told);
         {
@@ -210,10 +224,11 @@ impl HeldCommit {
                 self.held.notify_one();
             }
         }
+        AppendInFlight { held: self, target }
     }
 
-    /// Records that the append to `target` recorded by [`HeldCommit::sending`] has
-    /// been answered, or failed.
+    /// Records that an append to `target` recorded by [`HeldCommit::sending`] is no
+    /// longer in flight.
     fn answered(&self, target: NodeId) {
         let mut followers = self.followers();
         if let Some(follower) = followers.get_mut(&target) {
@@ -445,7 +460,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // `LogDurability`).
         let commit = rpc.leader_commit;
         let durable = self.log_durability.durable_prefix(commit);
-        self.held_commit
+        let in_flight = self
+            .held_commit
             .sending(self.target, commit.map(|c| c.index), durable.map(|d| d.index));
         // Nor of entries a read lease holder lacks (`crate::read_lease`).
         rpc.leader_commit = self.read_leases.commit_cap(self.target, &rpc.vote, durable);
@@ -453,7 +469,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let sent = Instant::now();
         let vote = rpc.vote;
         let response = self.call(Rpc::Append, &rpc, &option).await;
-        self.held_commit.answered(self.target);
+        drop(in_flight);
         // Anything but a higher vote means the follower accepted this leader (a
         // conflict only says its log differs).
         match &response {
@@ -506,26 +522,24 @@ mod tests {
     #[test]
     fn a_follower_held_back_is_untold_until_an_append_tells_it() {
         let held = HeldCommit::default();
-        held.sending(2, Some(5), Some(4));
+        let append = held.sending(2, Some(5), Some(4));
         assert_eq!(held.index.load(Ordering::Acquire), 5);
         assert_eq!(held.telling(5, RECENT), Telling::Waiting, "its append is in flight");
-        held.answered(2);
+        drop(append);
         assert_eq!(held.telling(5, RECENT), Telling::Stuck, "answered, still untold");
         assert_eq!(held.telling(4, RECENT), Telling::Done, "nothing held at 4 or below");
-        held.sending(2, Some(5), Some(5));
+        let _append = held.sending(2, Some(5), Some(5));
         assert_eq!(held.telling(5, RECENT), Telling::Done);
     }
 
     #[test]
     fn a_later_hold_is_kept_when_an_earlier_index_is_told() {
         let held = HeldCommit::default();
-        held.sending(2, Some(5), Some(4));
-        held.answered(2);
-        held.sending(2, Some(7), Some(6));
-        held.answered(2);
+        drop(held.sending(2, Some(5), Some(4)));
+        drop(held.sending(2, Some(7), Some(6)));
         assert_eq!(held.telling(7, RECENT), Telling::Stuck, "6 told, 7 still held");
         assert_eq!(held.telling(6, RECENT), Telling::Done, "the hold left is above 6");
-        held.sending(3, Some(7), Some(7));
+        let _append = held.sending(3, Some(7), Some(7));
         assert_eq!(
             held.telling(7, RECENT),
             Telling::Stuck,
@@ -534,10 +548,21 @@ mod tests {
     }
 
     #[test]
+    fn an_append_given_up_before_its_answer_is_no_longer_in_flight() {
+        let held = HeldCommit::default();
+        let append = held.sending(2, Some(5), Some(4));
+        let cancelled = async move {
+            let _append = append;
+            std::future::pending::<()>().await;
+        };
+        drop(cancelled);
+        assert_eq!(held.telling(5, RECENT), Telling::Stuck);
+    }
+
+    #[test]
     fn a_follower_left_untold_for_long_is_left_to_the_heartbeats() {
         let held = HeldCommit::default();
-        held.sending(2, Some(5), None);
-        held.answered(2);
+        drop(held.sending(2, Some(5), None));
         assert_eq!(held.telling(5, RECENT), Telling::Stuck);
         assert_eq!(held.telling(5, Duration::ZERO), Telling::Done);
     }
@@ -547,17 +572,16 @@ mod tests {
         let held = Arc::new(HeldCommit::default());
         let heartbeat = Duration::from_millis(200);
         let far = tokio::time::Instant::now() + Duration::from_secs(30);
-        held.sending(2, Some(5), Some(4));
+        let append = held.sending(2, Some(5), Some(4));
         let waiter = tokio::spawn({
             let held = held.clone();
             async move { wait_until_told(&held, 5, heartbeat, far).await }
         });
-        held.answered(2);
-        held.sending(2, Some(5), Some(5));
+        drop(append);
+        drop(held.sending(2, Some(5), Some(5)));
         assert!(!waiter.await.unwrap(), "told: no heartbeat needed");
 
-        held.sending(3, Some(6), Some(5));
-        held.answered(3);
+        drop(held.sending(3, Some(6), Some(5)));
         assert!(
             wait_until_told(&held, 6, heartbeat, far).await,
             "idle and untold: ask again"
