@@ -209,14 +209,18 @@ impl HeldCommit {
             let mut followers = self.followers();
             let follower = followers.entry(target).or_default();
             follower.in_flight += 1;
+            if follower.untold != 0 && follower.untold <= told {
+                follower.untold = 0;
+                self.told.notify_waiters();
+            }
             if let Some(held) = held {
+                // A hold after everything held before was told starts afresh, so a
+                // follower held at every append of a long burst is not left to the
+                // heartbeats at its end.
                 if follower.untold == 0 {
                     follower.untold_since = Some(Instant::now());
                 }
                 follower.untold = follower.untold.max(held);
-            } else if follower.untold != 0 && follower.untold <= told {
-                follower.untold = 0;
-                self.told.notify_waiters();
             }
         }
         if let Some(held) = held {
@@ -557,6 +561,16 @@ mod tests {
         };
         drop(cancelled);
         assert_eq!(held.telling(5, RECENT), Telling::Stuck);
+    }
+
+    #[test]
+    fn a_follower_told_each_earlier_hold_counts_from_its_latest() {
+        let held = HeldCommit::default();
+        drop(held.sending(2, Some(5), Some(4)));
+        std::thread::sleep(Duration::from_millis(30));
+        // Tells 5 and holds 6: the hold at 6 is new.
+        drop(held.sending(2, Some(6), Some(5)));
+        assert_eq!(held.telling(6, Duration::from_millis(20)), Telling::Stuck);
     }
 
     #[test]
