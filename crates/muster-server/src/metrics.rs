@@ -105,6 +105,9 @@ pub struct Metrics {
     pub read_index_batch_size: Histogram,
     /// Read indexes this node gave as leader from its leader lease (no heartbeat round).
     pub lease_reads: Counter,
+    /// Heartbeat rounds confirming a read index that this leader ran again because
+    /// too few followers answered the one before.
+    pub read_index_quorum_retries: Counter,
     /// Linearizable reads this node answered as a follower under its read lease.
     pub follower_lease_reads: Counter,
     /// Read leases this node obtained from the leader as a follower.
@@ -233,6 +236,11 @@ impl Metrics {
             lease_reads: reg!(
                 "lease_reads",
                 "Read indexes given as leader from the leader lease, without a heartbeat round",
+                Counter::default()
+            ),
+            read_index_quorum_retries: reg!(
+                "read_index_quorum_retries",
+                "Heartbeat rounds confirming a read index run again as leader because too few followers answered the one before",
                 Counter::default()
             ),
             lease_checkpoints: reg!(

@@ -29,6 +29,11 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a read waits for `min_revision` or a read index.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
+/// The share of the heartbeat interval a leader pauses before it runs again a read
+/// index round that too few followers answered (so that followers refusing
+/// connections do not make it spin).
+const QUORUM_RETRY_PAUSE_DIVISOR: u32 = 5;
+
 /// The three listeners a node serves on, bound before the node starts (so tests can
 /// bind port 0 and learn the addresses first).
 pub struct Listeners {
@@ -477,26 +482,39 @@ impl NodeCore {
     }
 
     async fn leader_read_index(&self) -> Result<u64, Option<ApiError>> {
-        // Within the leader lease every entry committed so far is in this leader's
-        // log (entries are acknowledged only once committed, after the metrics
-        // showing them appended were published), so its last index is a read index
-        // without a heartbeat round.
-        if let Some(last_log_index) = self.leased_leadership() {
-            self.metrics.lease_reads.inc();
-            return Ok(last_log_index.max(self.startup_last_log_index));
-        }
-        match self.raft.get_read_log_id().await {
-            // A leader restored at start-up in its old term computes its read index
-            // from the commit index it persisted before the crash, which may be
-            // behind entries it had acknowledged. Those entries are in its own log, so
-            // never read below the log it started with.
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index).max(self.startup_last_log_index)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(None),
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(Some(ApiError::NoLeader {
-                reason: e.to_string(),
-                retry_after_ms: 500,
-            })),
-            Err(RaftError::Fatal(_)) => Err(Some(ApiError::ShuttingDown)),
+        // A round that too few followers answer in time (a loaded machine, a long
+        // fsync) is run again, for up to an election timeout: a leader cut off from
+        // its quorum for that long has likely been replaced, and the reader is told
+        // to go elsewhere.
+        let give_up = Instant::now() + self.config.raft.election_max;
+        loop {
+            // Within the leader lease every entry committed so far is in this
+            // leader's log (entries are acknowledged only once committed, after the
+            // metrics showing them appended were published), so its last index is a
+            // read index without a heartbeat round.
+            if let Some(last_log_index) = self.leased_leadership() {
+                self.metrics.lease_reads.inc();
+                return Ok(last_log_index.max(self.startup_last_log_index));
+            }
+            match self.raft.get_read_log_id().await {
+                // A leader restored at start-up in its old term computes its read
+                // index from the commit index it persisted before the crash, which
+                // may be behind entries it had acknowledged. Those entries are in its
+                // own log, so never read below the log it started with.
+                Ok((read, _applied)) => return Ok(read.map_or(0, |l| l.index).max(self.startup_last_log_index)),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => return Err(None),
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                    if Instant::now() >= give_up || self.shutdown.is_cancelled() {
+                        return Err(Some(ApiError::NoLeader {
+                            reason: e.to_string(),
+                            retry_after_ms: 500,
+                        }));
+                    }
+                    self.metrics.read_index_quorum_retries.inc();
+                    tokio::time::sleep(self.config.raft.heartbeat / QUORUM_RETRY_PAUSE_DIVISOR).await;
+                }
+                Err(RaftError::Fatal(_)) => return Err(Some(ApiError::ShuttingDown)),
+            }
         }
     }
 

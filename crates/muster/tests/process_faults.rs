@@ -155,3 +155,95 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() -> Result<
     assert_eq!(cluster.wait_for_same_digest(Duration::from_secs(20)).await?, digest);
     Ok(())
 }
+
+/// A leader whose followers both stop answering for a moment (SIGSTOP) keeps
+/// running its read index round instead of failing linearizable reads, for up to
+/// an election timeout, and answers them once one follower is back (SIGCONT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_linearizable_read_waits_out_followers_that_miss_a_read_index_round() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use muster_testkit::eventually;
+    use muster_testkit::process::ClusterOptions;
+    use nix::sys::signal::Signal;
+
+    let mut options = ClusterOptions::new(3);
+    // A 500 ms leader lease and a 2 s window for the rounds run again.
+    options.extra_args = ["--election-timeout-min-ms", "1000", "--election-timeout-max-ms", "2000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut cluster = ProcessCluster::start_with(bin(), options).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
+    let mut client = cluster.registry(leader).await?;
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(instance("steady")),
+            ttl_ms: 0,
+        })
+        .await?;
+    let retries_before = cluster.metric(leader, "muster_read_index_quorum_retries_total").await?;
+
+    for f in &followers {
+        cluster.signal(*f, Signal::SIGSTOP)?;
+    }
+    // Linearizable reads on the leader without pause: under its lease at first, then
+    // through read index rounds that no follower answers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, reads, mut c) = (stop.clone(), reads.clone(), client.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let found = c
+                    .discover(pb::DiscoverRequest {
+                        service: "orders".into(),
+                        mode: pb::ReadMode::Linearizable as i32,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(found.instances.len() == 1, "a read saw {:?}", found.instances);
+                reads.fetch_add(1, Ordering::SeqCst);
+            }
+            anyhow::Ok(())
+        })
+    };
+    let retried = eventually(
+        Duration::from_secs(10),
+        "the leader runs a read index round again",
+        || {
+            let (cluster, reader) = (&cluster, &reader);
+            async move {
+                anyhow::ensure!(!reader.is_finished(), "the reader ended");
+                Ok(cluster.metric(leader, "muster_read_index_quorum_retries_total").await? > retries_before)
+            }
+        },
+    )
+    .await;
+    // No read is answered while both followers are stopped and the lease is over.
+    let at_resume = reads.load(Ordering::SeqCst);
+    cluster.signal(followers[0], Signal::SIGCONT)?;
+    let answered = match retried {
+        Ok(()) => {
+            eventually(
+                Duration::from_secs(10),
+                "a read answered after the follower is back",
+                || {
+                    let (reads, reader) = (&reads, &reader);
+                    async move { Ok(reads.load(Ordering::SeqCst) > at_resume || reader.is_finished()) }
+                },
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    stop.store(true, Ordering::Relaxed);
+    cluster.signal(followers[1], Signal::SIGCONT)?;
+    // The reader's own error, if it failed, says most.
+    reader.await??;
+    answered?;
+    assert!(reads.load(Ordering::SeqCst) > at_resume);
+    Ok(())
+}
