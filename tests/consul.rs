@@ -28,6 +28,8 @@ struct Answer {
     status: u16,
     index: Option<u64>,
     known_leader: Option<String>,
+    /// The `Connection` header.
+    connection: Option<String>,
     body: String,
 }
 
@@ -60,11 +62,13 @@ impl Consul {
         };
         let index = header("X-Consul-Index").map(|v| v.parse()).transpose()?;
         let known_leader = header("X-Consul-KnownLeader");
+        let connection = header("Connection");
         let status = response.status().as_u16();
         Ok(Answer {
             status,
             index,
             known_leader,
+            connection,
             body: response.text().await?,
         })
     }
@@ -494,12 +498,16 @@ async fn bad_input_answers_400_naming_the_field_and_unknown_ids_404_and_the_node
     assert!(a.body.starts_with("Request decode failed"), "{}", a.body);
     // The node answers 413 as soon as the declared length is over the limit and
     // closes the connection, so the client may see the 413 or, when it is still
-    // writing the body, a broken pipe: either way the body is refused.
+    // writing the body, a broken pipe: either way the body is refused. The 413 says
+    // the connection closes, so the client does not send its next request on it.
     match c
         .put_raw("/v1/agent/service/register", vec![b' '; 2 * 1024 * 1024])
         .await
     {
-        Ok(a) => assert_eq!(a.status, 413, "oversized bodies are refused"),
+        Ok(a) => {
+            assert_eq!(a.status, 413, "oversized bodies are refused");
+            assert_eq!(a.connection.as_deref(), Some("close"), "the 413 closes its connection");
+        }
         Err(e) => assert!(
             format!("{e:#}").contains("Broken pipe") || format!("{e:#}").contains("reset"),
             "oversized body: {e:#}"
