@@ -57,9 +57,7 @@ pub fn router(core: Arc<NodeCore>) -> Router {
 }
 
 /// Answers 413 with the REST error shape when `Content-Length` exceeds
-/// [`MAX_BODY_BYTES`]. The body is left unread, so the connection cannot serve
-/// another request: the answer says `Connection: close`, or a client would put
-/// the connection back in its pool and fail its next request on it.
+/// [`MAX_BODY_BYTES`].
 async fn refuse_oversized_bodies(request: Request, next: Next) -> Response {
     let declared = request
         .headers()
@@ -67,11 +65,7 @@ async fn refuse_oversized_bodies(request: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        let mut response = crate::rest::extract::RestError::body_too_large().into_response();
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-        return response;
+        return crate::rest::extract::RestError::body_too_large().into_response();
     }
     next.run(request).await
 }

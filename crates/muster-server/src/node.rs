@@ -483,10 +483,10 @@ impl NodeCore {
 
     async fn leader_read_index(&self) -> Result<u64, Option<ApiError>> {
         // A round that too few followers answer in time (a loaded machine, a long
-        // fsync) is run again, for up to an election timeout: a leader cut off from
-        // its quorum for that long has likely been replaced, and the reader is told
-        // to go elsewhere.
-        let give_up = Instant::now() + self.config.raft.election_max;
+        // fsync) is run again, for up to an election timeout from the first: a
+        // leader cut off from its quorum for that long has likely been replaced, and
+        // the reader is told to go elsewhere.
+        let mut give_up = None;
         loop {
             // Within the leader lease every entry committed so far is in this
             // leader's log (entries are acknowledged only once committed, after the
@@ -504,7 +504,9 @@ impl NodeCore {
                 Ok((read, _applied)) => return Ok(read.map_or(0, |l| l.index).max(self.startup_last_log_index)),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => return Err(None),
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                    if Instant::now() >= give_up || self.shutdown.is_cancelled() {
+                    let now = Instant::now();
+                    let give_up = *give_up.get_or_insert(now + self.config.raft.election_max);
+                    if now >= give_up || self.shutdown.is_cancelled() {
                         return Err(Some(ApiError::NoLeader {
                             reason: e.to_string(),
                             retry_after_ms: 500,

@@ -118,6 +118,14 @@ impl IntoResponse for RestError {
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is left unread, so the connection cannot serve
+            // another request: said, so that a client does not put it back in its
+            // pool and fail its next request on it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(ms) = self.retry_after_ms {
             // Retry-After counts whole seconds.
             if let Ok(v) = HeaderValue::from_str(&ms.div_ceil(1000).max(1).to_string()) {
