@@ -737,6 +737,7 @@ impl Node {
                 log_durability.clone(),
                 held_commit.clone(),
                 read_leases.clone(),
+                config.raft.heartbeat,
             ),
             log,
             state_machine,
