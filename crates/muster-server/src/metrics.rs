@@ -65,6 +65,18 @@ pub struct HttpRouteLabels {
     pub route: String,
 }
 
+/// Labels of a failed call to a peer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerCallLabels {
+    /// The peer's node id.
+    pub peer: u64,
+    /// `append`, `vote` or `snapshot`.
+    pub rpc: &'static str,
+    /// `deadline` (no answer in time), `unreachable` (no connection, or it was
+    /// refused, reset or closed) or `error` (any other failure).
+    pub failure: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric a node exports.
@@ -127,6 +139,9 @@ pub struct Metrics {
     /// Heartbeats sent as soon as this leader's disk had a commit index it had held
     /// back from its followers.
     pub held_commits_resent: Counter,
+    /// Raft calls to peers that failed, by peer, call and failure. openraft pauses
+    /// a peer's replication after each (see `crate::network::retry_pauses`).
+    pub peer_call_failures: Family<PeerCallLabels, Counter>,
     /// Raft term.
     pub raft_term: Gauge,
     /// Known leader id (0: none).
@@ -280,6 +295,11 @@ impl Metrics {
                 "held_commits_resent",
                 "Heartbeats sent as soon as the leader's disk had a commit index held back from followers",
                 Counter::default()
+            ),
+            peer_call_failures: reg!(
+                "peer_call_failures",
+                "Raft calls to peers (append, vote, snapshot) that failed, by peer and failure (deadline, unreachable, error)",
+                Family::default()
             ),
             raft_term: reg!("raft_term", "Current Raft term", Gauge::default()),
             raft_leader: reg!("raft_leader_id", "Known leader id, 0 when none", Gauge::default()),

@@ -19,6 +19,7 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, Raft};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::ClusterIdentity;
 use crate::leader_lease::QuorumClock;
+use crate::metrics::PeerCallLabels;
 use crate::peer_transport::PeerTransport;
 use crate::read_lease::ReadLeaseTable;
 
@@ -352,6 +354,7 @@ pub struct NetworkFactory {
     held_commit: Arc<HeldCommit>,
     read_leases: Arc<ReadLeaseTable>,
     heartbeat: Duration,
+    failures: Family<PeerCallLabels, Counter>,
 }
 
 impl NetworkFactory {
@@ -360,7 +363,9 @@ impl NetworkFactory {
     /// node's disk, and what it holds back is recorded in `held_commit`. Appends
     /// accepted are recorded in `read_leases`, which may hold the commit index back
     /// further for the holders of read leases. `heartbeat` is the Raft heartbeat
-    /// interval, which scales the pauses after a peer fails (see [`retry_pauses`]).
+    /// interval, which scales the pauses after a peer fails (see [`retry_pauses`]);
+    /// each failed call is counted in `failures`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         channels: PeerChannels,
         quorum_clock: Arc<QuorumClock>,
@@ -368,6 +373,7 @@ impl NetworkFactory {
         held_commit: Arc<HeldCommit>,
         read_leases: Arc<ReadLeaseTable>,
         heartbeat: Duration,
+        failures: Family<PeerCallLabels, Counter>,
     ) -> Self {
         NetworkFactory {
             channels,
@@ -376,6 +382,7 @@ impl NetworkFactory {
             held_commit,
             read_leases,
             heartbeat,
+            failures,
         }
     }
 }
@@ -390,6 +397,7 @@ pub struct PeerConnection {
     held_commit: Arc<HeldCommit>,
     read_leases: Arc<ReadLeaseTable>,
     heartbeat: Duration,
+    failures: Family<PeerCallLabels, Counter>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -405,6 +413,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             held_commit: self.held_commit.clone(),
             read_leases: self.read_leases.clone(),
             heartbeat: self.heartbeat,
+            failures: self.failures.clone(),
         }
     }
 }
@@ -431,10 +440,31 @@ pub fn retry_pauses(heartbeat: Duration) -> impl Iterator<Item = Duration> + Sen
 }
 
 /// Which peer RPC to call.
+#[derive(Clone, Copy)]
 enum Rpc {
     Append,
     Vote,
     Snapshot,
+}
+
+impl Rpc {
+    /// The call's name in metrics.
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::Append => "append",
+            Rpc::Vote => "vote",
+            Rpc::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// How a failed peer call is counted: `deadline`, `unreachable` or `error`.
+fn failure_kind(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::DeadlineExceeded => "deadline",
+        tonic::Code::Unavailable | tonic::Code::Cancelled => "unreachable",
+        _ => "error",
+    }
 }
 
 impl PeerConnection {
@@ -450,10 +480,10 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self
-            .channels
-            .client(&self.addr)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = self.channels.client(&self.addr).map_err(|e| {
+            self.count_failure(rpc, "unreachable");
+            RPCError::Unreachable(Unreachable::new(&e))
+        })?;
         let deadline = option.hard_ttl();
         let mut request = tonic::Request::new(PeerMessage { data });
         request.set_timeout(deadline);
@@ -463,6 +493,7 @@ impl PeerConnection {
             Rpc::Snapshot => within(deadline, client.install_snapshot(request)).await,
         };
         let response = result.map_err(|status| {
+            self.count_failure(rpc, failure_kind(status.code()));
             let err = PeerError::Unreachable {
                 addr: self.addr.clone(),
                 message: status.message().to_string(),
@@ -477,6 +508,16 @@ impl PeerConnection {
         let decoded: Result<Resp, RaftError<NodeId, E>> =
             bincode::deserialize(&response.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
+    }
+
+    fn count_failure(&self, rpc: Rpc, failure: &'static str) {
+        self.failures
+            .get_or_create(&PeerCallLabels {
+                peer: self.target,
+                rpc: rpc.name(),
+                failure,
+            })
+            .inc();
     }
 }
 

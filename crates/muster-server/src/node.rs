@@ -738,6 +738,7 @@ impl Node {
                 held_commit.clone(),
                 read_leases.clone(),
                 config.raft.heartbeat,
+                metrics.peer_call_failures.clone(),
             ),
             log,
             state_machine,

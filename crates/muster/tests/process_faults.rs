@@ -247,3 +247,65 @@ async fn a_linearizable_read_waits_out_followers_that_miss_a_read_index_round() 
     assert!(reads.load(Ordering::SeqCst) > at_resume);
     Ok(())
 }
+
+/// Raft calls to a follower that stops answering (SIGSTOP) are counted as missed
+/// deadlines, and to one that is gone (kill -9) as unreachable, each under its
+/// peer's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_calls_to_a_stopped_or_killed_follower_are_counted_by_peer_and_failure() -> Result<()> {
+    use muster_testkit::eventually;
+    use nix::sys::signal::Signal;
+
+    let mut cluster = ProcessCluster::start(bin(), 3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let stopped = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    let series = |peer: u64, failure: &str| {
+        format!(r#"muster_peer_call_failures_total{{peer="{peer}",rpc="append",failure="{failure}"}}"#)
+    };
+    // Counted by whichever node leads meanwhile: summed over the running nodes.
+    async fn total(cluster: &ProcessCluster, series: &str) -> Result<f64> {
+        let mut sum = 0.0;
+        for id in cluster.running() {
+            sum += cluster.metric(id, series).await.unwrap_or(0.0);
+        }
+        Ok(sum)
+    }
+
+    cluster.signal(stopped, Signal::SIGSTOP)?;
+    let missed = eventually(
+        Duration::from_secs(10),
+        "appends to the stopped follower counted as missed deadlines",
+        || {
+            let (cluster, series) = (&cluster, series(stopped, "deadline"));
+            async move { Ok(total(cluster, &series).await? > 0.0) }
+        },
+    )
+    .await;
+    cluster.signal(stopped, Signal::SIGCONT)?;
+    missed?;
+
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
+    let killed = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    cluster.kill9(killed)?;
+    eventually(
+        Duration::from_secs(10),
+        "appends to the killed follower counted as unreachable",
+        || {
+            let (cluster, series) = (&cluster, series(killed, "unreachable"));
+            async move { Ok(total(cluster, &series).await? > 0.0) }
+        },
+    )
+    .await?;
+    // Only failed calls are counted: the follower that answers has no new ones.
+    let survivor = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    let before = total(&cluster, &series(survivor, "unreachable")).await?;
+    let mut client = cluster.registry(leader).await?;
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(instance("counted")),
+            ttl_ms: 0,
+        })
+        .await?;
+    assert_eq!(total(&cluster, &series(survivor, "unreachable")).await?, before);
+    Ok(())
+}
