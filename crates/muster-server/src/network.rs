@@ -458,6 +458,37 @@ impl Rpc {
     }
 }
 
+/// A peer call not yet answered. openraft bounds the call by the same deadline as
+/// [`within`] does, from a timer started a moment earlier: when its timer ends the
+/// call first, the call is dropped here, and counted as a missed deadline if that
+/// is why (a call dropped well before its deadline, as when this node steps down,
+/// is not a failure of the peer).
+struct Unanswered<'a> {
+    connection: &'a PeerConnection,
+    rpc: Rpc,
+    started: Instant,
+    deadline: Duration,
+    /// The call ended here (answered, or failed and counted by its status).
+    answered: bool,
+}
+
+/// How much earlier than [`Unanswered::deadline`] openraft's own timer may end a call.
+const DEADLINE_SLACK: Duration = Duration::from_millis(1);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered && ended_by_deadline(self.started.elapsed(), self.deadline) {
+            self.connection.count_failure(self.rpc, "deadline");
+        }
+    }
+}
+
+/// Whether a call dropped unanswered `elapsed` after it started was ended by
+/// openraft's timer for `deadline`.
+fn ended_by_deadline(elapsed: Duration, deadline: Duration) -> bool {
+    elapsed + DEADLINE_SLACK >= deadline
+}
+
 /// How a failed peer call is counted: `deadline`, `unreachable` or `error`.
 fn failure_kind(code: tonic::Code) -> &'static str {
     match code {
@@ -487,11 +518,19 @@ impl PeerConnection {
         let deadline = option.hard_ttl();
         let mut request = tonic::Request::new(PeerMessage { data });
         request.set_timeout(deadline);
+        let mut call = Unanswered {
+            connection: self,
+            rpc,
+            started: Instant::now(),
+            deadline,
+            answered: false,
+        };
         let result = match rpc {
             Rpc::Append => within(deadline, client.append_entries(request)).await,
             Rpc::Vote => within(deadline, client.vote(request)).await,
             Rpc::Snapshot => within(deadline, client.install_snapshot(request)).await,
         };
+        call.answered = true;
         let response = result.map_err(|status| {
             self.count_failure(rpc, failure_kind(status.code()));
             let err = PeerError::Unreachable {
@@ -590,6 +629,14 @@ mod tests {
     use super::*;
 
     const RECENT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_call_dropped_at_its_deadline_is_a_missed_deadline_and_one_dropped_early_is_not() {
+        let deadline = Duration::from_millis(50);
+        assert!(ended_by_deadline(Duration::from_millis(50), deadline));
+        assert!(ended_by_deadline(Duration::from_micros(49_500), deadline));
+        assert!(!ended_by_deadline(Duration::from_millis(20), deadline));
+    }
 
     #[test]
     fn retry_pauses_start_at_a_fifth_of_a_heartbeat_and_double_up_to_four_heartbeats() {
