@@ -478,7 +478,7 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(1);
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if !self.answered && ended_by_deadline(self.started.elapsed(), self.deadline) {
-            self.connection.count_failure(self.rpc, "deadline");
+            self.connection.count_failure(self.rpc, PeerFailure::Deadline);
         }
     }
 }
@@ -489,12 +489,43 @@ fn ended_by_deadline(elapsed: Duration, deadline: Duration) -> bool {
     elapsed + DEADLINE_SLACK >= deadline
 }
 
-/// How a failed peer call is counted: `deadline`, `unreachable` or `error`.
-fn failure_kind(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::DeadlineExceeded => "deadline",
-        tonic::Code::Unavailable | tonic::Code::Cancelled => "unreachable",
-        _ => "error",
+/// How a peer call failed: what openraft is told, and the metric's label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerFailure {
+    /// No answer within the deadline.
+    Deadline,
+    /// No connection, or it was refused, reset or closed.
+    Unreachable,
+    /// Any other failure.
+    Error,
+}
+
+impl PeerFailure {
+    fn of(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::DeadlineExceeded => PeerFailure::Deadline,
+            tonic::Code::Unavailable | tonic::Code::Cancelled => PeerFailure::Unreachable,
+            _ => PeerFailure::Error,
+        }
+    }
+
+    /// The label in `muster_peer_call_failures_total`.
+    fn label(self) -> &'static str {
+        match self {
+            PeerFailure::Deadline => "deadline",
+            PeerFailure::Unreachable => "unreachable",
+            PeerFailure::Error => "error",
+        }
+    }
+
+    /// What openraft is told: a peer that did not answer or could not be reached
+    /// is `Unreachable` (its replication pauses, see [`retry_pauses`]); any other
+    /// failure is a network error.
+    fn into_rpc_error<E: std::error::Error>(self, err: &PeerError) -> RPCError<NodeId, BasicNode, E> {
+        match self {
+            PeerFailure::Deadline | PeerFailure::Unreachable => RPCError::Unreachable(Unreachable::new(err)),
+            PeerFailure::Error => RPCError::Network(NetworkError::new(err)),
+        }
     }
 }
 
@@ -512,7 +543,7 @@ impl PeerConnection {
     {
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.channels.client(&self.addr).map_err(|e| {
-            self.count_failure(rpc, "unreachable");
+            self.count_failure(rpc, PeerFailure::Unreachable);
             RPCError::Unreachable(Unreachable::new(&e))
         })?;
         let deadline = option.hard_ttl();
@@ -532,29 +563,24 @@ impl PeerConnection {
         };
         call.answered = true;
         let response = result.map_err(|status| {
-            self.count_failure(rpc, failure_kind(status.code()));
-            let err = PeerError::Unreachable {
+            let failure = PeerFailure::of(status.code());
+            self.count_failure(rpc, failure);
+            failure.into_rpc_error(&PeerError::Unreachable {
                 addr: self.addr.clone(),
                 message: status.message().to_string(),
-            };
-            match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    RPCError::Unreachable(Unreachable::new(&err))
-                }
-                _ => RPCError::Network(NetworkError::new(&err)),
-            }
+            })
         })?;
         let decoded: Result<Resp, RaftError<NodeId, E>> =
             bincode::deserialize(&response.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
     }
 
-    fn count_failure(&self, rpc: Rpc, failure: &'static str) {
+    fn count_failure(&self, rpc: Rpc, failure: PeerFailure) {
         self.failures
             .get_or_create(&PeerCallLabels {
                 peer: self.target,
                 rpc: rpc.name(),
-                failure,
+                failure: failure.label(),
             })
             .inc();
     }
@@ -629,6 +655,29 @@ mod tests {
     use super::*;
 
     const RECENT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn peers_that_do_not_answer_pause_replication_and_other_failures_do_not() {
+        let err = PeerError::Unreachable {
+            addr: "127.0.0.1:1".into(),
+            message: "test".into(),
+        };
+        for (code, failure, label) in [
+            (tonic::Code::DeadlineExceeded, PeerFailure::Deadline, "deadline"),
+            (tonic::Code::Unavailable, PeerFailure::Unreachable, "unreachable"),
+            (tonic::Code::Cancelled, PeerFailure::Unreachable, "unreachable"),
+            (tonic::Code::Internal, PeerFailure::Error, "error"),
+        ] {
+            assert_eq!(PeerFailure::of(code), failure, "{code:?}");
+            assert_eq!(failure.label(), label);
+            let rpc: RPCError<NodeId, BasicNode, RaftError<NodeId>> = failure.into_rpc_error(&err);
+            assert_eq!(
+                matches!(rpc, RPCError::Unreachable(_)),
+                failure != PeerFailure::Error,
+                "{code:?}: {rpc:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_call_dropped_at_its_deadline_is_a_missed_deadline_and_one_dropped_early_is_not() {

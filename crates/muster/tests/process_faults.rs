@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use muster_proto::v1 as pb;
+use muster_proto::v1::registry_client::RegistryClient;
 use muster_testkit::process::ProcessCluster;
+use tonic::transport::Channel;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_muster"))
@@ -23,6 +25,17 @@ fn instance(id: &str) -> pb::Instance {
     }
 }
 
+/// Registers `id` in `orders`, without a lease, through `client`.
+async fn register(client: &mut RegistryClient<Channel>, id: &str) -> Result<()> {
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(instance(id)),
+            ttl_ms: 0,
+        })
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_leader_during_writes_loses_nothing_and_the_node_catches_up() -> Result<()> {
     let mut cluster = ProcessCluster::start(bin(), 3).await?;
@@ -32,12 +45,7 @@ async fn killing_the_leader_during_writes_loses_nothing_and_the_node_catches_up(
     // How long a registration takes to be visible on all three nodes.
     let mut client = cluster.registry(survivor).await?;
     let t = Instant::now();
-    client
-        .register(pb::RegisterRequest {
-            instance: Some(instance("probe")),
-            ttl_ms: 0,
-        })
-        .await?;
+    register(&mut client, "probe").await?;
     for id in cluster.running() {
         let mut c = cluster.registry(id).await?;
         loop {
@@ -140,12 +148,7 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() -> Result<
     let mut cluster = ProcessCluster::start(bin(), 3).await?;
     let mut client = cluster.registry(1).await?;
     for n in 0..20 {
-        client
-            .register(pb::RegisterRequest {
-                instance: Some(instance(&format!("t-{n}"))),
-                ttl_ms: 0,
-            })
-            .await?;
+        register(&mut client, &format!("t-{n}")).await?;
     }
     let digest = cluster.wait_for_same_digest(Duration::from_secs(10)).await?;
     let status = cluster.terminate(2)?;
@@ -177,12 +180,7 @@ async fn a_linearizable_read_waits_out_followers_that_miss_a_read_index_round() 
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
     let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
     let mut client = cluster.registry(leader).await?;
-    client
-        .register(pb::RegisterRequest {
-            instance: Some(instance("steady")),
-            ttl_ms: 0,
-        })
-        .await?;
+    register(&mut client, "steady").await?;
     let retries_before = cluster.metric(leader, "muster_read_index_quorum_retries_total").await?;
 
     for f in &followers {
@@ -296,16 +294,19 @@ async fn failed_calls_to_a_stopped_or_killed_follower_are_counted_by_peer_and_fa
         },
     )
     .await?;
-    // Only failed calls are counted: the follower that answers has no new ones.
+    // Only failed calls are counted: appends the follower that runs answers (a
+    // write needs its answer now) add no unreachable or error call to it.
     let survivor = cluster.running().into_iter().find(|id| *id != leader).unwrap();
-    let before = total(&cluster, &series(survivor, "unreachable")).await?;
+    let before = (
+        total(&cluster, &series(survivor, "unreachable")).await?,
+        total(&cluster, &series(survivor, "error")).await?,
+    );
     let mut client = cluster.registry(leader).await?;
-    client
-        .register(pb::RegisterRequest {
-            instance: Some(instance("counted")),
-            ttl_ms: 0,
-        })
-        .await?;
-    assert_eq!(total(&cluster, &series(survivor, "unreachable")).await?, before);
+    register(&mut client, "counted").await?;
+    let after = (
+        total(&cluster, &series(survivor, "unreachable")).await?,
+        total(&cluster, &series(survivor, "error")).await?,
+    );
+    assert_eq!(after, before);
     Ok(())
 }
