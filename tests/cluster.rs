@@ -646,10 +646,22 @@ async fn a_node_joins_as_a_learner_is_promoted_and_serves_the_same_state() -> Re
     let members = admin.members(pb::MembersRequest {}).await?.into_inner().members;
     assert!(members.iter().any(|m| m.node_id == 4 && m.voter), "{members:?}");
     cluster.wait_for_same_digest(Duration::from_secs(15)).await?;
-    // The joined node took the cluster's id from the leader and recorded it.
+    // The joined node took the cluster's id from the node it joined through, recorded
+    // it and reports it.
     let cluster_id = |id: u64| cluster.nodes[&id].handle.as_ref().and_then(|h| h.core().cluster.id());
     assert!(cluster_id(1).is_some());
     assert_eq!(cluster_id(4), cluster_id(1));
+    let reported = cluster
+        .cluster(4)
+        .await?
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner()
+        .cluster_id;
+    assert_eq!(
+        Some(reported.as_str()),
+        cluster_id(1).map(muster_server::identity::format_cluster_id).as_deref()
+    );
     let recorded: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cluster.nodes[&4].config.data_dir.join("identity.json"))?)?;
     assert_eq!(

@@ -13,6 +13,25 @@ async fn read_index(peers: &PeerChannels, addr: &str, timeout: Duration) -> Resu
     peers.forward(addr, &ForwardRequest::ReadIndex, timeout).await
 }
 
+/// Asks the peer at `addr`, as a member of cluster `cluster`, for a vote for node 2
+/// in `term`; the refusal it expects.
+async fn refused_vote(cluster: u64, addr: &str, term: u64) -> Result<tonic::Status> {
+    use muster_proto::v1::peer::PeerMessage;
+    use muster_server::identity::ClusterIdentity;
+    let sender = PeerChannels::new(std::sync::Arc::new(ClusterIdentity::new(Some(cluster), None)));
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(term, 2), None);
+    match sender
+        .client(addr)?
+        .vote(PeerMessage {
+            data: bincode::serialize(&vote)?,
+        })
+        .await
+    {
+        Ok(_) => bail!("the vote from cluster {cluster:016x} was served"),
+        Err(refused) => Ok(refused),
+    }
+}
+
 #[tokio::test]
 async fn a_closed_port_fails_as_unreachable_naming_the_peer() -> Result<()> {
     init_tracing();
@@ -152,7 +171,6 @@ async fn messages_larger_than_the_flow_control_windows_pass_both_ways() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_refuses_votes_and_requests_from_another_cluster() -> Result<()> {
-    use muster_proto::v1::peer::PeerMessage;
     use muster_server::identity::{format_cluster_id, ClusterIdentity};
     use std::sync::Arc;
     init_tracing();
@@ -166,15 +184,8 @@ async fn a_node_refuses_votes_and_requests_from_another_cluster() -> Result<()> 
     // A node of another cluster that reached this address (a reused port, a stale
     // peer list) asks for a vote in a far higher term: refused, naming both clusters.
     let theirs = ours.wrapping_add(1);
+    let refused = refused_vote(theirs, &addr, term_before + 100).await?;
     let foreign = PeerChannels::new(Arc::new(ClusterIdentity::new(Some(theirs), None)));
-    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(term_before + 100, 2), None);
-    let refused = foreign
-        .client(&addr)?
-        .vote(PeerMessage {
-            data: bincode::serialize(&vote)?,
-        })
-        .await
-        .expect_err("a vote from another cluster is refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     let message = refused.message();
     assert!(
@@ -196,5 +207,41 @@ async fn a_node_refuses_votes_and_requests_from_another_cluster() -> Result<()> 
         other => bail!("the leader answers its own cluster's read index request: {other:?}"),
     }
     cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_refuses_peers_of_any_cluster_until_it_learns_its_own_from_join() -> Result<()> {
+    use muster_server::{Listeners, Node, NodeConfig};
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let l = Listeners::bind_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?).await?;
+    let mut config = NodeConfig::new(
+        4,
+        dir.path().join("node-4"),
+        l.grpc.local_addr()?,
+        l.peer.local_addr()?,
+        l.http.local_addr()?,
+    );
+    // The node it joins through is not up yet: bound, then closed.
+    config.join = Some(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string());
+    config.raft = muster_testkit::test_timing();
+    let addr = config.peer_addr.to_string();
+    let node = Node::start(config, l).await?;
+    let core = node.core().clone();
+
+    // Whatever cluster reaches it first (a reused address, a stale peer list) is told
+    // to come back later and does not make the node one of its members.
+    let refused = refused_vote(0xbb, &addr, 7).await?;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("--join"), "{}", refused.message());
+    assert_eq!(core.cluster.id(), None, "nothing was learned from the stranger");
+    assert_eq!(
+        core.raft.metrics().borrow().current_term,
+        0,
+        "the vote never reached Raft"
+    );
+    assert_eq!(core.status().cluster_id, None);
+    node.shutdown().await;
     Ok(())
 }

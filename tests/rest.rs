@@ -272,6 +272,14 @@ async fn rest_registration_through_one_node_is_read_from_another_with_min_revisi
         assert_eq!(status["leader"], leader);
         assert!(status["term"].as_u64() >= Some(1));
         assert!(status["digest"].is_string());
+        assert_eq!(
+            status["cluster_id"].as_str().map(str::to_owned),
+            cluster.nodes[&id]
+                .handle
+                .as_ref()
+                .and_then(|h| h.core().cluster.id())
+                .map(muster_server::identity::format_cluster_id)
+        );
         let members = ok_json(
             http.get(format!("{}/v1/cluster/members", base(&cluster, id)))
                 .send()

@@ -122,6 +122,8 @@ pub struct NodeStatus {
     pub leases: u64,
     /// Index of its last snapshot.
     pub snapshot_index: u64,
+    /// Its cluster's id (16 hex digits), unless it joined and has not learned it yet.
+    pub cluster_id: Option<String>,
 }
 
 impl From<pb::StatusResponse> for NodeStatus {
@@ -139,6 +141,7 @@ impl From<pb::StatusResponse> for NodeStatus {
             instances: s.instances,
             leases: s.leases,
             snapshot_index: s.snapshot_index,
+            cluster_id: (!s.cluster_id.is_empty()).then_some(s.cluster_id),
         }
     }
 }

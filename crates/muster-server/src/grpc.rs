@@ -367,6 +367,7 @@ impl Cluster for ClusterApi {
             instances: instances as u64,
             leases: leases as u64,
             snapshot_index: status.snapshot_index,
+            cluster_id: status.cluster_id.unwrap_or_default(),
         }))
     }
 

@@ -77,6 +77,13 @@ pub enum ForeignPeer {
         /// This node's cluster id.
         ours: String,
     },
+    /// This node joins a cluster and has not yet learned its id from the node named
+    /// by `--join`, so it cannot tell whether the sender belongs to it.
+    #[error("the peer names cluster {theirs}, but this node has not yet learned its cluster's id from the node it joins (--join)")]
+    NotJoinedYet {
+        /// The sender's cluster id.
+        theirs: String,
+    },
 }
 
 /// A known cluster id, with the header value that names it on peer requests.
@@ -105,9 +112,9 @@ pub struct ClusterIdentity {
 }
 
 impl ClusterIdentity {
-    /// An identity already known (`Some`) or to be learned from the first peer that
-    /// names its cluster (`None`: a node that joined and has not been contacted yet),
-    /// recorded then in `data_dir`.
+    /// An identity already known (`Some`) or to be learned from the node this one
+    /// joins through ([`ClusterIdentity::adopt`]; `None`: a node started with `--join`
+    /// that has not learned it yet), recorded then in `data_dir`.
     pub fn new(id: Option<u64>, data_dir: Option<PathBuf>) -> Self {
         ClusterIdentity {
             known: id.map(KnownCluster::new).map(OnceLock::from).unwrap_or_default(),
@@ -127,24 +134,39 @@ impl ClusterIdentity {
 
     /// Whether to serve a peer request whose [`CLUSTER_ID_HEADER`] is `header`.
     ///
-    /// A request naming another cluster is refused. One naming none comes from a node
-    /// of an earlier version, or from a node that joined and has not yet heard from
-    /// its cluster, and is served. A node that does not know its cluster yet takes
-    /// the id of the first peer that names one (the leader it asked to join) and
-    /// records it.
+    /// A request naming another cluster is refused, and so is every request naming a
+    /// cluster while this node has not yet learned its own: a peer that happens to
+    /// reach a joining node first (a reused address, a stale peer list) must not make
+    /// it a member of its cluster. One naming none comes from a node of an earlier
+    /// version and is served.
     pub fn admit(&self, header: Option<&[u8]>) -> Result<(), ForeignPeer> {
         let Some(bytes) = header else { return Ok(()) };
         let theirs = std::str::from_utf8(bytes)
             .ok()
             .and_then(parse_cluster_id)
             .ok_or_else(|| ForeignPeer::Malformed(String::from_utf8_lossy(bytes).into_owned()))?;
-        // The first id heard is taken, recorded once, while other callers wait.
-        let ours = self.known.get_or_init(|| self.learn(theirs)).id;
-        if theirs == ours {
+        match self.known.get() {
+            Some(ours) if ours.id == theirs => Ok(()),
+            Some(ours) => Err(ForeignPeer::OtherCluster {
+                theirs: format_cluster_id(theirs),
+                ours: format_cluster_id(ours.id),
+            }),
+            None => Err(ForeignPeer::NotJoinedYet {
+                theirs: format_cluster_id(theirs),
+            }),
+        }
+    }
+
+    /// Takes `id`, as the node named by `--join` reports it, as this node's cluster id
+    /// and records it; refused if this node already belongs to another cluster (its
+    /// data directory was written in another cluster than the one it now joins).
+    pub fn adopt(&self, id: u64) -> Result<(), ForeignPeer> {
+        let ours = self.known.get_or_init(|| self.learn(id)).id;
+        if ours == id {
             Ok(())
         } else {
             Err(ForeignPeer::OtherCluster {
-                theirs: format_cluster_id(theirs),
+                theirs: format_cluster_id(id),
                 ours: format_cluster_id(ours),
             })
         }
@@ -358,17 +380,34 @@ mod tests {
     }
 
     #[test]
-    fn a_joined_node_takes_and_records_the_first_cluster_id_it_hears() {
+    fn a_joining_node_serves_no_named_cluster_until_it_adopts_and_records_the_one_it_joins() {
         let dir = tempfile::tempdir().unwrap();
         let mut joiner = config(4, &[]);
         joiner.data_dir = dir.path().to_path_buf();
         assert_eq!(check_or_record(&joiner).unwrap(), None);
         let learner = ClusterIdentity::new(None, Some(dir.path().to_path_buf()));
         assert_eq!(learner.admit(None), Ok(()));
+        // A peer of some cluster reaching it first is refused and teaches it nothing.
+        let early = learner.admit(Some(b"00000000000000bb")).unwrap_err();
+        assert_eq!(
+            early,
+            ForeignPeer::NotJoinedYet {
+                theirs: "00000000000000bb".into()
+            }
+        );
+        assert!(early.to_string().contains("--join"), "{early}");
         assert_eq!(learner.id(), None);
-        assert_eq!(learner.admit(Some(b"00000000000000aa")), Ok(()));
+        // The id reported by the node it joins through is taken.
+        assert_eq!(learner.adopt(0xaa), Ok(()));
         assert_eq!(learner.id(), Some(0xaa));
-        assert!(learner.admit(Some(b"00000000000000bb")).is_err());
+        assert_eq!(learner.admit(Some(b"00000000000000aa")), Ok(()));
+        assert!(matches!(
+            learner.admit(Some(b"00000000000000bb")),
+            Err(ForeignPeer::OtherCluster { .. })
+        ));
+        // Adopting again is idempotent for the same cluster and refused for another.
+        assert_eq!(learner.adopt(0xaa), Ok(()));
+        assert!(matches!(learner.adopt(0xbb), Err(ForeignPeer::OtherCluster { .. })));
         // After a restart the node knows it from its directory.
         assert_eq!(check_or_record(&joiner).unwrap(), Some(0xaa));
     }

@@ -1,56 +1,97 @@
-//! A node started with `--join` asks an existing node to add it as a learner.
+//! A node started with `--join` learns its cluster's id from the node it names, then
+//! asks that node to add it as a learner.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto::v1::cluster_client::ClusterClient;
-use muster_proto::v1::AddLearnerRequest;
+use muster_proto::v1::{AddLearnerRequest, StatusRequest};
+use tonic::transport::Channel;
 
+use crate::identity::{format_cluster_id, parse_cluster_id};
 use crate::node::NodeCore;
 
-/// Retries until the cluster lists this node, or the node stops.
+/// First pause after a failed step; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Learns the cluster's id from `join` (until then the node serves no peer naming a
+/// cluster, see [`crate::identity::ClusterIdentity::admit`]), then retries until the
+/// cluster lists this node, or the node stops.
 pub async fn join_cluster(core: Arc<NodeCore>, join: String) {
     let addr = if join.starts_with("http") {
         join.clone()
     } else {
         format!("http://{join}")
     };
-    let peer_addr = core.config.advertised_peer_addr();
-    let mut delay = Duration::from_millis(200);
+    let mut pause = FIRST_PAUSE;
     loop {
-        let known = core
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&core.id)
-            .is_some();
-        if known {
-            tracing::info!(node = core.id, "this node is a cluster member");
-            return;
-        }
-        let attempt = async {
-            let mut client = ClusterClient::connect(addr.clone()).await.map_err(|e| e.to_string())?;
-            client
-                .add_learner(AddLearnerRequest {
-                    node_id: core.id,
-                    peer_addr: peer_addr.clone(),
-                })
-                .await
-                .map_err(|s| s.message().to_string())
-        };
-        match attempt.await {
-            Ok(_) => {
+        match join_step(&core, &addr).await {
+            Ok(Step::Member) => {
+                tracing::info!(node = core.id, "this node is a cluster member");
+                return;
+            }
+            Ok(Step::AddedAsLearner) => {
                 tracing::info!(node = core.id, via = %join, "joined the cluster as a learner; promote it with `muster cluster promote {}`", core.id);
                 return;
             }
-            Err(e) => tracing::warn!(via = %join, error = %e, "join failed; retrying"),
+            Err(reason) => tracing::warn!(via = %join, error = %reason, "join failed; retrying"),
         }
         tokio::select! {
             _ = core.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+        pause = (pause * 2).min(MAX_PAUSE);
     }
+}
+
+/// Where one attempt to join left the node.
+enum Step {
+    /// The node's own membership already lists it (a restart after joining).
+    Member,
+    /// The cluster added it as a learner just now.
+    AddedAsLearner,
+}
+
+/// One attempt; an error says why it did not complete.
+async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
+    let failed = |e: &dyn std::fmt::Display| e.to_string();
+    // Connected lazily: a member restarting with a known id contacts nobody.
+    let mut client: Option<ClusterClient<Channel>> = None;
+    if core.cluster.id().is_none() {
+        let cluster = client.insert(ClusterClient::connect(addr.to_owned()).await.map_err(|e| failed(&e))?);
+        let reported = cluster
+            .status(StatusRequest {})
+            .await
+            .map_err(|s| failed(&s.message()))?
+            .into_inner()
+            .cluster_id;
+        let id = parse_cluster_id(&reported)
+            .ok_or_else(|| format!("the node reports no cluster id (got {reported:?}); it may itself be joining"))?;
+        core.cluster.adopt(id).map_err(|e| failed(&e))?;
+        tracing::info!(cluster = %format_cluster_id(id), "learned the cluster id from the node joined through");
+    }
+    let member = core
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&core.id)
+        .is_some();
+    if member {
+        return Ok(Step::Member);
+    }
+    let mut cluster = match client {
+        Some(client) => client,
+        None => ClusterClient::connect(addr.to_owned()).await.map_err(|e| failed(&e))?,
+    };
+    cluster
+        .add_learner(AddLearnerRequest {
+            node_id: core.id,
+            peer_addr: core.config.advertised_peer_addr(),
+        })
+        .await
+        .map_err(|s| failed(&s.message()))?;
+    Ok(Step::AddedAsLearner)
 }

@@ -46,6 +46,8 @@ impl PeerApi {
         self.core.cluster.admit(header).map_err(|refused| match refused {
             ForeignPeer::Malformed(_) => Status::invalid_argument(refused.to_string()),
             ForeignPeer::OtherCluster { .. } => Status::failed_precondition(refused.to_string()),
+            // Transient: the sender retries after a pause, as for a node that is down.
+            ForeignPeer::NotJoinedYet { .. } => Status::unavailable(refused.to_string()),
         })?;
         bincode::deserialize(&req.into_inner().data)
             .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))

@@ -62,6 +62,9 @@ pub struct NodeStatus {
     pub leader_contacted: bool,
     /// Whether this node should receive traffic (see [`NodeStatus::not_ready_reason`]).
     pub ready: bool,
+    /// The cluster's id (16 hex digits), unless this node joined and has not learned
+    /// it yet.
+    pub cluster_id: Option<String>,
 }
 
 impl NodeStatus {
@@ -138,6 +141,7 @@ impl NodeCore {
             ms_since_leader_contact: view.ms_since_leader_contact,
             leader_contacted: m.state == ServerState::Leader || self.leader_contacted(),
             ready: false,
+            cluster_id: self.cluster.id().map(crate::identity::format_cluster_id),
         };
         status.ready = status.not_ready_reason(self.contact_grace()).is_none();
         status
@@ -205,6 +209,7 @@ mod tests {
             ms_since_leader_contact: 40,
             leader_contacted: true,
             ready: true,
+            cluster_id: Some("00000000000000aa".into()),
         }
     }
 

@@ -171,6 +171,7 @@ pub fn status_table(rows: &[(String, Result<NodeStatus, String>)]) -> String {
         "INSTANCES",
         "LEASES",
         "DIGEST",
+        "CLUSTER",
     ]);
     for (addr, status) in rows {
         match status {
@@ -186,6 +187,7 @@ pub fn status_table(rows: &[(String, Result<NodeStatus, String>)]) -> String {
                 s.instances.to_string(),
                 s.leases.to_string(),
                 s.digest.chars().take(12).collect(),
+                s.cluster_id.clone().unwrap_or_else(|| "-".into()),
             ]),
             Err(e) => t.row(vec![addr.clone(), "-".into(), format!("unreachable: {e}")]),
         }

@@ -1,4 +1,5 @@
-//! Three `muster server` processes: kill -9 the leader during writes, and restart it.
+//! Three `muster server` processes: kill -9 the leader during writes, and restart it;
+//! SIGTERM, SIGSTOP, and the `cluster status` they show.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -156,6 +157,30 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() -> Result<
     cluster.restart(2)?;
     cluster.wait_for_leader(Duration::from_secs(20)).await?;
     assert_eq!(cluster.wait_for_same_digest(Duration::from_secs(20)).await?, digest);
+
+    // `cluster status` lists every node with the one cluster id they share.
+    let addrs: Vec<String> = (1..=3)
+        .map(|id| cluster.grpc_addr(id).map(|a| a.to_string()))
+        .collect::<Result<_>>()?;
+    let out = std::process::Command::new(bin())
+        .args(["--addr", &addrs.join(","), "cluster", "status"])
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = table.lines();
+    assert_eq!(
+        lines.next().and_then(|h| h.split_whitespace().last()),
+        Some("CLUSTER"),
+        "{table}"
+    );
+    let ids: BTreeSet<&str> = lines.filter_map(|row| row.split_whitespace().last()).collect();
+    assert_eq!(ids.len(), 1, "{table}");
+    assert!(
+        ids.iter()
+            .all(|id| id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit())),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 4, "a header and one row per node: {table}");
     Ok(())
 }
 
