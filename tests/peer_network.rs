@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use muster_server::forward::{ForwardRequest, ForwardResponse};
 use muster_server::network::{PeerChannels, PeerError};
-use muster_testkit::{eventually, init_tracing, TestCluster};
+use muster_testkit::{eventually, init_tracing, refusing_addr, TestCluster};
 
 /// Asks the peer at `addr` for a read index: a follower answers `NotLeader`.
 async fn read_index(peers: &PeerChannels, addr: &str, timeout: Duration) -> Result<ForwardResponse, PeerError> {
@@ -35,8 +35,8 @@ async fn refused_vote(cluster: u64, addr: &str, term: u64) -> Result<tonic::Stat
 #[tokio::test]
 async fn a_closed_port_fails_as_unreachable_naming_the_peer() -> Result<()> {
     init_tracing();
-    // Bound, then closed: nothing listens there any more.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let (_kept, addr) = refusing_addr()?;
+    let addr = addr.to_string();
     let peers = PeerChannels::default();
     match read_index(&peers, &addr, Duration::from_secs(5)).await {
         Err(PeerError::Unreachable { addr: failed, message }) => {
@@ -223,8 +223,9 @@ async fn a_joining_node_refuses_peers_of_any_cluster_until_it_learns_its_own_fro
         l.peer.local_addr()?,
         l.http.local_addr()?,
     );
-    // The node it joins through is not up yet: bound, then closed.
-    config.join = Some(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string());
+    // The node it joins through is not up yet.
+    let (_kept, join) = refusing_addr()?;
+    config.join = Some(join.to_string());
     config.raft = muster_testkit::test_timing();
     let addr = config.peer_addr.to_string();
     let node = Node::start(config, l).await?;

@@ -106,9 +106,19 @@ impl PeerChannels {
             .await
             .map_err(|s| PeerError::Unreachable {
                 addr: addr.to_string(),
-                message: s.message().to_string(),
+                message: describe(&s),
             })?;
         Ok(bincode::deserialize(&resp.into_inner().data)?)
+    }
+}
+
+/// A failed call's message, or its code's description when it has none (an answer
+/// from something that is not a Muster peer port).
+fn describe(status: &tonic::Status) -> String {
+    if status.message().is_empty() {
+        status.code().description().to_string()
+    } else {
+        status.message().to_string()
     }
 }
 
@@ -348,43 +358,22 @@ async fn wait_until_told(held: &HeldCommit, index: u64, heartbeat: Duration, dea
 
 /// Builds a connection per Raft target.
 pub struct NetworkFactory {
-    channels: PeerChannels,
-    quorum_clock: Arc<QuorumClock>,
-    log_durability: LogDurability<TypeConfig>,
-    held_commit: Arc<HeldCommit>,
-    read_leases: Arc<ReadLeaseTable>,
-    heartbeat: Duration,
-    failures: Family<PeerCallLabels, Counter>,
-}
-
-impl NetworkFactory {
-    /// A factory sharing `channels`, recording accepted appends in `quorum_clock`;
-    /// the commit index it sends never passes what `log_durability` says is on this
-    /// node's disk, and what it holds back is recorded in `held_commit`. Appends
-    /// accepted are recorded in `read_leases`, which may hold the commit index back
-    /// further for the holders of read leases. `heartbeat` is the Raft heartbeat
-    /// interval, which scales the pauses after a peer fails (see [`retry_pauses`]);
-    /// each failed call is counted in `failures`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        channels: PeerChannels,
-        quorum_clock: Arc<QuorumClock>,
-        log_durability: LogDurability<TypeConfig>,
-        held_commit: Arc<HeldCommit>,
-        read_leases: Arc<ReadLeaseTable>,
-        heartbeat: Duration,
-        failures: Family<PeerCallLabels, Counter>,
-    ) -> Self {
-        NetworkFactory {
-            channels,
-            quorum_clock,
-            log_durability,
-            held_commit,
-            read_leases,
-            heartbeat,
-            failures,
-        }
-    }
+    /// The peer transports, shared with forwarding and read index calls.
+    pub channels: PeerChannels,
+    /// Where appends a follower accepted are recorded (the leader lease).
+    pub quorum_clock: Arc<QuorumClock>,
+    /// What is on this node's disk: the commit index sent never passes it.
+    pub log_durability: LogDurability<TypeConfig>,
+    /// The commit index held back from each follower until this node's disk has it.
+    pub held_commit: Arc<HeldCommit>,
+    /// Where accepted appends are recorded for read leases, whose holders may hold the
+    /// commit index back further.
+    pub read_leases: Arc<ReadLeaseTable>,
+    /// The Raft heartbeat interval, which scales the pauses after a peer fails (see
+    /// [`retry_pauses`]).
+    pub heartbeat: Duration,
+    /// Failed peer calls, by peer, call and failure.
+    pub failures: Family<PeerCallLabels, Counter>,
 }
 
 /// openraft's connection to one peer.
@@ -567,7 +556,7 @@ impl PeerConnection {
             self.count_failure(rpc, failure);
             failure.into_rpc_error(&PeerError::Unreachable {
                 addr: self.addr.clone(),
-                message: status.message().to_string(),
+                message: describe(&status),
             })
         })?;
         let decoded: Result<Resp, RaftError<NodeId, E>> =
@@ -655,6 +644,18 @@ mod tests {
     use super::*;
 
     const RECENT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_failed_call_without_a_message_is_described_by_its_code() {
+        assert_eq!(
+            describe(&tonic::Status::unimplemented("")),
+            "Operation is not implemented or not supported"
+        );
+        assert_eq!(
+            describe(&tonic::Status::unavailable("peer went away")),
+            "peer went away"
+        );
+    }
 
     #[test]
     fn peers_that_do_not_answer_pause_replication_and_other_failures_do_not() {

@@ -731,15 +731,15 @@ impl Node {
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            NetworkFactory::new(
-                channels.clone(),
-                quorum_clock.clone(),
-                log_durability.clone(),
-                held_commit.clone(),
-                read_leases.clone(),
-                config.raft.heartbeat,
-                metrics.peer_call_failures.clone(),
-            ),
+            NetworkFactory {
+                channels: channels.clone(),
+                quorum_clock: quorum_clock.clone(),
+                log_durability: log_durability.clone(),
+                held_commit: held_commit.clone(),
+                read_leases: read_leases.clone(),
+                heartbeat: config.raft.heartbeat,
+                failures: metrics.peer_call_failures.clone(),
+            },
             log,
             state_machine,
         )

@@ -30,6 +30,16 @@ pub fn test_timing() -> muster_server::RaftTiming {
     }
 }
 
+/// A loopback address where connections are refused, with the socket that keeps it
+/// so: bound but not listening. Unlike a port bound and closed again, no other
+/// socket of the test run can take it while the socket is kept.
+pub fn refusing_addr() -> Result<(tokio::net::TcpSocket, SocketAddr)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let addr = socket.local_addr()?;
+    Ok((socket, addr))
+}
+
 /// One node of a [`TestCluster`].
 pub struct TestNode {
     /// Its configuration (addresses are the ones bound).
