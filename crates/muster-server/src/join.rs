@@ -55,20 +55,27 @@ enum Step {
 
 /// One attempt; an error says why it did not complete.
 async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
-    let failed = |e: &dyn std::fmt::Display| e.to_string();
     // Connected lazily: a member restarting with a known id contacts nobody.
     let mut client: Option<ClusterClient<Channel>> = None;
     if core.cluster.id().is_none() {
-        let cluster = client.insert(ClusterClient::connect(addr.to_owned()).await.map_err(|e| failed(&e))?);
+        let cluster = client.insert(
+            ClusterClient::connect(addr.to_owned())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         let reported = cluster
             .status(StatusRequest {})
             .await
-            .map_err(|s| failed(&s.message()))?
+            .map_err(|s| s.message().to_string())?
             .into_inner()
             .cluster_id;
-        let id = parse_cluster_id(&reported)
-            .ok_or_else(|| format!("the node reports no cluster id (got {reported:?}); it may itself be joining"))?;
-        core.cluster.adopt(id).map_err(|e| failed(&e))?;
+        let id = parse_cluster_id(&reported).ok_or_else(|| {
+            format!(
+                "the node reports no cluster id (got {reported:?}): it is joining itself, or runs an \
+                 earlier version of Muster; join through a member that reports one"
+            )
+        })?;
+        core.cluster.adopt(id).map_err(|e| e.to_string())?;
         tracing::info!(cluster = %format_cluster_id(id), "learned the cluster id from the node joined through");
     }
     let member = core
@@ -84,7 +91,9 @@ async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
     }
     let mut cluster = match client {
         Some(client) => client,
-        None => ClusterClient::connect(addr.to_owned()).await.map_err(|e| failed(&e))?,
+        None => ClusterClient::connect(addr.to_owned())
+            .await
+            .map_err(|e| e.to_string())?,
     };
     cluster
         .add_learner(AddLearnerRequest {
@@ -92,6 +101,6 @@ async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
             peer_addr: core.config.advertised_peer_addr(),
         })
         .await
-        .map_err(|s| failed(&s.message()))?;
+        .map_err(|s| s.message().to_string())?;
     Ok(Step::AddedAsLearner)
 }
