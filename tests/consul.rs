@@ -262,7 +262,7 @@ async fn a_ttl_check_starts_critical_passes_and_turns_critical_when_its_ttl_runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warn_fail_and_update_set_the_status_and_output_of_numbered_checks() -> Result<()> {
+async fn warn_fail_and_update_set_the_status_and_output_of_numbered_checks_listed_by_state() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;
     let c = Consul::on(&cluster, cluster.follower().await?);
@@ -296,6 +296,34 @@ async fn warn_fail_and_update_set_the_status_and_output_of_numbered_checks() -> 
     let checks = checks.json()?;
     assert_eq!(checks[0]["CheckID"], "service:m1:1");
     assert_eq!(checks[1]["Status"], "warning");
+
+    // Checks by state, across services; `any` is all of them.
+    let in_state = |state: &'static str| {
+        let c = &c;
+        async move {
+            let answer = c.get(&format!("/v1/health/state/{state}")).await?;
+            assert!(answer.index.is_some(), "{state}: {}", answer.body);
+            let ids: Vec<String> = answer
+                .json()?
+                .as_array()
+                .context("an array")?
+                .iter()
+                .map(|check| check["CheckID"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            anyhow::Ok(ids)
+        }
+    };
+    assert_eq!(in_state("warning").await?, ["service:m1:2"]);
+    assert_eq!(in_state("passing").await?, ["service:m1:1"]);
+    assert_eq!(in_state("critical").await?, Vec::<String>::new());
+    assert_eq!(in_state("any").await?, ["service:m1:1", "service:m1:2"]);
+    let bad = c.get("/v1/health/state/broken").await?;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body.contains("state") && bad.body.contains("critical"),
+        "{}",
+        bad.body
+    );
     cluster.shutdown().await;
     Ok(())
 }

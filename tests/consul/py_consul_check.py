@@ -109,6 +109,15 @@ def main():
     check = c.agent.checks()[check_id]
     assert (check["Status"], check["Output"]) == ("critical", "down"), check
 
+    step("checks by state, across services")
+    _, critical = c.health.state("critical")
+    assert check_id in [ch["CheckID"] for ch in critical], critical
+    assert all(ch["Status"] == "critical" for ch in critical), critical
+    _, passing = c.health.state("passing")
+    assert check_id not in [ch["CheckID"] for ch in passing], passing
+    _, anything = c.health.state("any")
+    assert check_id in [ch["CheckID"] for ch in anything], anything
+
     step("status and agent self")
     leader = c.status.leader()
     assert isinstance(leader, str) and ":" in leader, leader

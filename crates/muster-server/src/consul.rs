@@ -71,6 +71,7 @@ pub fn routes() -> Router<Arc<NodeCore>> {
         .route("/v1/catalog/service/{name}", get(catalog_service))
         .route("/v1/health/service/{name}", get(health_service))
         .route("/v1/health/checks/{name}", get(health_checks))
+        .route("/v1/health/state/{state}", get(health_state))
         .route("/v1/status/leader", get(status_leader))
         .route("/v1/status/peers", get(status_peers))
 }
@@ -474,6 +475,33 @@ async fn health_checks(
         |r| -> Vec<HealthCheck> {
             filtered(r, &key, &[], false)
                 .flat_map(|i| HealthCheck::all_of(&i))
+                .collect()
+        },
+    )
+    .await?;
+    Ok(read_response(&core, Some(index), &checks))
+}
+
+/// `GET /v1/health/state/:state`: the checks of every service in one state (or
+/// `any`), as alerting tools poll for critical ones.
+#[tracing::instrument(skip_all, fields(state = %state))]
+async fn health_state(
+    State(core): State<Arc<NodeCore>>,
+    Path(state): Path<String>,
+    params: Params,
+) -> Result<Response, ConsulError> {
+    let wanted = decode::check_state(&state)?;
+    let options = read_options(&params)?;
+    let changes = options.blocking.map(|_| core.changes.namespace(NAMESPACE));
+    let (index, checks) = blocking_read(
+        &core,
+        &options,
+        changes,
+        |r| r.namespace_index(NAMESPACE),
+        |r| -> Vec<HealthCheck> {
+            r.namespace_instances(NAMESPACE)
+                .flat_map(|i| HealthCheck::all_of(i))
+                .filter(|c| wanted.is_none_or(|h| c.status == h.as_str()))
                 .collect()
         },
     )

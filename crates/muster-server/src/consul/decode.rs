@@ -508,6 +508,19 @@ pub fn status(field: &str, value: &str) -> Result<Health, DecodeError> {
     }
 }
 
+/// The state of `GET /v1/health/state/:state`: a check status, or `any` (`None`).
+pub fn check_state(value: &str) -> Result<Option<Health>, DecodeError> {
+    match value {
+        "any" => Ok(None),
+        _ => status("state", value).map(Some).map_err(|_| {
+            DecodeError::new(
+                "state",
+                format!("must be any, passing, warning or critical, got {value:?}"),
+            )
+        }),
+    }
+}
+
 /// The body of `PUT /v1/agent/check/update/:check_id`: `{Status, Output}`.
 pub fn check_update(body: &[u8]) -> Result<(Health, String), DecodeError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| DecodeError::new("body", e.to_string()))?;
