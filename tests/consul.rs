@@ -329,6 +329,57 @@ async fn warn_fail_and_update_set_the_status_and_output_of_numbered_checks_liste
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_service_health_answers_the_status_code_a_load_balancer_probe_reads() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let c = Consul::on(&cluster, cluster.follower().await?);
+    for id in ["p1", "p2"] {
+        c.register(json!({
+            "Name": "probed", "ID": id, "Address": "10.0.0.1", "Port": 80,
+            "Check": {"TTL": "1m", "Status": "passing"}
+        }))
+        .await?;
+    }
+    let by_id = c.get("/v1/agent/health/service/id/p1").await?;
+    assert_eq!(by_id.status, 200, "{}", by_id.body);
+    let entry = by_id.json()?;
+    assert_eq!(entry["AggregatedStatus"], "passing");
+    assert_eq!(entry["Service"]["ID"], "p1");
+    assert_eq!(entry["Checks"][0]["CheckID"], "service:p1");
+    assert_eq!(c.get("/v1/agent/health/service/name/probed").await?.status, 200);
+
+    // The worst instance sets the code of the service: 429 warning, 503 critical.
+    c.put_raw("/v1/agent/check/warn/service:p2?note=slow", "").await?;
+    let by_name = c.get("/v1/agent/health/service/name/probed").await?;
+    assert_eq!(by_name.status, 429, "{}", by_name.body);
+    let statuses: Vec<Value> = by_name
+        .json()?
+        .as_array()
+        .context("an array")?
+        .iter()
+        .map(|e| e["AggregatedStatus"].clone())
+        .collect();
+    assert_eq!(statuses, [json!("passing"), json!("warning")]);
+    assert_eq!(c.get("/v1/agent/health/service/id/p1").await?.status, 200);
+    c.put_raw("/v1/agent/check/fail/service:p1?note=down", "").await?;
+    let text = c.get("/v1/agent/health/service/id/p1?format=text").await?;
+    assert_eq!((text.status, text.body.as_str()), (503, "critical"));
+    let text = c.get("/v1/agent/health/service/name/probed?format=text").await?;
+    assert_eq!((text.status, text.body.as_str()), (503, "critical"));
+
+    // Unknown ids and names are 404, other formats 400.
+    let missing = c.get("/v1/agent/health/service/id/nope").await?;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert!(missing.body.contains("nope"), "{}", missing.body);
+    assert_eq!(c.get("/v1/agent/health/service/name/nothing").await?.status, 404);
+    let bad = c.get("/v1/agent/health/service/id/p1?format=xml").await?;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("format"), "{}", bad.body);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deregister_critical_service_after_removes_an_instance_left_critical() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;

@@ -45,7 +45,9 @@ use crate::checks::CheckReport;
 use crate::error::ApiError;
 use crate::node::NodeCore;
 use decode::DecodeError;
-use wire::{AgentService, CatalogService, HealthCheck, ServiceEntry, DATACENTER};
+use wire::{
+    health_status_code, AgentService, AgentServiceHealth, CatalogService, HealthCheck, ServiceEntry, DATACENTER,
+};
 
 /// The Muster namespace the Consul API serves.
 const NAMESPACE: &str = DEFAULT_NAMESPACE;
@@ -65,6 +67,8 @@ pub fn routes() -> Router<Arc<NodeCore>> {
         .route("/v1/agent/check/fail/{*check_id}", put(check_fail))
         .route("/v1/agent/check/update/{*check_id}", put(check_update))
         .route("/v1/agent/self", get(agent_self))
+        .route("/v1/agent/health/service/id/{id}", get(agent_health_by_id))
+        .route("/v1/agent/health/service/name/{name}", get(agent_health_by_name))
         .route("/v1/agent/services", get(agent_services))
         .route("/v1/agent/checks", get(agent_checks))
         .route("/v1/catalog/services", get(catalog_services))
@@ -563,6 +567,70 @@ async fn agent_service(State(core): State<Arc<NodeCore>>, Path(id): Path<String>
         Some(s) => Ok(read_response(&core, None, &s)),
         None => Err(ConsulError::not_found(format!("unknown service ID: {id}"))),
     }
+}
+
+/// Whether a local health query asks for the status word alone (`?format=text`).
+fn text_format(params: &Params) -> Result<bool, ConsulError> {
+    match param(params, "format") {
+        None | Some("") => Ok(false),
+        Some("text") => Ok(true),
+        Some(other) => Err(ConsulError::bad_request(format!(
+            "Invalid format: only \"text\" is supported, got {other:?}"
+        ))),
+    }
+}
+
+/// A local health answer: `entries` (or, as text, the status word) under the status
+/// code of `health`.
+fn local_health_response<T: Serialize>(core: &NodeCore, health: Health, text: bool, entries: &T) -> Response {
+    let code = health_status_code(health);
+    if text {
+        return (code, health.as_str()).into_response();
+    }
+    let mut response = read_response(core, None, entries);
+    *response.status_mut() = code;
+    response
+}
+
+/// `GET /v1/agent/health/service/id/:id`: one instance's health, with the status
+/// code a load balancer's probe reads (200 passing, 429 warning, 503 critical).
+#[tracing::instrument(skip_all, fields(id = %id))]
+async fn agent_health_by_id(
+    State(core): State<Arc<NodeCore>>,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Response, ConsulError> {
+    let text = text_format(&params)?;
+    let found = core
+        .shared
+        .read()
+        .instances_with_id(NAMESPACE, &id)
+        .first()
+        .map(|i| (i.health, AgentServiceHealth::of(i)));
+    let (health, entry) = found.ok_or_else(|| ConsulError::not_found(format!("ServiceId {id} not found")))?;
+    Ok(local_health_response(&core, health, text, &entry))
+}
+
+/// `GET /v1/agent/health/service/name/:name`: the health of every instance of a
+/// service, under the status code of the worst of them.
+#[tracing::instrument(skip_all, fields(service = %name))]
+async fn agent_health_by_name(
+    State(core): State<Arc<NodeCore>>,
+    Path(name): Path<String>,
+    params: Params,
+) -> Result<Response, ConsulError> {
+    let key = service_name(&name)?;
+    let text = text_format(&params)?;
+    let (worst, entries): (Option<Health>, Vec<AgentServiceHealth>) = {
+        let registry = core.shared.read();
+        let instances: Vec<Arc<Instance>> = filtered(&registry, &key, &[], false).collect();
+        (
+            instances.iter().map(|i| i.health).max(),
+            instances.iter().map(|i| AgentServiceHealth::of(i)).collect(),
+        )
+    };
+    let worst = worst.ok_or_else(|| ConsulError::not_found(format!("ServiceName {name} Not Found")))?;
+    Ok(local_health_response(&core, worst, text, &entries))
 }
 
 #[tracing::instrument(skip_all)]

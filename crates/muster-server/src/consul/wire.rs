@@ -244,6 +244,41 @@ impl ServiceEntry {
     }
 }
 
+/// One entry of `/v1/agent/health/service/...`: a service, its checks and the status
+/// they add up to.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentServiceHealth {
+    /// The worst status among the checks (the instance's health).
+    pub aggregated_status: &'static str,
+    /// The service.
+    pub service: AgentService,
+    /// Its checks.
+    pub checks: Vec<HealthCheck>,
+}
+
+impl AgentServiceHealth {
+    /// The local health entry of an instance.
+    pub fn of(i: &Instance) -> Self {
+        AgentServiceHealth {
+            aggregated_status: i.health.as_str(),
+            service: AgentService::of(i),
+            checks: HealthCheck::all_of(i),
+        }
+    }
+}
+
+/// The HTTP status a local health query answers for `health`, as Consul's agent
+/// does, so a load balancer's probe can read it: 200 passing, 429 warning, 503
+/// critical.
+pub fn health_status_code(health: Health) -> http::StatusCode {
+    match health {
+        Health::Passing => http::StatusCode::OK,
+        Health::Warning => http::StatusCode::TOO_MANY_REQUESTS,
+        Health::Critical => http::StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// One entry of `/v1/catalog/service/:name`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
