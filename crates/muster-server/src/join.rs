@@ -6,14 +6,17 @@ use std::time::Duration;
 
 use muster_proto::v1::cluster_client::ClusterClient;
 use muster_proto::v1::{AddLearnerRequest, StatusRequest};
-use tonic::transport::Channel;
+use tonic::transport::Endpoint;
 
 use crate::identity::{format_cluster_id, parse_cluster_id};
 use crate::node::NodeCore;
 
 /// First pause after a failed step; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
+/// Longest pause between two attempts.
 const MAX_PAUSE: Duration = Duration::from_secs(5);
+/// Bound on connecting to the `--join` node and on its answer to `Status`.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Learns the cluster's id from `join` (until then the node serves no peer naming a
 /// cluster, see [`crate::identity::ClusterIdentity::admit`]), then retries until the
@@ -55,17 +58,16 @@ enum Step {
 
 /// One attempt; an error says why it did not complete.
 async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
-    // Connected lazily: a member restarting with a known id contacts nobody.
-    let mut client: Option<ClusterClient<Channel>> = None;
+    // Connected on first use: a member restarting with a known id contacts nobody.
+    let channel = Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(CALL_TIMEOUT)
+        .connect_lazy();
+    let mut cluster = ClusterClient::new(channel);
     if core.cluster.id().is_none() {
-        let cluster = client.insert(
-            ClusterClient::connect(addr.to_owned())
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-        let reported = cluster
-            .status(StatusRequest {})
+        let reported = tokio::time::timeout(CALL_TIMEOUT, cluster.status(StatusRequest {}))
             .await
+            .map_err(|_| format!("no answer to Status within {CALL_TIMEOUT:?}"))?
             .map_err(|s| s.message().to_string())?
             .into_inner()
             .cluster_id;
@@ -89,12 +91,7 @@ async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
     if member {
         return Ok(Step::Member);
     }
-    let mut cluster = match client {
-        Some(client) => client,
-        None => ClusterClient::connect(addr.to_owned())
-            .await
-            .map_err(|e| e.to_string())?,
-    };
+    // Not bounded: the answer comes once this node has caught up with the log.
     cluster
         .add_learner(AddLearnerRequest {
             node_id: core.id,
