@@ -380,6 +380,51 @@ async fn local_service_health_answers_the_status_code_a_load_balancer_probe_read
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_the_addresses_instances_run_on() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let c = Consul::on(&cluster, cluster.follower().await?);
+    for (name, id, address) in [
+        ("x", "a1", "10.0.0.1"),
+        ("y", "a2", "10.0.0.1"),
+        ("x", "b1", "10.0.0.2"),
+    ] {
+        c.register(json!({
+            "Name": name, "ID": id, "Address": address, "Port": 80,
+            "Check": {"TTL": "1m", "Status": "passing"}
+        }))
+        .await?;
+    }
+    assert_eq!(c.get("/v1/catalog/datacenters").await?.json()?, json!(["dc1"]));
+
+    let nodes = c.get("/v1/catalog/nodes").await?;
+    assert!(nodes.index.is_some());
+    let names: Vec<Value> = nodes
+        .json()?
+        .as_array()
+        .context("an array")?
+        .iter()
+        .map(|n| n["Node"].clone())
+        .collect();
+    assert_eq!(names, [json!("10.0.0.1"), json!("10.0.0.2")]);
+
+    let node = c.get("/v1/catalog/node/10.0.0.1").await?.json()?;
+    assert_eq!(node["Node"]["Address"], "10.0.0.1");
+    let services: Vec<&String> = node["Services"].as_object().context("a map")?.keys().collect();
+    assert_eq!(services, ["a1", "a2"]);
+    assert_eq!(node["Services"]["a2"]["Service"], "y");
+    // An unknown node is `null`, as Consul answers it.
+    let unknown = c.get("/v1/catalog/node/10.9.9.9").await?;
+    assert_eq!((unknown.status, unknown.body.as_str()), (200, "null"));
+
+    let checks = c.get("/v1/health/node/10.0.0.2").await?.json()?;
+    assert_eq!(checks.as_array().map(Vec::len), Some(1), "{checks}");
+    assert_eq!(checks[0]["CheckID"], "service:b1");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deregister_critical_service_after_removes_an_instance_left_critical() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;

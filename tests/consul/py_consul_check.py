@@ -109,6 +109,15 @@ def main():
     check = c.agent.checks()[check_id]
     assert (check["Status"], check["Output"]) == ("critical", "down"), check
 
+    step("datacenters and nodes")
+    assert c.catalog.datacenters() == ["dc1"], c.catalog.datacenters()
+    _, nodes = c.catalog.nodes()
+    assert "127.0.0.1" in [n["Node"] for n in nodes], nodes
+    _, node = c.catalog.node("127.0.0.1")
+    assert sid in node["Services"], node
+    _, node_checks = c.health.node("127.0.0.1")
+    assert check_id in [ch["CheckID"] for ch in node_checks], node_checks
+
     step("checks by state, across services")
     _, critical = c.health.state("critical")
     assert check_id in [ch["CheckID"] for ch in critical], critical

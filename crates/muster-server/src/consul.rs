@@ -46,7 +46,8 @@ use crate::error::ApiError;
 use crate::node::NodeCore;
 use decode::DecodeError;
 use wire::{
-    health_status_code, AgentService, AgentServiceHealth, CatalogService, HealthCheck, ServiceEntry, DATACENTER,
+    health_status_code, nodes_of, AgentService, AgentServiceHealth, CatalogService, HealthCheck, NodeServices,
+    ServiceEntry, DATACENTER,
 };
 
 /// The Muster namespace the Consul API serves.
@@ -73,6 +74,10 @@ pub fn routes() -> Router<Arc<NodeCore>> {
         .route("/v1/agent/checks", get(agent_checks))
         .route("/v1/catalog/services", get(catalog_services))
         .route("/v1/catalog/service/{name}", get(catalog_service))
+        .route("/v1/catalog/datacenters", get(catalog_datacenters))
+        .route("/v1/catalog/nodes", get(catalog_nodes))
+        .route("/v1/catalog/node/{node}", get(catalog_node))
+        .route("/v1/health/node/{node}", get(health_node))
         .route("/v1/health/service/{name}", get(health_service))
         .route("/v1/health/checks/{name}", get(health_checks))
         .route("/v1/health/state/{state}", get(health_state))
@@ -486,6 +491,19 @@ async fn health_checks(
     Ok(read_response(&core, Some(index), &checks))
 }
 
+/// A read over the whole namespace, which may block (`?index=`) until anything in it
+/// changes: `answer` from one view of the registry, with its index.
+async fn namespace_read<T: Serialize>(
+    core: &NodeCore,
+    params: &Params,
+    answer: impl FnOnce(&Registry) -> T,
+) -> Result<Response, ConsulError> {
+    let options = read_options(params)?;
+    let changes = options.blocking.map(|_| core.changes.namespace(NAMESPACE));
+    let (index, body) = blocking_read(core, &options, changes, |r| r.namespace_index(NAMESPACE), answer).await?;
+    Ok(read_response(core, Some(index), &body))
+}
+
 /// `GET /v1/health/state/:state`: the checks of every service in one state (or
 /// `any`), as alerting tools poll for critical ones.
 #[tracing::instrument(skip_all, fields(state = %state))]
@@ -495,52 +513,88 @@ async fn health_state(
     params: Params,
 ) -> Result<Response, ConsulError> {
     let wanted = decode::check_state(&state)?;
-    let options = read_options(&params)?;
-    let changes = options.blocking.map(|_| core.changes.namespace(NAMESPACE));
-    let (index, checks) = blocking_read(
-        &core,
-        &options,
-        changes,
-        |r| r.namespace_index(NAMESPACE),
-        |r| -> Vec<HealthCheck> {
-            r.namespace_instances(NAMESPACE)
-                .flat_map(|i| HealthCheck::all_of(i))
-                .filter(|c| wanted.is_none_or(|h| c.status == h.as_str()))
-                .collect()
-        },
-    )
-    .await?;
-    Ok(read_response(&core, Some(index), &checks))
+    namespace_read(&core, &params, |r| -> Vec<HealthCheck> {
+        r.namespace_instances(NAMESPACE)
+            .flat_map(|i| HealthCheck::all_of(i))
+            .filter(|c| wanted.is_none_or(|h| c.status == h.as_str()))
+            .collect()
+    })
+    .await
+}
+
+/// `GET /v1/catalog/datacenters`: Muster is one datacenter.
+async fn catalog_datacenters() -> Json<[&'static str; 1]> {
+    Json([DATACENTER])
+}
+
+/// `GET /v1/catalog/nodes`: the nodes instances are shown on (one per address).
+#[tracing::instrument(skip_all)]
+async fn catalog_nodes(State(core): State<Arc<NodeCore>>, params: Params) -> Result<Response, ConsulError> {
+    namespace_read(&core, &params, |r| {
+        nodes_of(r.namespace_instances(NAMESPACE).map(|i| &**i))
+    })
+    .await
+}
+
+/// The instances shown on node `node` (those with that address), in service order.
+fn instances_on<'a>(registry: &'a Registry, node: &'a str) -> impl Iterator<Item = &'a Arc<Instance>> + 'a {
+    registry
+        .namespace_instances(NAMESPACE)
+        .filter(move |i| i.address == node)
+}
+
+/// `GET /v1/catalog/node/:node`: a node and its services; `null` for a node with none,
+/// as Consul answers an unknown node.
+#[tracing::instrument(skip_all, fields(node = %node))]
+async fn catalog_node(
+    State(core): State<Arc<NodeCore>>,
+    Path(node): Path<String>,
+    params: Params,
+) -> Result<Response, ConsulError> {
+    namespace_read(&core, &params, |r| -> Option<NodeServices> {
+        let instances: Vec<&Arc<Instance>> = instances_on(r, &node).collect();
+        let node = nodes_of(instances.iter().map(|i| &***i)).pop()?;
+        let services = instances
+            .iter()
+            .map(|i| (i.instance_id.clone(), AgentService::of(i)))
+            .collect();
+        Some(NodeServices { node, services })
+    })
+    .await
+}
+
+/// `GET /v1/health/node/:node`: the checks of every service on a node.
+#[tracing::instrument(skip_all, fields(node = %node))]
+async fn health_node(
+    State(core): State<Arc<NodeCore>>,
+    Path(node): Path<String>,
+    params: Params,
+) -> Result<Response, ConsulError> {
+    namespace_read(&core, &params, |r| -> Vec<HealthCheck> {
+        instances_on(r, &node).flat_map(|i| HealthCheck::all_of(i)).collect()
+    })
+    .await
 }
 
 #[tracing::instrument(skip_all)]
 async fn catalog_services(State(core): State<Arc<NodeCore>>, params: Params) -> Result<Response, ConsulError> {
-    let options = read_options(&params)?;
     let node_meta = param(&params, "node-meta").is_some();
-    let changes = options.blocking.map(|_| core.changes.namespace(NAMESPACE));
-    let (index, services) = blocking_read(
-        &core,
-        &options,
-        changes,
-        |r| r.namespace_index(NAMESPACE),
-        |r| {
-            let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            if node_meta {
-                return services;
-            }
-            for i in r.namespace_instances(NAMESPACE) {
-                let tags = services.entry(i.service.to_string()).or_default();
-                for t in &i.tags {
-                    if !tags.contains(t) {
-                        tags.push(t.clone());
-                    }
+    namespace_read(&core, &params, |r| {
+        let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if node_meta {
+            return services;
+        }
+        for i in r.namespace_instances(NAMESPACE) {
+            let tags = services.entry(i.service.to_string()).or_default();
+            for t in &i.tags {
+                if !tags.contains(t) {
+                    tags.push(t.clone());
                 }
             }
-            services
-        },
-    )
-    .await?;
-    Ok(read_response(&core, Some(index), &services))
+        }
+        services
+    })
+    .await
 }
 
 #[tracing::instrument(skip_all)]

@@ -221,6 +221,32 @@ impl Node {
     }
 }
 
+/// The nodes the instances of `instances` are shown on, one per address in address
+/// order: created with the oldest instance there, modified with the latest change.
+pub fn nodes_of<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> Vec<Node> {
+    let mut nodes: BTreeMap<&str, Node> = BTreeMap::new();
+    for i in instances {
+        nodes
+            .entry(i.address.as_str())
+            .and_modify(|n| {
+                n.create_index = n.create_index.min(i.create_revision);
+                n.modify_index = n.modify_index.max(i.mod_revision);
+            })
+            .or_insert_with(|| Node::of(i));
+    }
+    nodes.into_values().collect()
+}
+
+/// `/v1/catalog/node/:node`: a node and the services on it, by service id.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct NodeServices {
+    /// The node.
+    pub node: Node,
+    /// Its services, by id.
+    pub services: BTreeMap<String, AgentService>,
+}
+
 /// One entry of `/v1/health/service/:name`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
