@@ -121,6 +121,7 @@ return {
   node: text(document.getElementById('node-id')),
   leader: text(document.querySelector('[data-fact="leader"] dd')),
   registry: text(document.querySelector('[data-fact="registry"] dd')),
+  cluster_id: text(document.querySelector('[data-fact="cluster-id"] dd')),
   members: [...document.querySelectorAll('#members tbody tr')].map((row) => text(row)),
   services,
   instances_title: text(document.getElementById('instances-title')),
@@ -246,6 +247,14 @@ async fn live_scenario(session: &Session) -> Result<()> {
     ensure!(
         state["leader"] == format!("node {leader}"),
         "leader not shown: {state:#}"
+    );
+    let cluster_id = cluster
+        .status(leader)
+        .cluster_id
+        .context("a founding member knows its cluster id")?;
+    ensure!(
+        state["cluster_id"] == cluster_id.as_str(),
+        "cluster id {cluster_id} not shown: {state:#}"
     );
     mark(session).await?;
 

@@ -414,6 +414,7 @@
       fact('Revision', revision, { dataset: { fact: 'revision' } }),
       fact('Leader contact', s.ms_since_leader_contact + ' ms ago'),
       fact('Ready', s.ready ? 'yes' : 'no'),
+      fact('Cluster id', s.cluster_id || 'not learned yet', { dataset: { fact: 'cluster-id' } }),
       fact('Registry', s.instances + ' instances · ' + s.services + ' services · ' + s.leases + ' leases', {
         class: 'wide',
         dataset: { fact: 'registry' },
