@@ -356,7 +356,8 @@ async fn wait_until_told(held: &HeldCommit, index: u64, heartbeat: Duration, dea
     }
 }
 
-/// Builds a connection per Raft target.
+/// Builds a connection per Raft target; each connection keeps a copy of it.
+#[derive(Clone)]
 pub struct NetworkFactory {
     /// The peer transports, shared with forwarding and read index calls.
     pub channels: PeerChannels,
@@ -380,13 +381,8 @@ pub struct NetworkFactory {
 pub struct PeerConnection {
     target: NodeId,
     addr: String,
-    channels: PeerChannels,
-    quorum_clock: Arc<QuorumClock>,
-    log_durability: LogDurability<TypeConfig>,
-    held_commit: Arc<HeldCommit>,
-    read_leases: Arc<ReadLeaseTable>,
-    heartbeat: Duration,
-    failures: Family<PeerCallLabels, Counter>,
+    /// What every connection shares (transports, clocks, the commit index held back).
+    shared: NetworkFactory,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -396,13 +392,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerConnection {
             target,
             addr: node.addr.clone(),
-            channels: self.channels.clone(),
-            quorum_clock: self.quorum_clock.clone(),
-            log_durability: self.log_durability.clone(),
-            held_commit: self.held_commit.clone(),
-            read_leases: self.read_leases.clone(),
-            heartbeat: self.heartbeat,
-            failures: self.failures.clone(),
+            shared: self.clone(),
         }
     }
 }
@@ -531,7 +521,7 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.channels.client(&self.addr).map_err(|e| {
+        let mut client = self.shared.channels.client(&self.addr).map_err(|e| {
             self.count_failure(rpc, PeerFailure::Unreachable);
             RPCError::Unreachable(Unreachable::new(&e))
         })?;
@@ -565,7 +555,8 @@ impl PeerConnection {
     }
 
     fn count_failure(&self, rpc: Rpc, failure: PeerFailure) {
-        self.failures
+        self.shared
+            .failures
             .get_or_create(&PeerCallLabels {
                 peer: self.target,
                 rpc: rpc.name(),
@@ -585,12 +576,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // flushes it; followers apply nothing until it is durable here too (see
         // `LogDurability`).
         let commit = rpc.leader_commit;
-        let durable = self.log_durability.durable_prefix(commit);
+        let durable = self.shared.log_durability.durable_prefix(commit);
         let in_flight = self
+            .shared
             .held_commit
             .sending(self.target, commit.map(|c| c.index), durable.map(|d| d.index));
         // Nor of entries a read lease holder lacks (`crate::read_lease`).
-        rpc.leader_commit = self.read_leases.commit_cap(self.target, &rpc.vote, durable);
+        rpc.leader_commit = self.shared.read_leases.commit_cap(self.target, &rpc.vote, durable);
         let last_sent = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let sent = Instant::now();
         let vote = rpc.vote;
@@ -600,18 +592,18 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // conflict only says its log differs).
         match &response {
             Ok(AppendEntriesResponse::Success) => {
-                self.quorum_clock.record(self.target, &vote, sent);
+                self.shared.quorum_clock.record(self.target, &vote, sent);
                 if let Some(last) = last_sent {
-                    self.read_leases.record_match(self.target, vote, last);
+                    self.shared.read_leases.record_match(self.target, vote, last);
                 }
             }
             Ok(AppendEntriesResponse::PartialSuccess(matched)) => {
-                self.quorum_clock.record(self.target, &vote, sent);
+                self.shared.quorum_clock.record(self.target, &vote, sent);
                 if let Some(last) = matched {
-                    self.read_leases.record_match(self.target, vote, *last);
+                    self.shared.read_leases.record_match(self.target, vote, *last);
                 }
             }
-            Ok(AppendEntriesResponse::Conflict) => self.quorum_clock.record(self.target, &vote, sent),
+            Ok(AppendEntriesResponse::Conflict) => self.shared.quorum_clock.record(self.target, &vote, sent),
             _ => {}
         }
         response
@@ -635,7 +627,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     }
 
     fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new(retry_pauses(self.heartbeat))
+        openraft::network::Backoff::new(retry_pauses(self.shared.heartbeat))
     }
 }
 
