@@ -119,6 +119,58 @@ async fn the_resolver_follows_registrations_health_and_removals() -> Result<()> 
 }
 
 #[tokio::test]
+async fn maintenance_drains_an_instance_from_resolvers_and_discovery_until_it_ends() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let client = client_of(&cluster, cluster.follower().await?, ClientOptions::default()).await?;
+    client.register(spec("shop", "shop-1", 9201), None).await?;
+    client.register(spec("shop", "shop-2", 9202), None).await?;
+    let shop = client.resolver("shop").await;
+    until(&shop, "both instances", |r| r.instances().len() == 2).await?;
+
+    let drained = client
+        .set_maintenance("", "shop", "shop-1", Some("rolling deploy"))
+        .await?;
+    ensure!(drained.health == Health::Critical);
+    let m = drained.maintenance().context("the answer shows maintenance")?;
+    ensure!(
+        m.notes == "rolling deploy" && m.id == "_service_maintenance:shop-1",
+        "{m:?}"
+    );
+    ensure!(drained.health_without_maintenance() == Health::Passing);
+
+    // The resolver hears it through its watch: still listed, never picked.
+    until(&shop, "shop-1 in maintenance", |r| {
+        r.instances()
+            .iter()
+            .any(|i| i.instance_id == "shop-1" && i.maintenance().is_some())
+    })
+    .await?;
+    for _ in 0..4 {
+        ensure!(shop.pick()?.instance.instance_id == "shop-2");
+    }
+    let healthy = DiscoverOptions {
+        health: vec![Health::Passing],
+        ..Default::default()
+    };
+    let (found, _) = client.discover("shop", &healthy).await?;
+    ensure!(found.iter().map(|i| i.instance_id.as_str()).collect::<Vec<_>>() == ["shop-2"]);
+
+    let back = client.set_maintenance("", "shop", "shop-1", None).await?;
+    ensure!(back.health == Health::Passing && back.maintenance().is_none());
+    until(&shop, "shop-1 back", |r| {
+        r.instances()
+            .iter()
+            .all(|i| i.health == Health::Passing && i.maintenance().is_none())
+    })
+    .await?;
+    let unknown = client.set_maintenance("", "shop", "nope", Some("x")).await;
+    ensure!(matches!(unknown, Err(ClientError::NotFound(_))), "{unknown:?}");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn weighted_and_zone_preferring_picks_follow_the_registry() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;

@@ -380,6 +380,86 @@ async fn local_service_health_answers_the_status_code_a_load_balancer_probe_read
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_takes_an_instance_out_of_passing_reads_on_every_node_until_it_ends() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let c = Consul::on(&cluster, cluster.follower().await?);
+    let leader = Consul::on(&cluster, cluster.wait_for_leader(Duration::from_secs(10)).await?);
+    c.register(json!({
+        "Name": "maint", "ID": "m1", "Address": "10.0.0.1", "Port": 80,
+        "Check": {"TTL": "1m", "Status": "passing"}
+    }))
+    .await?;
+    c.register(json!({"Name": "maint", "ID": "m2", "Address": "10.0.0.2", "Port": 80}))
+        .await?;
+    let (before, passing) = c.health("maint?passing").await?;
+    assert_eq!(ids(&passing), ["m1", "m2"]);
+
+    let a = c
+        .put_raw("/v1/agent/service/maintenance/m1?enable=true&reason=kernel+upgrade", "")
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (after, passing) = c.health("maint?passing").await?;
+    assert!(after > before, "the index moves: {after} > {before}");
+    assert_eq!(ids(&passing), ["m2"]);
+    let (_, consistent) = leader.health("maint?passing&consistent").await?;
+    assert_eq!(ids(&consistent), ["m2"], "the leader sees it too");
+    let (_, all) = c.health("maint").await?;
+    let checks = all[0]["Checks"].as_array().context("checks")?;
+    let check_ids: Vec<&str> = checks.iter().filter_map(|c| c["CheckID"].as_str()).collect();
+    assert_eq!(check_ids, ["service:m1", "_service_maintenance:m1"]);
+    let m = &checks[1];
+    assert_eq!(
+        (&m["Status"], &m["Notes"], &m["Type"], &m["ServiceID"]),
+        (
+            &json!("critical"),
+            &json!("kernel upgrade"),
+            &json!("maintenance"),
+            &json!("m1")
+        )
+    );
+    assert_eq!(c.get("/v1/agent/health/service/id/m1").await?.status, 503);
+
+    // The TTL check still takes reports; the maintenance check takes none.
+    let a = c.put_raw("/v1/agent/check/warn/service:m1?note=slow", "").await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = c.put_raw("/v1/agent/check/pass/_service_maintenance:m1", "").await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body.starts_with("Invalid CheckID"), "{}", a.body);
+
+    // Bad requests name what is wrong and change nothing.
+    for (query, status, start) in [
+        ("m1", 400, "Invalid enable"),
+        ("m1?enable=maybe", 400, "Invalid enable"),
+        ("nope?enable=true", 404, "No service registered"),
+    ] {
+        let a = c.put_raw(&format!("/v1/agent/service/maintenance/{query}"), "").await?;
+        assert_eq!(a.status, status, "{query}: {}", a.body);
+        assert!(a.body.starts_with(start), "{query}: {}", a.body);
+    }
+    let long = "x".repeat(1025);
+    let a = c
+        .put_raw(
+            &format!("/v1/agent/service/maintenance/m2?enable=true&reason={long}"),
+            "",
+        )
+        .await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body.starts_with("Invalid reason"), "{}", a.body);
+
+    // Ending it gives back the health the TTL check has now: warning.
+    let a = c.put_raw("/v1/agent/service/maintenance/m1?enable=false", "").await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(c.check("_service_maintenance:m1").await?, None);
+    assert_eq!(c.check("service:m1").await?, Some(("warning".into(), "slow".into())));
+    assert_eq!(c.get("/v1/agent/health/service/id/m1").await?.status, 429);
+    let (_, passing) = c.health("maint?passing").await?;
+    assert_eq!(ids(&passing), ["m2"]);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_are_the_addresses_instances_run_on() -> Result<()> {
     init_tracing();
     let cluster = TestCluster::start(3).await?;

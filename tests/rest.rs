@@ -312,6 +312,88 @@ async fn rest_registration_through_one_node_is_read_from_another_with_min_revisi
 }
 
 /// One Server-Sent Event.
+
+#[tokio::test]
+async fn maintenance_over_rest_keeps_an_instance_registered_but_out_of_healthy_reads() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let follower = cluster.follower().await?;
+    let http = client();
+    let node = base(&cluster, follower);
+    let instances = format!("{node}/v1/registry/services/pay/instances");
+    for (id, health) in [("pay-1", "warning"), ("pay-2", "passing")] {
+        ok_json(
+            http.put(format!("{instances}/{id}"))
+                .json(&json!({"address": "10.0.0.7", "port": 80, "health": health}))
+                .send()
+                .await?,
+        )
+        .await?;
+    }
+    let maintenance = format!("{instances}/pay-1/maintenance");
+    let on = ok_json(
+        http.put(&maintenance)
+            .json(&json!({"enable": true, "reason": "disk swap"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    let instance = &on["instance"];
+    assert_eq!(instance["health"], "critical");
+    assert_eq!(instance["maintenance"]["reason"], "disk swap");
+    assert_eq!(instance["maintenance"]["health_after"], "warning");
+    assert!(instance["maintenance"]["since_ms"].as_u64() > Some(0));
+    assert_eq!(instance["checks"][0]["id"], "_service_maintenance:pay-1");
+    assert_eq!(instance["checks"][0]["ttl_ms"], 0);
+
+    let revision = on["revision"].as_u64().context("revision")?;
+    let other = cluster
+        .running()
+        .into_iter()
+        .find(|id| *id != follower)
+        .context("another node")?;
+    let serving = ok_json(
+        http.get(format!("{}/v1/registry/services/pay/instances", base(&cluster, other)))
+            .query(&[("health", "passing,warning"), ("min_revision", &revision.to_string())])
+            .send()
+            .await?,
+    )
+    .await?;
+    assert_eq!(
+        ids(&serving),
+        ["pay-2"],
+        "another node skips it from the write's revision on"
+    );
+
+    // Bad requests name the field; the node keeps the instance as it was.
+    for (body, field) in [
+        (json!({"reason": "x"}), "enable"),
+        (json!({"enable": "yes"}), "enable"),
+        (json!({"enable": false, "reason": "x"}), "reason"),
+        (json!({"enable": true, "reason": "x".repeat(1025)}), "reason"),
+    ] {
+        let response = http.put(&maintenance).json(&body).send().await?;
+        expect_error(response, StatusCode::BAD_REQUEST, field).await?;
+    }
+    let unknown = http
+        .put(format!("{instances}/nope/maintenance"))
+        .json(&json!({"enable": true}))
+        .send()
+        .await?;
+    let body = json_with(unknown, StatusCode::NOT_FOUND).await?;
+    assert!(
+        body["error"]["message"].as_str().unwrap_or_default().contains("nope"),
+        "{body}"
+    );
+
+    let off = ok_json(http.put(&maintenance).json(&json!({"enable": false})).send().await?).await?;
+    assert_eq!(off["instance"]["health"], "warning", "the health it had comes back");
+    assert!(off["instance"].get("maintenance").is_none());
+    assert!(off["instance"].get("checks").is_none());
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[derive(Debug, Default)]
 struct Sse {
     event: String,

@@ -109,6 +109,27 @@ def main():
     check = c.agent.checks()[check_id]
     assert (check["Status"], check["Output"]) == ("critical", "down"), check
 
+    step("maintenance: a critical check of its own until it ends")
+    assert c.agent.check.ttl_pass(check_id, notes="back")
+    _, passing = c.health.service(svc, passing=True)
+    assert len(passing) == 1, passing
+    assert c.agent.service.maintenance(sid, True, reason="kernel upgrade")
+    _, passing = c.health.service(svc, passing=True)
+    assert passing == [], passing
+    maint_id = f"_service_maintenance:{sid}"
+    check = c.agent.checks()[maint_id]
+    assert (check["Status"], check["Notes"], check["ServiceID"]) == ("critical", "kernel upgrade", sid), check
+    try:
+        c.agent.check.ttl_pass(maint_id)
+        raise AssertionError("a report on the maintenance check was accepted")
+    except BadRequest as e:
+        assert "maintenance" in str(e), e
+    assert c.agent.service.maintenance(sid, False)
+    assert maint_id not in c.agent.checks()
+    _, passing = c.health.service(svc, passing=True)
+    assert len(passing) == 1, passing
+    assert c.agent.check.ttl_fail(check_id, notes="down")
+
     step("datacenters and nodes")
     assert c.catalog.datacenters() == ["dc1"], c.catalog.datacenters()
     _, nodes = c.catalog.nodes()

@@ -140,6 +140,10 @@ proptest! {
             convert_key(&m.namespace, &m.service, &m.instance_id);
             let _ = convert::health_from_pb("health", m.health);
         }
+        if let Some(m) = decode_roundtrip::<pb::SetMaintenanceRequest>(&bytes) {
+            convert_key(&m.namespace, &m.service, &m.instance_id);
+            let _ = validate::maintenance_reason(&m.reason);
+        }
         if let Some(m) = decode_roundtrip::<pb::DiscoverRequest>(&bytes) {
             let _ = convert::health_filter_from_pb(&m.health);
             let _ = validate::namespace(&m.namespace);

@@ -107,6 +107,14 @@ fn endpoint(addr: &str, options: &ClientOptions) -> Result<Channel, ClientError>
         .connect_lazy())
 }
 
+/// The instance a write answered with (`what` names the answer, for the error when
+/// it is missing).
+fn stored_instance(instance: Option<&pb::Instance>, what: &str) -> Result<Instance, ClientError> {
+    instance
+        .map(convert::instance_from_pb)
+        .ok_or_else(|| ClientError::MalformedResponse(format!("{what}.instance is missing")))
+}
+
 pub(crate) fn registry_client(channel: Channel, max: usize) -> RegistryClient<Channel> {
     RegistryClient::new(channel)
         .max_decoding_message_size(max)
@@ -349,11 +357,7 @@ impl Client {
             })
             .await?
             .into_inner();
-        let instance = answer
-            .instance
-            .as_ref()
-            .map(convert::instance_from_pb)
-            .ok_or_else(|| ClientError::MalformedResponse("RegisterResponse.instance is missing".into()))?;
+        let instance = stored_instance(answer.instance.as_ref(), "RegisterResponse")?;
         let header = ResponseHeader::from(answer.header);
         Ok(Registered {
             instance,
@@ -473,11 +477,35 @@ impl Client {
             })
             .await?
             .into_inner();
-        answer
-            .instance
-            .as_ref()
-            .map(convert::instance_from_pb)
-            .ok_or_else(|| ClientError::MalformedResponse("SetHealthResponse.instance is missing".into()))
+        stored_instance(answer.instance.as_ref(), "SetHealthResponse")
+    }
+
+    /// Puts an instance in maintenance with `Some(reason)` (discovery of healthy
+    /// instances skips it while it stays registered), or takes it out with `None`;
+    /// returns the instance as stored.
+    pub async fn set_maintenance(
+        &self,
+        namespace: &str,
+        service: &str,
+        instance_id: &str,
+        reason: Option<&str>,
+    ) -> Result<Instance, ClientError> {
+        let request = pb::SetMaintenanceRequest {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+            instance_id: instance_id.to_string(),
+            enable: reason.is_some(),
+            reason: reason.unwrap_or_default().to_string(),
+        };
+        let max = self.max();
+        let answer = self
+            .with_failover("set_maintenance", |ch| {
+                let request = self.unary(request.clone());
+                async move { registry_client(ch, max).set_maintenance(request).await }
+            })
+            .await?
+            .into_inner();
+        stored_instance(answer.instance.as_ref(), "SetMaintenanceResponse")
     }
 
     /// The instances of one service that match `options`, and where the answering

@@ -131,6 +131,18 @@ pub enum Command {
         /// The commands, in order.
         commands: Vec<Command>,
     },
+    /// Put one instance in maintenance, or take it out: in maintenance it carries a
+    /// critical check of its own ([`crate::Check::maintenance`]), so discovery skips
+    /// it while it stays registered, keeps its lease and its other checks.
+    SetMaintenance {
+        /// The instance.
+        key: InstanceKey,
+        /// `Some(reason)` enables maintenance (an empty reason gets a default
+        /// note; enabling again only changes the reason); `None` ends it.
+        reason: Option<String>,
+        /// Leader time (ms since the Unix epoch).
+        now_ms: u64,
+    },
 }
 
 /// The most commands one [`Command::Batch`] may carry.
@@ -211,6 +223,9 @@ pub enum Outcome {
     Nothing,
     /// The results of a [`Command::Batch`], one per command, in order.
     Batch(Vec<ApplyResult>),
+    /// The instance's maintenance was set (or already was that); the instance as
+    /// now stored.
+    MaintenanceSet(Arc<Instance>),
 }
 
 /// The answer to one applied entry: the outcome and the revision after it.

@@ -23,7 +23,7 @@ pub use filter::{DiscoverFilter, WatchFilter};
 pub use history::WatchHistory;
 pub use registry::{Registry, RegistrySnapshot, ServiceSummary};
 pub use types::{
-    worst_status, Check, CheckSpec, CompactMap, Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision,
-    ServiceKey,
+    maintenance_check_id, worst_status, Check, CheckSpec, CompactMap, Health, Instance, InstanceKey, InstanceSpec,
+    Lease, LeaseId, Revision, ServiceKey,
 };
 pub use validate::ValidationError;

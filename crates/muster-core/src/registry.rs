@@ -11,8 +11,8 @@ use crate::event::{DeleteReason, Event, EventKind};
 use crate::filter::{DiscoverFilter, WatchFilter};
 use crate::sessions::{Attempt, ForwardSession, ForwardSessions, SessionChanges};
 use crate::types::{
-    worst_status, Check, Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision, ServiceKey,
-    DEFAULT_WEIGHT,
+    maintenance_check_id, worst_status, Check, Health, Instance, InstanceKey, InstanceSpec, Lease, LeaseId, Revision,
+    ServiceKey, DEFAULT_WEIGHT,
 };
 use crate::validate;
 
@@ -436,6 +436,17 @@ impl Registry {
                 now_ms,
             } => {
                 validate::instance_spec(spec)?;
+                let key = spec.key();
+                if self.instance(&key).is_some_and(|i| i.maintenance().is_some()) {
+                    let id = maintenance_check_id(&key.instance_id);
+                    if let Some(i) = spec.checks.iter().position(|c| c.id == id) {
+                        return Err(validate::ValidationError::new(
+                            format!("checks[{i}].id"),
+                            format!("{id:?} is the id of this instance's maintenance check"),
+                        )
+                        .into());
+                    }
+                }
                 if let Some(lease) = spec.lease_id {
                     if !self.leases.contains_key(&lease) {
                         return Err(Rejection::LeaseNotFound(lease));
@@ -519,21 +530,65 @@ impl Registry {
                 let Some(current) = self.instance(key).cloned() else {
                     return Err(Rejection::InstanceNotFound(key.clone()));
                 };
-                if !current.checks.is_empty() {
+                if current.has_ttl_checks() {
                     return Err(validate::ValidationError::new(
                         "health",
                         "this instance's health follows its checks; report on a check instead",
                     )
                     .into());
                 }
-                if current.health == *health {
+                if current.health_without_maintenance() == *health {
                     return Ok(Outcome::HealthSet(current));
                 }
                 let mut updated = (*current).clone();
-                updated.health = *health;
+                match updated.checks.iter_mut().find(|c| c.is_maintenance()) {
+                    // In maintenance the instance stays critical; the health it gets
+                    // back afterwards changes.
+                    Some(maintenance) => {
+                        *maintenance = Check::maintenance(
+                            &current.instance_id,
+                            &maintenance.notes,
+                            *health,
+                            maintenance.status_since_ms,
+                        );
+                    }
+                    None => updated.health = *health,
+                }
                 updated.updated_at_ms = *now_ms;
                 let instance = self.store_instance(updated, events);
                 Ok(Outcome::HealthSet(instance))
+            }
+            Command::SetMaintenance { key, reason, now_ms } => {
+                validate::instance_key(key)?;
+                if let Some(reason) = reason {
+                    validate::maintenance_reason(reason)?;
+                }
+                let Some(current) = self.instance(key).cloned() else {
+                    return Err(Rejection::InstanceNotFound(key.clone()));
+                };
+                let id = maintenance_check_id(&key.instance_id);
+                if current.check(&id).is_some_and(Check::has_ttl) {
+                    return Err(validate::ValidationError::new(
+                        "instance_id",
+                        format!("the instance has a TTL check with the id {id:?}, which maintenance needs"),
+                    )
+                    .into());
+                }
+                let base = current.health_without_maintenance();
+                let mut updated = (*current).clone();
+                updated.checks.retain(|c| !c.is_maintenance());
+                if let Some(reason) = reason {
+                    let since = current.maintenance().map_or(*now_ms, |m| m.status_since_ms);
+                    updated
+                        .checks
+                        .push(Check::maintenance(&key.instance_id, reason, base, since));
+                }
+                if updated.checks == current.checks {
+                    return Ok(Outcome::MaintenanceSet(current));
+                }
+                updated.health = worst_status(&updated.checks).unwrap_or(base);
+                updated.updated_at_ms = *now_ms;
+                Ok(Outcome::MaintenanceSet(self.store_instance(updated, events)))
             }
             Command::UpdateCheck {
                 key,
@@ -555,6 +610,7 @@ impl Registry {
                     });
                 };
                 let check = &current.checks[pos];
+                validate::check_takes_reports(check)?;
                 if check.status == *status && check.output == *output {
                     return Ok(Outcome::CheckUpdated(current));
                 }
@@ -654,11 +710,11 @@ impl Registry {
         }
         // A check that already exists keeps its status and output (Consul does the
         // same), so re-registering does not flap a passing instance to critical.
-        let checks: Vec<Check> = spec
+        let mut checks: Vec<Check> = spec
             .checks
             .iter()
             .map(|c| {
-                let kept = previous.as_ref().and_then(|p| p.check(&c.id));
+                let kept = previous.as_ref().and_then(|p| p.check(&c.id)).filter(|k| k.has_ttl());
                 Check {
                     id: c.id.clone(),
                     name: c.name.clone(),
@@ -671,6 +727,17 @@ impl Registry {
                 }
             })
             .collect();
+        // Maintenance outlives re-registration; the health it gives back is the new
+        // registration's.
+        if let Some(maintenance) = previous.as_ref().and_then(|p| p.maintenance()) {
+            let base = worst_status(&checks).unwrap_or(spec.health);
+            checks.push(Check::maintenance(
+                &key.instance_id,
+                &maintenance.notes,
+                base,
+                maintenance.status_since_ms,
+            ));
+        }
         let (namespace, service) = match &previous {
             Some(p) => (p.namespace.clone(), p.service.clone()),
             None => self.names_for(&key),

@@ -213,6 +213,31 @@ impl Instance {
     pub fn check(&self, id: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.id == id)
     }
+
+    /// The maintenance check, when the instance is in maintenance.
+    pub fn maintenance(&self) -> Option<&Check> {
+        self.checks.iter().find(|c| c.is_maintenance())
+    }
+
+    /// The health the instance has, or would have, out of maintenance: the worst of
+    /// its TTL checks, or, without any, the health its owner set.
+    pub fn health_without_maintenance(&self) -> Health {
+        let Some(maintenance) = self.maintenance() else {
+            return self.health;
+        };
+        self.checks
+            .iter()
+            .filter(|c| !c.is_maintenance())
+            .map(|c| c.status)
+            .max()
+            .or_else(|| maintenance.health_before_maintenance())
+            .unwrap_or_default()
+    }
+
+    /// Whether the instance has TTL checks (its health then follows them).
+    pub fn has_ttl_checks(&self) -> bool {
+        self.checks.iter().any(Check::has_ttl)
+    }
 }
 
 /// A small map from names to values, for the metadata and named ports of a stored
@@ -426,6 +451,65 @@ pub struct Check {
 /// `None` when there are none.
 pub fn worst_status(checks: &[Check]) -> Option<Health> {
     checks.iter().map(|c| c.status).max()
+}
+
+/// Start of the id of the check that puts an instance in maintenance (Consul's own
+/// id for it, `_service_maintenance:<instance id>`). Registered checks may not use it.
+pub const MAINTENANCE_CHECK_PREFIX: &str = "_service_maintenance:";
+
+/// Name of the maintenance check.
+pub const MAINTENANCE_CHECK_NAME: &str = "Service Maintenance Mode";
+
+/// Notes of a maintenance check enabled without a reason (Consul's words).
+pub const MAINTENANCE_DEFAULT_REASON: &str =
+    "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.";
+
+/// How a maintenance check's output begins: it records the health an instance
+/// without other checks had, to get back when maintenance ends.
+const MAINTENANCE_OUTPUT_PREFIX: &str = "Health before maintenance: ";
+
+/// The id of the maintenance check of instance `instance_id`.
+pub fn maintenance_check_id(instance_id: &str) -> String {
+    format!("{MAINTENANCE_CHECK_PREFIX}{instance_id}")
+}
+
+impl Check {
+    /// The check that puts an instance in maintenance: always critical, no TTL, no
+    /// reports; `health` is what the instance's own health is without it.
+    pub fn maintenance(instance_id: &str, reason: &str, health: Health, now_ms: u64) -> Check {
+        Check {
+            id: maintenance_check_id(instance_id),
+            name: MAINTENANCE_CHECK_NAME.to_string(),
+            notes: if reason.is_empty() {
+                MAINTENANCE_DEFAULT_REASON.to_string()
+            } else {
+                reason.to_string()
+            },
+            ttl_ms: 0,
+            deregister_critical_after_ms: None,
+            status: Health::Critical,
+            output: format!("{MAINTENANCE_OUTPUT_PREFIX}{health}"),
+            status_since_ms: now_ms,
+        }
+    }
+
+    /// Whether this is a maintenance check (see [`Check::maintenance`]).
+    pub fn is_maintenance(&self) -> bool {
+        self.ttl_ms == 0 && self.id.starts_with(MAINTENANCE_CHECK_PREFIX)
+    }
+
+    /// Whether the check has a TTL its owner reports on (every check but the
+    /// maintenance check).
+    pub fn has_ttl(&self) -> bool {
+        self.ttl_ms > 0
+    }
+
+    /// For a maintenance check: the own health recorded in it.
+    fn health_before_maintenance(&self) -> Option<Health> {
+        self.output
+            .strip_prefix(MAINTENANCE_OUTPUT_PREFIX)
+            .and_then(Health::parse)
+    }
 }
 
 /// A lease: every instance attached to it is removed when it expires or is revoked.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::types::{CheckSpec, InstanceKey, InstanceSpec};
+use crate::types::{Check, CheckSpec, InstanceKey, InstanceSpec};
 
 /// Longest DNS label.
 pub const MAX_NAME_LEN: usize = 63;
@@ -314,6 +314,26 @@ pub fn check_output(value: &str) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses reports on a check without a TTL: the maintenance check, which only
+/// ending maintenance removes.
+pub fn check_takes_reports(check: &Check) -> Result<(), ValidationError> {
+    if check.has_ttl() {
+        return Ok(());
+    }
+    Err(ValidationError::new(
+        "check_id",
+        format!(
+            "{:?} is the maintenance check, which takes no reports; end maintenance instead",
+            check.id
+        ),
+    ))
+}
+
+/// Checks the reason given for maintenance: at most 1 KiB, no control characters.
+pub fn maintenance_reason(value: &str) -> Result<(), ValidationError> {
+    bounded_text("reason".to_string(), value, MAX_CHECK_NOTES_LEN)
 }
 
 fn bounded_text(field: String, value: &str, max: usize) -> Result<(), ValidationError> {

@@ -124,8 +124,10 @@ fn single_command() -> impl Strategy<Value = Command> {
                 checks: checks.into_iter().map(|(k, c)| (k, c.to_string())).collect(),
                 now_ms,
             }),
-        1 => (prop::collection::vec(key(), 0..3), now)
+        1 => (prop::collection::vec(key(), 0..3), now.clone())
             .prop_map(|(keys, now_ms)| Command::EvictCritical { keys, now_ms }),
+        1 => (key(), prop::option::of(".{0,10}|.{1020,1030}"), now)
+            .prop_map(|(key, reason, now_ms)| Command::SetMaintenance { key, reason, now_ms }),
     ]
 }
 

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use muster_core::registry::{critical_too_long, Applied};
 use muster_core::{
-    CheckSpec, Command, DeleteReason, Event, EventKind, Health, InstanceKey, InstanceSpec, Outcome, Registry,
-    Rejection, ServiceKey,
+    maintenance_check_id, CheckSpec, Command, DeleteReason, Event, EventKind, Health, InstanceKey, InstanceSpec,
+    Outcome, Registry, Rejection, ServiceKey,
 };
 use proptest::prelude::*;
 
@@ -88,8 +88,14 @@ fn command_strategy() -> impl Strategy<Value = Command> {
             }),
         1 => (prop::collection::vec(check_ref_strategy(), 0..4), now.clone())
             .prop_map(|(checks, now_ms)| Command::ExpireChecks { checks, now_ms }),
-        1 => (prop::collection::vec(key_strategy(), 0..4), now)
+        1 => (prop::collection::vec(key_strategy(), 0..4), now.clone())
             .prop_map(|(keys, now_ms)| Command::EvictCritical { keys, now_ms }),
+        2 => (key_strategy(), prop::sample::select(vec![Some(""), Some("deploy"), Some("disk swap"), None]), now.clone())
+            .prop_map(|(key, reason, now_ms)| Command::SetMaintenance { key, reason: reason.map(String::from), now_ms }),
+        1 => (key_strategy(), health_strategy(), now)
+            .prop_map(|(key, status, now_ms)| Command::UpdateCheck {
+                check_id: maintenance_check_id(&key.instance_id), key, status, output: String::new(), now_ms,
+            }),
     ]
 }
 
@@ -295,6 +301,42 @@ proptest! {
             EventKind::Put(_) => panic!("eviction must not put"),
         }).collect();
         prop_assert_eq!(evicted, due);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Maintenance changes nothing but itself: next to a replica that skips every
+    /// `SetMaintenance`, the same instances exist with the same TTL checks, and each
+    /// one's health out of maintenance is the other replica's health.
+    #[test]
+    fn maintenance_makes_an_instance_critical_and_gives_back_the_health_it_would_have_had(
+        log in prop::collection::vec(command_strategy(), 0..80),
+    ) {
+        let mut with = Registry::new();
+        let mut without = Registry::new();
+        for command in &log {
+            with.apply(command);
+            if !matches!(command, Command::SetMaintenance { .. }) {
+                without.apply(command);
+            }
+            let ours = with.to_snapshot().instances;
+            let theirs = without.to_snapshot().instances;
+            prop_assert_eq!(ours.len(), theirs.len());
+            for (a, b) in ours.iter().zip(&theirs) {
+                prop_assert_eq!(a.key(), b.key());
+                prop_assert_eq!(a.health_without_maintenance(), b.health, "instance {}", a.key());
+                if a.maintenance().is_some() {
+                    prop_assert_eq!(a.health, Health::Critical);
+                } else {
+                    prop_assert_eq!(a.health, b.health);
+                }
+                let ttl_checks: Vec<_> = a.checks.iter().filter(|c| c.has_ttl()).cloned().collect();
+                prop_assert_eq!(&ttl_checks, &b.checks);
+                prop_assert_eq!(a.checks.iter().filter(|c| c.is_maintenance()).count() + b.checks.len(), a.checks.len());
+            }
+        }
     }
 }
 
@@ -636,4 +678,181 @@ fn a_forwarded_write_holds_one_command() {
             "{applied:?}"
         );
     }
+}
+
+fn web_without_checks(health: Health) -> Command {
+    Command::Register {
+        spec: InstanceSpec {
+            service: "web".into(),
+            instance_id: "w1".into(),
+            address: "h".into(),
+            port: 80,
+            health,
+            ..Default::default()
+        },
+        grant_ttl_ms: None,
+        now_ms: 1,
+    }
+}
+
+fn maintenance(reason: Option<&str>, now_ms: u64) -> Command {
+    Command::SetMaintenance {
+        key: InstanceKey::new("", "web", "w1"),
+        reason: reason.map(String::from),
+        now_ms,
+    }
+}
+
+fn maintenance_outcome(applied: &Applied) -> std::sync::Arc<muster_core::Instance> {
+    match &applied.result.outcome {
+        Outcome::MaintenanceSet(i) => i.clone(),
+        other => panic!("expected MaintenanceSet, got {other:?}"),
+    }
+}
+
+#[test]
+fn maintenance_turns_an_instance_critical_and_ending_it_gives_its_own_health_back() {
+    let mut r = Registry::new();
+    r.apply(&web_without_checks(Health::Warning));
+    let on = r.apply(&maintenance(Some("disk swap"), 5));
+    let i = maintenance_outcome(&on);
+    assert_eq!(i.health, Health::Critical);
+    let m = i.maintenance().expect("in maintenance");
+    assert_eq!(m.id, "_service_maintenance:w1");
+    assert_eq!(m.notes, "disk swap");
+    assert_eq!(m.status_since_ms, 5);
+    assert_eq!(i.health_without_maintenance(), Health::Warning);
+    assert_eq!(on.events.len(), 1, "one Put tells watchers");
+
+    // Enabling again with the same reason changes nothing; a new reason keeps the start.
+    let again = r.apply(&maintenance(Some("disk swap"), 6));
+    assert!(again.events.is_empty());
+    assert_eq!(again.result.revision, on.result.revision);
+    let reworded = maintenance_outcome(&r.apply(&maintenance(Some("disk swap, slot 3"), 7)));
+    assert_eq!(reworded.maintenance().unwrap().status_since_ms, 5);
+
+    let off = maintenance_outcome(&r.apply(&maintenance(None, 8)));
+    assert_eq!(off.health, Health::Warning);
+    assert!(off.checks.is_empty());
+    assert!(
+        r.apply(&maintenance(None, 9)).events.is_empty(),
+        "ending it twice changes nothing"
+    );
+}
+
+#[test]
+fn maintenance_without_a_reason_gets_the_default_note() {
+    let mut r = Registry::new();
+    r.apply(&web_without_checks(Health::Passing));
+    let i = maintenance_outcome(&r.apply(&maintenance(Some(""), 2)));
+    assert_eq!(
+        i.maintenance().unwrap().notes,
+        muster_core::types::MAINTENANCE_DEFAULT_REASON
+    );
+}
+
+#[test]
+fn in_maintenance_setting_health_changes_what_comes_back_and_reregistering_keeps_it() {
+    let mut r = Registry::new();
+    r.apply(&web_without_checks(Health::Passing));
+    r.apply(&maintenance(Some("deploy"), 2));
+    let set = r.apply(&Command::SetHealth {
+        key: InstanceKey::new("", "web", "w1"),
+        health: Health::Critical,
+        now_ms: 3,
+    });
+    let Outcome::HealthSet(i) = &set.result.outcome else {
+        panic!("{:?}", set.result.outcome)
+    };
+    assert_eq!(i.health, Health::Critical);
+    assert_eq!(i.health_without_maintenance(), Health::Critical);
+
+    // Re-registering with a TTL check keeps maintenance; ending it shows the check.
+    let Outcome::Registered(i) = r
+        .apply(&Command::Register {
+            spec: web_with_ttl_check(None),
+            grant_ttl_ms: None,
+            now_ms: 4,
+        })
+        .result
+        .outcome
+    else {
+        panic!("registration refused")
+    };
+    assert_eq!(i.maintenance().unwrap().notes, "deploy");
+    assert_eq!(i.checks.len(), 2);
+    let passed = r.apply(&update(Health::Passing, "ok", 5));
+    let Outcome::CheckUpdated(i) = &passed.result.outcome else {
+        panic!("{:?}", passed.result.outcome)
+    };
+    assert_eq!(i.health, Health::Critical, "still in maintenance");
+    assert_eq!(i.health_without_maintenance(), Health::Passing);
+    let off = maintenance_outcome(&r.apply(&maintenance(None, 6)));
+    assert_eq!(off.health, Health::Passing);
+    assert_eq!(off.checks.len(), 1);
+}
+
+#[test]
+fn the_maintenance_check_takes_no_reports_and_its_id_is_not_for_registered_checks() {
+    let mut r = Registry::new();
+    r.apply(&web_without_checks(Health::Passing));
+    r.apply(&maintenance(Some("deploy"), 2));
+    let report = r.apply(&Command::UpdateCheck {
+        key: InstanceKey::new("", "web", "w1"),
+        check_id: "_service_maintenance:w1".into(),
+        status: Health::Passing,
+        output: String::new(),
+        now_ms: 3,
+    });
+    let Outcome::Rejected(Rejection::Invalid(e)) = &report.result.outcome else {
+        panic!("{:?}", report.result.outcome)
+    };
+    assert_eq!(e.field, "check_id");
+    assert!(report.events.is_empty());
+
+    let mut spec = web_with_ttl_check(None);
+    spec.checks[0].id = "_service_maintenance:w1".into();
+    let register = r.apply(&Command::Register {
+        spec: spec.clone(),
+        grant_ttl_ms: None,
+        now_ms: 4,
+    });
+    let Outcome::Rejected(Rejection::Invalid(e)) = &register.result.outcome else {
+        panic!("{:?}", register.result.outcome)
+    };
+    assert_eq!(e.field, "checks[0].id");
+
+    // Out of maintenance such a check registers, and then maintenance is refused.
+    r.apply(&maintenance(None, 5));
+    assert!(matches!(
+        r.apply(&Command::Register {
+            spec,
+            grant_ttl_ms: None,
+            now_ms: 6
+        })
+        .result
+        .outcome,
+        Outcome::Registered(_)
+    ));
+    let refused = r.apply(&maintenance(Some("deploy"), 7));
+    let Outcome::Rejected(Rejection::Invalid(e)) = &refused.result.outcome else {
+        panic!("{:?}", refused.result.outcome)
+    };
+    assert_eq!(e.field, "instance_id");
+}
+
+#[test]
+fn maintenance_of_an_unknown_instance_or_with_an_overlong_reason_is_refused() {
+    let mut r = Registry::new();
+    assert!(matches!(
+        r.apply(&maintenance(Some("x"), 1)).result.outcome,
+        Outcome::Rejected(Rejection::InstanceNotFound(_))
+    ));
+    r.apply(&web_without_checks(Health::Passing));
+    let long = "x".repeat(1025);
+    let applied = r.apply(&maintenance(Some(&long), 2));
+    let Outcome::Rejected(Rejection::Invalid(e)) = &applied.result.outcome else {
+        panic!("{:?}", applied.result.outcome)
+    };
+    assert_eq!(e.field, "reason");
 }

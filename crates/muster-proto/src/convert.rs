@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use muster_core::validate::{self, ValidationError};
-use muster_core::{DeleteReason, Event, EventKind, Health, Instance, InstanceKey, InstanceSpec, ServiceSummary};
+use muster_core::{Check, DeleteReason, Event, EventKind, Health, Instance, InstanceKey, InstanceSpec, ServiceSummary};
 
 use crate::v1 as pb;
 
@@ -64,6 +64,11 @@ impl From<&Instance> for pb::Instance {
             mod_revision: i.mod_revision,
             registered_at_ms: i.registered_at_ms,
             updated_at_ms: i.updated_at_ms,
+            maintenance: i.maintenance().map(|m| pb::Maintenance {
+                reason: m.notes.clone(),
+                since_ms: m.status_since_ms,
+                health_after: pb::Health::from(i.health_without_maintenance()) as i32,
+            }),
         }
     }
 }
@@ -126,8 +131,17 @@ pub fn instance_from_pb(i: &pb::Instance) -> Instance {
         mod_revision: i.mod_revision,
         registered_at_ms: i.registered_at_ms,
         updated_at_ms: i.updated_at_ms,
-        // Checks are not carried over gRPC yet; `health` reflects them.
-        checks: Vec::new(),
+        // TTL checks are not carried over gRPC yet (`health` reflects them); the
+        // maintenance check is.
+        checks: i
+            .maintenance
+            .as_ref()
+            .map(|m| {
+                let after = health_from_pb("maintenance.health_after", m.health_after).unwrap_or(Health::Passing);
+                Check::maintenance(&i.instance_id, &m.reason, after, m.since_ms)
+            })
+            .into_iter()
+            .collect(),
     }
 }
 

@@ -133,6 +133,29 @@ impl NodeCore {
         }
     }
 
+    /// Puts an instance in maintenance with `Some(reason)`, or takes it out with
+    /// `None`.
+    pub async fn set_maintenance(&self, key: InstanceKey, reason: Option<String>) -> Result<Registered, ApiError> {
+        validate::instance_key(&key)?;
+        if let Some(reason) = &reason {
+            validate::maintenance_reason(reason)?;
+        }
+        let result = self
+            .propose(Command::SetMaintenance {
+                key,
+                reason,
+                now_ms: Self::now_ms(),
+            })
+            .await?;
+        match result.outcome {
+            Outcome::MaintenanceSet(instance) => Ok(Registered {
+                instance,
+                revision: result.revision,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Waits until a read at `consistency` may be served from this node's memory.
     pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
         match consistency {

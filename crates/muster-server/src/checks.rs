@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use muster_core::registry::critical_too_long;
+use muster_core::validate;
 use muster_core::{ApplyResult, Command, Health, InstanceKey, Outcome, Registry, Revision};
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +74,8 @@ impl KeeperState {
     fn sync(&mut self, now: Instant, registry: &Registry) {
         let mut deadlines = HashMap::with_capacity(self.deadlines.len());
         for instance in registry.instances_with_checks() {
-            for check in &instance.checks {
+            // The maintenance check has no TTL to keep.
+            for check in instance.checks.iter().filter(|c| c.has_ttl()) {
                 let key = (instance.key(), check.id.clone());
                 let deadline = self
                     .deadlines
@@ -169,6 +171,9 @@ impl CheckKeeper {
                     report.check_id, report.key
                 ))));
             };
+            if let Err(refused) = validate::check_takes_reports(check) {
+                return Some(Err(ApiError::Invalid(refused)));
+            }
             state.deadlines.insert(
                 (report.key.clone(), report.check_id.clone()),
                 Instant::now() + Duration::from_millis(check.ttl_ms),
@@ -297,5 +302,43 @@ pub async fn run(core: Arc<NodeCore>) {
                 Err(_) => tracing::warn!(instances = count, "eviction not applied in time"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muster_core::{CheckSpec, InstanceSpec};
+
+    #[test]
+    fn the_keeper_keeps_deadlines_for_ttl_checks_and_not_for_the_maintenance_check() {
+        let mut registry = Registry::new();
+        registry.apply(&Command::Register {
+            spec: InstanceSpec {
+                service: "web".into(),
+                instance_id: "w1".into(),
+                address: "10.0.0.1".into(),
+                port: 80,
+                checks: vec![CheckSpec {
+                    id: "service:w1".into(),
+                    ttl_ms: 10_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            grant_ttl_ms: None,
+            now_ms: 1,
+        });
+        let key = InstanceKey::new("", "web", "w1");
+        registry.apply(&Command::SetMaintenance {
+            key: key.clone(),
+            reason: Some("deploy".into()),
+            now_ms: 2,
+        });
+        assert_eq!(registry.instance(&key).map(|i| i.checks.len()), Some(2));
+        let mut state = KeeperState::default();
+        state.sync(Instant::now(), &registry);
+        let tracked: Vec<&str> = state.deadlines.keys().map(|(_, id)| id.as_str()).collect();
+        assert_eq!(tracked, ["service:w1"]);
     }
 }

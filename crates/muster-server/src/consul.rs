@@ -62,6 +62,7 @@ pub fn routes() -> Router<Arc<NodeCore>> {
     Router::new()
         .route("/v1/agent/service/register", put(register))
         .route("/v1/agent/service/deregister/{id}", put(deregister))
+        .route("/v1/agent/service/maintenance/{id}", put(service_maintenance))
         .route("/v1/agent/service/{id}", get(agent_service))
         .route("/v1/agent/check/pass/{*check_id}", put(check_pass))
         .route("/v1/agent/check/warn/{*check_id}", put(check_warn))
@@ -300,15 +301,19 @@ async fn register(State(core): State<Arc<NodeCore>>, body: Bytes) -> Result<Resp
     Ok(written())
 }
 
-#[tracing::instrument(skip_all, fields(id = %id))]
-async fn deregister(State(core): State<Arc<NodeCore>>, Path(id): Path<String>) -> Result<Response, ConsulError> {
-    let keys: Vec<InstanceKey> = core
-        .shared
+/// The instances a Consul service ID names (one per service it is registered in).
+fn keys_with_service_id(core: &NodeCore, id: &str) -> Vec<InstanceKey> {
+    core.shared
         .read()
-        .instances_with_id(NAMESPACE, &id)
+        .instances_with_id(NAMESPACE, id)
         .into_iter()
         .map(|i| i.key())
-        .collect();
+        .collect()
+}
+
+#[tracing::instrument(skip_all, fields(id = %id))]
+async fn deregister(State(core): State<Arc<NodeCore>>, Path(id): Path<String>) -> Result<Response, ConsulError> {
+    let keys = keys_with_service_id(&core, &id);
     if keys.is_empty() {
         return Err(ConsulError::not_found(format!(
             "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
@@ -319,6 +324,28 @@ async fn deregister(State(core): State<Arc<NodeCore>>, Path(id): Path<String>) -
             Ok(_) | Err(ApiError::InstanceNotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    Ok(written())
+}
+
+/// `PUT /v1/agent/service/maintenance/:id?enable=true&reason=...`: puts the
+/// instances with this service ID in maintenance (a critical check
+/// `_service_maintenance:<id>`, so health reads and discovery skip them), or takes
+/// them out.
+#[tracing::instrument(skip_all, fields(id = %id))]
+async fn service_maintenance(
+    State(core): State<Arc<NodeCore>>,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Response, ConsulError> {
+    let enable = decode::maintenance_enable(param(&params, "enable"))?;
+    let reason = enable.then(|| param(&params, "reason").unwrap_or_default().to_string());
+    let keys = keys_with_service_id(&core, &id);
+    if keys.is_empty() {
+        return Err(ConsulError::not_found(format!("No service registered with ID {id:?}")));
+    }
+    for key in keys {
+        core.set_maintenance(key, reason.clone()).await?;
     }
     Ok(written())
 }

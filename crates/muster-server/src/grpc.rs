@@ -277,6 +277,20 @@ impl Registry for RegistryApi {
         }))
     }
 
+    #[instrument(skip_all)]
+    async fn set_maintenance(
+        &self,
+        request: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::SetMaintenanceResponse>, Status> {
+        let req = request.into_inner();
+        let key = convert::key_from_parts(&req.namespace, &req.service, &req.instance_id).map_err(ApiError::Invalid)?;
+        let done = self.core.set_maintenance(key, req.enable.then_some(req.reason)).await?;
+        Ok(Response::new(pb::SetMaintenanceResponse {
+            header: Some(header(&self.core, done.revision)),
+            instance: Some(pb::Instance::from(&*done.instance)),
+        }))
+    }
+
     /// Reached only when this service is served without [`crate::encoded_routes`]'s
     /// wrapper (which answers Discover with the encoded answer); decodes it back.
     #[instrument(skip_all)]

@@ -74,6 +74,10 @@ pub fn routes() -> Router<Arc<NodeCore>> {
             "/v1/registry/services/{service}/instances/{instance_id}/health",
             put(set_health),
         )
+        .route(
+            "/v1/registry/services/{service}/instances/{instance_id}/maintenance",
+            put(set_maintenance),
+        )
         .route("/v1/registry/leases", get(list_leases).post(grant_lease))
         .route("/v1/registry/leases/{lease_id}", get(get_lease).delete(revoke_lease))
         .route(
@@ -388,6 +392,17 @@ struct OneInstanceJson {
     instance: InstanceJson,
 }
 
+/// The answer that shows one instance, at `revision`.
+fn one_instance(core: &NodeCore, revision: u64, instance: &muster_core::Instance) -> Response {
+    answer(
+        core,
+        revision,
+        OneInstanceJson {
+            instance: InstanceJson::from(instance),
+        },
+    )
+}
+
 #[instrument(skip_all)]
 async fn get_instance(
     State(core): State<Arc<NodeCore>>,
@@ -403,13 +418,7 @@ async fn get_instance(
     core.read_barrier(consistency).await?;
     let (instance, revision) = core.instance_local(&key)?;
     let instance = instance.ok_or_else(|| RestError::not_found("instance_id", format!("instance {key} not found")))?;
-    Ok(answer(
-        &core,
-        revision,
-        OneInstanceJson {
-            instance: InstanceJson::from(&*instance),
-        },
-    ))
+    Ok(one_instance(&core, revision, &instance))
 }
 
 #[derive(Serialize)]
@@ -446,13 +455,40 @@ async fn set_health(
     let done = core
         .set_health(InstanceKey::new(&ns, &service, &instance_id), health)
         .await?;
-    Ok(answer(
-        &core,
-        done.revision,
-        OneInstanceJson {
-            instance: InstanceJson::from(&*done.instance),
-        },
-    ))
+    Ok(one_instance(&core, done.revision, &done.instance))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaintenanceBody {
+    enable: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[instrument(skip_all)]
+async fn set_maintenance(
+    State(core): State<Arc<NodeCore>>,
+    PathParams((service, instance_id)): PathParams<(String, String)>,
+    mut query: QueryParams,
+    JsonBody(body): JsonBody<MaintenanceBody>,
+) -> RestResult {
+    let ns = namespace(&mut query)?;
+    query.finish()?;
+    let reason = match (body.enable, body.reason) {
+        (true, reason) => Some(reason.unwrap_or_default()),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(invalid(
+                "reason",
+                "only a request that enables maintenance gives a reason",
+            ))
+        }
+    };
+    let done = core
+        .set_maintenance(InstanceKey::new(&ns, &service, &instance_id), reason)
+        .await?;
+    Ok(one_instance(&core, done.revision, &done.instance))
 }
 
 #[derive(Serialize)]
@@ -735,6 +771,7 @@ mod tests {
             "/v1/registry/services/{service}/instances",
             "/v1/registry/services/{service}/instances/{instance_id}",
             "/v1/registry/services/{service}/instances/{instance_id}/health",
+            "/v1/registry/services/{service}/instances/{instance_id}/maintenance",
             "/v1/registry/leases",
             "/v1/registry/leases/{lease_id}",
             "/v1/registry/leases/{lease_id}/keepalive",

@@ -65,6 +65,9 @@ pub enum Command {
     Register(RegisterArgs),
     /// Remove an instance.
     Deregister(DeregisterArgs),
+    /// Put an instance in maintenance (discovery skips it, it stays registered), or
+    /// take it out with --off.
+    Maintenance(MaintenanceArgs),
     /// List the instances of a service.
     Discover(DiscoverArgs),
     /// List services with instance counts.
@@ -358,6 +361,23 @@ pub struct DeregisterArgs {
     pub service: String,
     /// Instance id.
     pub id: String,
+    #[command(flatten)]
+    pub ns: NamespaceArg,
+}
+
+/// `muster maintenance`.
+#[derive(Debug, Args)]
+pub struct MaintenanceArgs {
+    /// Service name.
+    pub service: String,
+    /// Instance id.
+    pub id: String,
+    /// Why (shown to whoever looks at the instance).
+    #[arg(long, conflicts_with = "off")]
+    pub reason: Option<String>,
+    /// End maintenance: the instance gets back the health it would have had.
+    #[arg(long)]
+    pub off: bool,
     #[command(flatten)]
     pub ns: NamespaceArg,
 }

@@ -9,7 +9,9 @@ use muster_core::{Health, InstanceSpec};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cli::{ClusterCommand, DeregisterArgs, DiscoverArgs, RegisterArgs, ServicesArgs, WatchArgs};
+use crate::cli::{
+    ClusterCommand, DeregisterArgs, DiscoverArgs, MaintenanceArgs, RegisterArgs, ServicesArgs, WatchArgs,
+};
 use crate::output::{self, header_json, header_line, instance_json};
 
 /// Options every client command shares.
@@ -125,6 +127,29 @@ pub async fn deregister(ctx: &Ctx, args: DeregisterArgs) -> Result<()> {
         println!(
             "deregistered {}/{}/{} at revision {revision}",
             args.ns.namespace, args.service, args.id
+        );
+    }
+    Ok(())
+}
+
+/// `muster maintenance`.
+pub async fn maintenance(ctx: &Ctx, args: MaintenanceArgs) -> Result<()> {
+    let reason = (!args.off).then(|| args.reason.unwrap_or_default());
+    let instance = ctx
+        .client
+        .set_maintenance(&args.ns.namespace, &args.service, &args.id, reason.as_deref())
+        .await?;
+    if ctx.json {
+        print_json(&instance_json(&instance));
+    } else if let Some(m) = instance.maintenance() {
+        println!(
+            "{}/{}/{} is in maintenance ({}), revision {}",
+            args.ns.namespace, args.service, args.id, m.notes, instance.mod_revision
+        );
+    } else {
+        println!(
+            "{}/{}/{} is out of maintenance, {}, revision {}",
+            args.ns.namespace, args.service, args.id, instance.health, instance.mod_revision
         );
     }
     Ok(())

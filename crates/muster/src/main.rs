@@ -94,6 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gateway(ref args) => return gateway::run(args).await,
         Command::Register(args) => commands::register(&ctx().await?, args).await?,
         Command::Deregister(args) => commands::deregister(&ctx().await?, args).await?,
+        Command::Maintenance(args) => commands::maintenance(&ctx().await?, args).await?,
         Command::Discover(args) => commands::discover(&ctx().await?, args).await?,
         Command::Services(args) => commands::services(&ctx().await?, args).await?,
         Command::Watch(args) => commands::watch(&ctx().await?, args).await?,

@@ -82,6 +82,11 @@ pub fn instance_json(i: &Instance) -> Value {
         "mod_revision": i.mod_revision,
         "registered_at_ms": i.registered_at_ms,
         "updated_at_ms": i.updated_at_ms,
+        "maintenance": i.maintenance().map(|m| json!({
+            "reason": m.notes,
+            "since_ms": m.status_since_ms,
+            "health_after": i.health_without_maintenance().as_str(),
+        })),
     })
 }
 
@@ -100,7 +105,11 @@ pub fn instances_table(instances: &[Instance]) -> String {
             i.instance_id.clone(),
             i.address.clone(),
             i.port.to_string(),
-            i.health.to_string(),
+            if i.maintenance().is_some() {
+                format!("{} (maintenance)", i.health)
+            } else {
+                i.health.to_string()
+            },
             or_dash(&i.zone),
             i.weight.to_string(),
             i.lease_id.map_or("-".into(), |l| l.to_string()),

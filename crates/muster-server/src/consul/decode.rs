@@ -521,6 +521,20 @@ pub fn check_state(value: &str) -> Result<Option<Health>, DecodeError> {
     }
 }
 
+/// The `enable` parameter of `PUT /v1/agent/service/maintenance/:id`: required, a
+/// boolean as Go's `strconv.ParseBool` reads one (`true`, `1`, `t`, `false`, ...).
+pub fn maintenance_enable(value: Option<&str>) -> Result<bool, DecodeError> {
+    match value {
+        None => Err(DecodeError::new("enable", "is required (true or false)")),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some(other) => Err(DecodeError::new(
+            "enable",
+            format!("must be true or false, got {other:?}"),
+        )),
+    }
+}
+
 /// The body of `PUT /v1/agent/check/update/:check_id`: `{Status, Output}`.
 pub fn check_update(body: &[u8]) -> Result<(Health, String), DecodeError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| DecodeError::new("body", e.to_string()))?;
@@ -535,6 +549,17 @@ mod tests {
 
     fn reg(json: &str) -> Result<Registration, DecodeError> {
         registration(json.as_bytes(), "127.0.0.1")
+    }
+
+    #[test]
+    fn maintenance_enable_is_required_and_read_as_go_reads_a_boolean() {
+        assert!(maintenance_enable(Some("true")).unwrap());
+        assert!(maintenance_enable(Some("1")).unwrap());
+        assert!(!maintenance_enable(Some("False")).unwrap());
+        assert_eq!(maintenance_enable(None).unwrap_err().field, "enable");
+        let e = maintenance_enable(Some("yes")).unwrap_err();
+        assert_eq!(e.field, "enable");
+        assert!(e.reason.contains("\"yes\""), "{}", e.reason);
     }
 
     #[test]

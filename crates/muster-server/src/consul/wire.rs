@@ -152,29 +152,36 @@ impl HealthCheck {
             status: c.status.as_str(),
             notes: c.notes.clone(),
             output: c.output.clone(),
-            ttl: go_duration(c.ttl_ms),
+            kind: if c.is_maintenance() { "maintenance" } else { "ttl" },
+            ttl: if c.has_ttl() {
+                go_duration(c.ttl_ms)
+            } else {
+                String::new()
+            },
             ..Self::base(i)
         }
     }
 
-    /// The checks of an instance: its TTL checks, or, for an instance without any
-    /// whose health is not passing, one check standing for that health (so
-    /// consumers that aggregate checks see it).
+    /// The checks of an instance: its TTL checks and its maintenance check, and,
+    /// for an instance without TTL checks whose own health is not passing, one
+    /// check standing for that health (so consumers that aggregate checks see it).
     pub fn all_of(i: &Instance) -> Vec<Self> {
-        if !i.checks.is_empty() {
-            return i.checks.iter().map(|c| Self::of_check(i, c)).collect();
+        let mut checks: Vec<Self> = i.checks.iter().map(|c| Self::of_check(i, c)).collect();
+        let own = i.health_without_maintenance();
+        if !i.has_ttl_checks() && own != Health::Passing {
+            checks.insert(
+                0,
+                HealthCheck {
+                    check_id: own_health_check_id(&i.instance_id),
+                    name: "Muster instance health".into(),
+                    status: own.as_str(),
+                    notes: "Set by the instance's owner through the Muster API".into(),
+                    kind: "muster",
+                    ..Self::base(i)
+                },
+            );
         }
-        if i.health == Health::Passing {
-            return Vec::new();
-        }
-        vec![HealthCheck {
-            check_id: own_health_check_id(&i.instance_id),
-            name: "Muster instance health".into(),
-            status: i.health.as_str(),
-            notes: "Set by the instance's owner through the Muster API".into(),
-            kind: "muster",
-            ..Self::base(i)
-        }]
+        checks
     }
 }
 
@@ -423,6 +430,25 @@ mod tests {
         assert_eq!(v["Checks"][0]["Status"], "critical");
         assert_eq!(v["Checks"][0]["ServiceID"], "web-1");
         assert_eq!(v["Checks"][0]["TTL"], "10s");
+    }
+
+    #[test]
+    fn the_maintenance_check_shows_as_consul_shows_it_beside_the_owners_health() {
+        let mut i = instance();
+        i.checks = vec![Check::maintenance("web-1", "", Health::Warning, 7)];
+        let checks = HealthCheck::all_of(&i);
+        let ids: Vec<&str> = checks.iter().map(|c| c.check_id.as_str()).collect();
+        assert_eq!(ids, ["muster:health:web-1", "_service_maintenance:web-1"]);
+        assert_eq!(checks[0].status, "warning");
+        let m = &checks[1];
+        assert_eq!((m.status, m.kind, m.ttl.as_str()), ("critical", "maintenance", ""));
+        assert_eq!(m.name, "Service Maintenance Mode");
+        assert!(m.notes.starts_with("Maintenance mode is enabled"), "{}", m.notes);
+
+        // With a TTL check, the TTL check speaks for the owner's health.
+        i.checks.insert(0, instance().checks[0].clone());
+        let kinds: Vec<&str> = HealthCheck::all_of(&i).iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, ["ttl", "maintenance"]);
     }
 
     #[test]

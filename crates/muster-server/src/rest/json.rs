@@ -42,9 +42,24 @@ pub struct InstanceJson {
     pub registered_at_ms: u64,
     /// Last change, ms since the Unix epoch (leader time).
     pub updated_at_ms: u64,
-    /// TTL checks (registered through the Consul-compatible API); omitted when none.
+    /// TTL checks (registered through the Consul-compatible API) and the
+    /// maintenance check; omitted when none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckJson>,
+    /// Set while the instance is in maintenance (its health is then critical).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceJson>,
+}
+
+/// Why and since when an instance is in maintenance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MaintenanceJson {
+    /// The reason given (a default note when none was).
+    pub reason: String,
+    /// When maintenance began, ms since the Unix epoch (leader time).
+    pub since_ms: u64,
+    /// The health the instance gets back when maintenance ends.
+    pub health_after: &'static str,
 }
 
 /// A TTL check as the REST API shows it.
@@ -97,6 +112,11 @@ impl From<&Instance> for InstanceJson {
             registered_at_ms: i.registered_at_ms,
             updated_at_ms: i.updated_at_ms,
             checks: i.checks.iter().map(CheckJson::from).collect(),
+            maintenance: i.maintenance().map(|m| MaintenanceJson {
+                reason: m.notes.clone(),
+                since_ms: m.status_since_ms,
+                health_after: i.health_without_maintenance().as_str(),
+            }),
         }
     }
 }

@@ -277,7 +277,8 @@
             checks.map((c) =>
               el(
                 'li',
-                { title: c.output || null },
+                // The maintenance check (no TTL) is explained by its reason.
+                { title: (c.ttl_ms === 0 && i.maintenance ? i.maintenance.reason : c.output) || null },
                 el('span', { class: 'badge small ' + (HEALTHS.includes(c.status) ? c.status : 'unknown') }, c.status),
                 ' ',
                 c.name || c.id,
