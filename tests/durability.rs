@@ -29,6 +29,24 @@ async fn count(cluster: &TestCluster, node: u64, service: &str) -> Result<usize>
     .len())
 }
 
+/// The maintenance reason of one instance of `snap` as `node` serves it (empty when
+/// it is not in maintenance).
+async fn maintenance_reason(cluster: &TestCluster, node: u64, id: &str) -> Result<String> {
+    let mut c = cluster.registry(node).await?;
+    let instances = c
+        .discover(pb::DiscoverRequest {
+            service: "snap".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .instances;
+    let Some(found) = instances.into_iter().find(|i| i.instance_id == id) else {
+        bail!("{id} is not on node {node}")
+    };
+    Ok(found.maintenance.map(|m| m.reason).unwrap_or_default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_cluster_restart_keeps_every_registration() -> Result<()> {
     init_tracing();
@@ -77,6 +95,23 @@ async fn a_node_that_missed_purged_log_catches_up_from_a_snapshot() -> Result<()
             })
             .await?;
     }
+    client
+        .set_maintenance(pb::SetMaintenanceRequest {
+            service: "snap".into(),
+            instance_id: "s-7".into(),
+            enable: true,
+            reason: "in the snapshot".into(),
+            ..Default::default()
+        })
+        .await?;
+    for n in 200..240 {
+        client
+            .register(pb::RegisterRequest {
+                instance: Some(instance("snap", &format!("s-{n}"))),
+                ttl_ms: 0,
+            })
+            .await?;
+    }
     let status = cluster
         .cluster(leader)
         .await?
@@ -86,11 +121,13 @@ async fn a_node_that_missed_purged_log_catches_up_from_a_snapshot() -> Result<()
     assert!(status.snapshot_index > 0, "the leader built a snapshot");
     cluster.restart(lagging).await?;
     cluster.wait_for_same_digest(Duration::from_secs(20)).await?;
-    assert_eq!(count(&cluster, lagging, "snap").await?, 200);
+    assert_eq!(count(&cluster, lagging, "snap").await?, 240);
+    assert_eq!(maintenance_reason(&cluster, lagging, "s-7").await?, "in the snapshot");
     // And it keeps the state across its own restart (snapshot file + sled).
     cluster.stop(lagging).await;
     cluster.restart(lagging).await?;
     cluster.wait_for_same_digest(Duration::from_secs(20)).await?;
+    assert_eq!(maintenance_reason(&cluster, lagging, "s-7").await?, "in the snapshot");
     cluster.shutdown().await;
     Ok(())
 }
