@@ -1060,3 +1060,100 @@ async fn discover_answers_are_reused_until_the_service_changes() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+/// A rolling upgrade: while one member states an older command level (here pinned
+/// with `command_level`, as `--command-level 1` does), a command it could not read
+/// is refused on whichever node it arrives and never reaches the log; writes it can
+/// read go on. Once the member states the new level, the command goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_at_an_older_command_level_keeps_newer_commands_out_of_the_log() -> Result<()> {
+    init_tracing();
+    let mut cluster = TestCluster::start_with(3, |c| {
+        if c.id == 3 {
+            c.command_level = 1;
+        }
+    })
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let level_of = |status: pb::StatusResponse| status.command_level;
+    for (node, level) in [(1, muster_core::COMMAND_LEVEL), (3, 1)] {
+        let status = cluster
+            .cluster(node)
+            .await?
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner();
+        assert_eq!(level_of(status), level, "node {node}'s Status states its level");
+    }
+    register(&mut cluster.registry(1).await?, instance("up", "u-1", 80), 0).await?;
+    if leader != 3 {
+        let core = cluster.nodes[&leader]
+            .handle
+            .as_ref()
+            .context("leader running")?
+            .core()
+            .clone();
+        eventually(Duration::from_secs(5), "the leader to hear node 3's level", || {
+            let known = core.member_levels.level(3);
+            async move { Ok(known == Some(1)) }
+        })
+        .await?;
+    }
+    let maintenance = pb::SetMaintenanceRequest {
+        service: "up".into(),
+        instance_id: "u-1".into(),
+        enable: true,
+        reason: "drain".into(),
+        ..Default::default()
+    };
+    for node in [1, 2, 3] {
+        let refused = cluster
+            .registry(node)
+            .await?
+            .set_maintenance(maintenance.clone())
+            .await
+            .expect_err("refused while node 3 states level 1");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "via node {node}: {refused:?}"
+        );
+        assert!(
+            refused.message().contains("level 1"),
+            "via node {node}: {}",
+            refused.message()
+        );
+    }
+    // Writes node 3 can read go on, and none of the refused ones is anywhere.
+    register(&mut cluster.registry(3).await?, instance("up", "u-2", 80), 0).await?;
+    cluster.wait_for_same_digest(Duration::from_secs(10)).await?;
+    for node in [1, 2, 3] {
+        let found = discover(&mut cluster.registry(node).await?, "up", pb::ReadMode::Local, 0).await?;
+        assert_eq!(ids(&found), BTreeSet::from(["u-1".to_string(), "u-2".to_string()]));
+        assert!(found.instances.iter().all(|i| i.maintenance.is_none()), "node {node}");
+    }
+
+    // Node 3 upgraded: restarted stating this build's level.
+    cluster.stop(3).await;
+    cluster.nodes.get_mut(&3).context("node 3")?.config.command_level = muster_core::COMMAND_LEVEL;
+    cluster.restart(3).await?;
+    cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    assert_eq!(cluster.status(3).command_level, muster_core::COMMAND_LEVEL);
+    let client = cluster.registry(1).await?;
+    eventually(
+        Duration::from_secs(10),
+        "maintenance accepted after the upgrade",
+        || {
+            let mut client = client.clone();
+            let request = maintenance.clone();
+            async move { Ok(client.set_maintenance(request).await.is_ok()) }
+        },
+    )
+    .await?;
+    cluster.wait_for_same_digest(Duration::from_secs(10)).await?;
+    let found = discover(&mut cluster.registry(3).await?, "up", pb::ReadMode::Local, 0).await?;
+    let drained = found.instances.iter().find(|i| i.instance_id == "u-1").context("u-1")?;
+    assert_eq!(drained.maintenance.as_ref().map(|m| m.reason.as_str()), Some("drain"));
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -280,6 +280,7 @@ async fn rest_registration_through_one_node_is_read_from_another_with_min_revisi
                 .and_then(|h| h.core().cluster.id())
                 .map(muster_server::identity::format_cluster_id)
         );
+        assert_eq!(status["command_level"], muster_core::COMMAND_LEVEL);
         let members = ok_json(
             http.get(format!("{}/v1/cluster/members", base(&cluster, id)))
                 .send()

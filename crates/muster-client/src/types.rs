@@ -124,6 +124,8 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     /// Its cluster's id (16 hex digits), unless it joined and has not learned it yet.
     pub cluster_id: Option<String>,
+    /// The command level it states to its peers (1 for builds before levels).
+    pub command_level: u32,
 }
 
 impl From<pb::StatusResponse> for NodeStatus {
@@ -142,6 +144,7 @@ impl From<pb::StatusResponse> for NodeStatus {
             leases: s.leases,
             snapshot_index: s.snapshot_index,
             cluster_id: (!s.cluster_id.is_empty()).then_some(s.cluster_id),
+            command_level: s.command_level.max(1),
         }
     }
 }

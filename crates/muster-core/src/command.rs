@@ -148,6 +148,36 @@ pub enum Command {
 /// The most commands one [`Command::Batch`] may carry.
 pub const MAX_BATCH_COMMANDS: usize = 1024;
 
+/// The command level of this build: the newest kind of command it can decode and
+/// apply. Level 1 is every command of the first release; level 2 adds
+/// [`Command::SetMaintenance`]. A replica of an older build cannot decode an entry
+/// holding a command above its level (it stops replicating at that entry until it is
+/// upgraded), so the leader proposes such a command only while no member is known
+/// to run a lower level.
+pub const COMMAND_LEVEL: u32 = 2;
+
+impl Command {
+    /// The command level a replica needs to apply this command.
+    pub fn level(&self) -> u32 {
+        match self {
+            Command::Register { .. }
+            | Command::Deregister { .. }
+            | Command::GrantLease { .. }
+            | Command::RevokeLease { .. }
+            | Command::ExpireLeases { .. }
+            | Command::Barrier
+            | Command::CheckpointLeases { .. }
+            | Command::SetHealth { .. }
+            | Command::UpdateCheck { .. }
+            | Command::ExpireChecks { .. }
+            | Command::EvictCritical { .. } => 1,
+            Command::SetMaintenance { .. } => 2,
+            Command::Forwarded { command, .. } => command.level(),
+            Command::Batch { commands } => commands.iter().map(Command::level).max().unwrap_or(1),
+        }
+    }
+}
+
 /// Why a command changed nothing. A rejection is an answer, not a failure: every
 /// replica rejects the same command the same way.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ pub mod sessions;
 pub mod types;
 pub mod validate;
 
-pub use command::{ApplyResult, Command, Outcome, Rejection, MAX_BATCH_COMMANDS};
+pub use command::{ApplyResult, Command, Outcome, Rejection, COMMAND_LEVEL, MAX_BATCH_COMMANDS};
 pub use event::{DeleteReason, Event, EventKind};
 pub use filter::{DiscoverFilter, WatchFilter};
 pub use history::WatchHistory;

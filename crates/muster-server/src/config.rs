@@ -37,6 +37,11 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// sled page cache, in bytes.
     pub state_cache_bytes: u64,
+    /// The command level this node states to its peers (see
+    /// [`crate::member_levels`]): this build's [`muster_core::COMMAND_LEVEL`], or a
+    /// lower one to keep the cluster's log readable by an older build (a node can then
+    /// be rolled back); commands above it are refused.
+    pub command_level: u32,
 }
 
 /// Raft timing, tuned for fsynced appends.
@@ -165,6 +170,7 @@ impl NodeConfig {
             // the apply path and scanned at start-up, so its cache holds little that
             // is read again.
             state_cache_bytes: 8 * 1024 * 1024,
+            command_level: muster_core::COMMAND_LEVEL,
         }
     }
 
@@ -215,6 +221,16 @@ impl NodeConfig {
             return Err(ConfigError {
                 field: "election-timeout",
                 reason: "the election timeout must exceed three heartbeats and max must exceed min".into(),
+            });
+        }
+        if !(1..=muster_core::COMMAND_LEVEL).contains(&self.command_level) {
+            return Err(ConfigError {
+                field: "command-level",
+                reason: format!(
+                    "this build knows command levels 1 to {}, got {}",
+                    muster_core::COMMAND_LEVEL,
+                    self.command_level
+                ),
             });
         }
         if !(self.leases.expiry_rate > 0.0 && self.leases.expiry_rate <= 1.0) {

@@ -42,6 +42,10 @@ pub enum ApiError {
     /// Something that should not happen; the request may or may not have been applied.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A member runs, or is pinned to, an older command level than this write needs
+    /// (last, so older builds decode every earlier variant the same way).
+    #[error("{0}")]
+    ClusterTooOld(String),
 }
 
 impl From<Rejection> for ApiError {
@@ -76,7 +80,7 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::Timeout(_) => tonic::Status::deadline_exceeded(message),
             ApiError::ShuttingDown => tonic::Status::unavailable(message),
-            ApiError::Membership(_) => tonic::Status::failed_precondition(message),
+            ApiError::Membership(_) | ApiError::ClusterTooOld(_) => tonic::Status::failed_precondition(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
         }
     }
@@ -88,7 +92,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => 400,
             ApiError::LeaseNotFound(_) | ApiError::InstanceNotFound(_) | ApiError::CheckNotFound(_) => 404,
-            ApiError::LeaseExists(_) | ApiError::Membership(_) => 409,
+            ApiError::LeaseExists(_) | ApiError::Membership(_) | ApiError::ClusterTooOld(_) => 409,
             ApiError::NoLeader { .. } | ApiError::ShuttingDown => 503,
             ApiError::Timeout(_) => 504,
             ApiError::Internal(_) => 500,

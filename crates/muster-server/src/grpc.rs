@@ -382,6 +382,7 @@ impl Cluster for ClusterApi {
             leases: leases as u64,
             snapshot_index: status.snapshot_index,
             cluster_id: status.cluster_id.unwrap_or_default(),
+            command_level: status.command_level,
         }))
     }
 

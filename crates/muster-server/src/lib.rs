@@ -23,6 +23,7 @@ pub mod identity;
 pub mod join;
 pub mod leader_lease;
 pub mod leases;
+pub mod member_levels;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::ClusterIdentity;
 use crate::leader_lease::QuorumClock;
+use crate::member_levels::{MemberLevels, COMMAND_LEVEL_HEADER};
 use crate::metrics::PeerCallLabels;
 use crate::peer_transport::PeerTransport;
 use crate::read_lease::ReadLeaseTable;
@@ -375,6 +376,8 @@ pub struct NetworkFactory {
     pub heartbeat: Duration,
     /// Failed peer calls, by peer, call and failure.
     pub failures: Family<PeerCallLabels, Counter>,
+    /// The command level each peer answers with.
+    pub member_levels: Arc<MemberLevels>,
 }
 
 /// openraft's connection to one peer.
@@ -528,6 +531,9 @@ impl PeerConnection {
         let deadline = option.hard_ttl();
         let mut request = tonic::Request::new(PeerMessage { data });
         request.set_timeout(deadline);
+        request
+            .metadata_mut()
+            .insert(COMMAND_LEVEL_HEADER, self.shared.member_levels.own().into());
         let mut call = Unanswered {
             connection: self,
             rpc,
@@ -549,6 +555,10 @@ impl PeerConnection {
                 message: describe(&status),
             })
         })?;
+        self.shared.member_levels.record(
+            self.target,
+            response.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes()),
+        );
         let decoded: Result<Resp, RaftError<NodeId, E>> =
             bincode::deserialize(&response.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))

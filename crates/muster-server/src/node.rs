@@ -132,6 +132,8 @@ pub struct NodeCore {
     pub forwarded_writes: crate::forward::ForwardedWrites,
     /// Discover answers encoded once per service revision.
     pub discover_cache: crate::discover_cache::DiscoverCache,
+    /// The command level each peer answers with (see [`crate::member_levels`]).
+    pub member_levels: Arc<crate::member_levels::MemberLevels>,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -289,6 +291,7 @@ impl NodeCore {
     /// applied twice, the second time over a newer write of the same key;
     /// regression test in `crates/muster-chaos/tests/regressions.rs`.)
     async fn propose_raw(&self, command: Command) -> Result<ApplyResult, ApiError> {
+        self.check_members_can_apply(&command)?;
         let deadline = Instant::now() + WRITE_DEADLINE;
         let mut command = command;
         let mut in_flight = None;
@@ -728,6 +731,7 @@ impl Node {
         let quorum_clock = Arc::new(crate::leader_lease::QuorumClock::default());
         let held_commit = Arc::new(HeldCommit::default());
         let read_leases = Arc::new(crate::read_lease::ReadLeaseTable::default());
+        let member_levels = Arc::new(crate::member_levels::MemberLevels::new(config.command_level));
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
@@ -739,6 +743,7 @@ impl Node {
                 read_leases: read_leases.clone(),
                 heartbeat: config.raft.heartbeat,
                 failures: metrics.peer_call_failures.clone(),
+                member_levels: member_levels.clone(),
             },
             log,
             state_machine,
@@ -767,6 +772,7 @@ impl Node {
             write_batcher,
             forwarded_writes: Default::default(),
             discover_cache: Default::default(),
+            member_levels,
             quorum_clock,
             voted_before,
             startup_last_log_index,
@@ -871,10 +877,38 @@ impl NodeCore {
         Ok(response.data)
     }
 
+    /// Refuses a command some member is known to be too old to apply (see
+    /// [`crate::member_levels`]). Every write passes here before it is proposed:
+    /// on the node that took it, and on the leader for a forwarded one. The leader
+    /// hears every member's level with each append; a follower hears only the
+    /// leader's (with the leader's appends), so it checks only that one, and leaves
+    /// the rest to the leader.
+    fn check_members_can_apply(&self, command: &Command) -> Result<(), ApiError> {
+        let needed = command.level();
+        if needed <= 1 {
+            return Ok(());
+        }
+        let others: Vec<u64> = {
+            let metrics = self.raft.metrics().borrow().clone();
+            match metrics.current_leader {
+                Some(leader) if leader == self.id => metrics
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != self.id)
+                    .collect(),
+                leader => leader.into_iter().collect(),
+            }
+        };
+        self.member_levels.check(others, needed)
+    }
+
     /// Proposes a command only if this node leads; never forwards. Used for the
     /// leader's own decisions (lease expiry), which a former leader must not push to
     /// its successor.
     pub async fn propose_on_leader(&self, command: Command) -> Result<ApplyResult, ApiError> {
+        self.check_members_can_apply(&command)?;
         match self.client_write(command).await {
             Ok(result) => Ok(result),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ApiError::NoLeader {

@@ -10,12 +10,14 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::coalesced_writes::incoming;
 use crate::error::ApiError;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::{ForeignPeer, CLUSTER_ID_HEADER};
+use crate::member_levels::COMMAND_LEVEL_HEADER;
 use crate::network::MAX_PEER_MESSAGE_BYTES;
 use crate::node::NodeCore;
 
@@ -39,6 +41,21 @@ struct PeerApi {
 }
 
 impl PeerApi {
+    /// Decodes a Raft request after checking its sender's cluster, and records the
+    /// command level its sender (`sender` of the decoded request) states.
+    fn decode_from<T: DeserializeOwned>(
+        &self,
+        req: Request<PeerMessage>,
+        sender: impl FnOnce(&T) -> Option<u64>,
+    ) -> Result<T, Status> {
+        let level = req.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes().to_vec());
+        let decoded: T = self.decode(req)?;
+        if let Some(node) = sender(&decoded) {
+            self.core.member_levels.record(node, level.as_deref());
+        }
+        Ok(decoded)
+    }
+
     /// Decodes a peer request after checking that its sender belongs to this node's
     /// cluster ([`crate::identity::ClusterIdentity::admit`]).
     fn decode<T: DeserializeOwned>(&self, req: Request<PeerMessage>) -> Result<T, Status> {
@@ -54,16 +71,24 @@ impl PeerApi {
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Response<PeerMessage>, Status> {
-    bincode::serialize(value)
-        .map(|data| Response::new(PeerMessage { data }))
-        .map_err(|e| Status::internal(e.to_string()))
+/// Encodes an answer, stating this node's command level (see
+/// [`crate::member_levels`]).
+fn encode<T: Serialize>(value: &T, level: u32) -> Result<Response<PeerMessage>, Status> {
+    let data = bincode::serialize(value).map_err(|e| Status::internal(e.to_string()))?;
+    let mut response = Response::new(PeerMessage { data });
+    response
+        .metadata_mut()
+        .insert(COMMAND_LEVEL_HEADER, MetadataValue::from(level));
+    Ok(response)
 }
 
 #[tonic::async_trait]
 impl RaftPeer for PeerApi {
     async fn append_entries(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = self.decode(request)?;
+        let req: AppendEntriesRequest<TypeConfig> = self
+            .decode_from(request, |r: &AppendEntriesRequest<TypeConfig>| {
+                r.vote.leader_id().voted_for()
+            })?;
         let leader_commit = req.leader_commit.map_or(0, |l| l.index);
         let result = self.core.raft.append_entries(req).await;
         if let Ok(resp) = &result {
@@ -72,11 +97,11 @@ impl RaftPeer for PeerApi {
                 self.core.note_leader_commit(leader_commit);
             }
         }
-        encode(&result)
+        encode(&result, self.core.member_levels.own())
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: VoteRequest<u64> = self.decode(request)?;
+        let req: VoteRequest<u64> = self.decode_from(request, |r: &VoteRequest<u64>| r.vote.leader_id().voted_for())?;
         // Before it stopped, this node may have accepted a leader moments ago and
         // promised (by openraft's leader lease) not to vote for another one for an
         // election timeout; it forgot when, so it keeps that promise from its start.
@@ -89,16 +114,19 @@ impl RaftPeer for PeerApi {
                 self.core.config.raft.election_max.as_millis()
             )));
         }
-        encode(&self.core.raft.vote(req).await)
+        encode(&self.core.raft.vote(req).await, self.core.member_levels.own())
     }
 
     async fn install_snapshot(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: InstallSnapshotRequest<TypeConfig> = self.decode(request)?;
+        let req: InstallSnapshotRequest<TypeConfig> = self
+            .decode_from(request, |r: &InstallSnapshotRequest<TypeConfig>| {
+                r.vote.leader_id().voted_for()
+            })?;
         let result = self.core.raft.install_snapshot(req).await;
         if result.is_ok() {
             self.core.touch_leader_contact();
         }
-        encode(&result)
+        encode(&result, self.core.member_levels.own())
     }
 
     async fn forward(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
@@ -134,6 +162,6 @@ impl RaftPeer for PeerApi {
                 Err(Some(e)) => ForwardResponse::Failed(e),
             },
         };
-        encode(&response)
+        encode(&response, self.core.member_levels.own())
     }
 }

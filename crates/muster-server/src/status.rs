@@ -65,6 +65,9 @@ pub struct NodeStatus {
     /// The cluster's id (16 hex digits), unless this node joined and has not learned
     /// it yet.
     pub cluster_id: Option<String>,
+    /// The command level this node states to its peers (see
+    /// [`crate::member_levels`]).
+    pub command_level: u32,
 }
 
 impl NodeStatus {
@@ -142,6 +145,7 @@ impl NodeCore {
             leader_contacted: m.state == ServerState::Leader || self.leader_contacted(),
             ready: false,
             cluster_id: self.cluster.id().map(crate::identity::format_cluster_id),
+            command_level: self.member_levels.own(),
         };
         status.ready = status.not_ready_reason(self.contact_grace()).is_none();
         status
@@ -210,6 +214,7 @@ mod tests {
             leader_contacted: true,
             ready: true,
             cluster_id: Some("00000000000000aa".into()),
+            command_level: 2,
         }
     }
 

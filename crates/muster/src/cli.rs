@@ -187,6 +187,12 @@ pub struct ServerArgs {
     #[arg(long, env = "MUSTER_STATE_CACHE_BYTES")]
     pub state_cache_bytes: Option<u64>,
 
+    /// Command level to state to peers: lower than this build's own [default: 2,
+    /// the newest] to keep commands the previous release cannot read (level 2:
+    /// maintenance) out of the log while a rollback may still come.
+    #[arg(long, env = "MUSTER_COMMAND_LEVEL")]
+    pub command_level: Option<u32>,
+
     /// TOML file with any of these flags as keys (`grpc-addr = "0.0.0.0:7100"`);
     /// flags and MUSTER_* variables take precedence over it.
     #[arg(long, env = "MUSTER_CONFIG")]

@@ -181,6 +181,7 @@ pub fn status_table(rows: &[(String, Result<NodeStatus, String>)]) -> String {
         "LEASES",
         "DIGEST",
         "CLUSTER",
+        "LEVEL",
     ]);
     for (addr, status) in rows {
         match status {
@@ -197,6 +198,7 @@ pub fn status_table(rows: &[(String, Result<NodeStatus, String>)]) -> String {
                 s.leases.to_string(),
                 s.digest.chars().take(12).collect(),
                 s.cluster_id.clone().unwrap_or_else(|| "-".into()),
+                s.command_level.to_string(),
             ]),
             Err(e) => t.row(vec![addr.clone(), "-".into(), format!("unreachable: {e}")]),
         }

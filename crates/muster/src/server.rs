@@ -95,6 +95,9 @@ pub fn node_config(args: &ServerArgs, id: u64) -> NodeConfig {
     if let Some(n) = args.state_cache_bytes {
         config.state_cache_bytes = n;
     }
+    if let Some(level) = args.command_level {
+        config.command_level = level;
+    }
     config
 }
 
@@ -211,6 +214,20 @@ mod tests {
         assert_eq!(config.raft.election_min, Duration::from_millis(300));
         assert_eq!(config.raft.election_max, Duration::from_millis(600));
         assert_eq!(config.leases.expiry_rate, 0.5);
+    }
+
+    #[test]
+    fn the_command_level_flag_pins_the_level_and_one_this_build_lacks_fails_validation() {
+        let args = |level: &str| server_args(&["--initial-cluster", "1=127.0.0.1:7300", "--command-level", level]);
+        let pinned = node_config_of(&args("1"));
+        assert_eq!(pinned.command_level, 1);
+        assert!(pinned.validate().is_ok());
+        for bad in ["0", "99"] {
+            assert_eq!(
+                node_config_of(&args(bad)).validate().unwrap_err().field,
+                "command-level"
+            );
+        }
     }
 
     #[test]

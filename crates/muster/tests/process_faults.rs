@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use muster_proto::v1 as pb;
 use muster_proto::v1::registry_client::RegistryClient;
 use muster_testkit::process::ProcessCluster;
@@ -168,12 +168,12 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() -> Result<
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
     let mut lines = table.lines();
-    assert_eq!(
-        lines.next().and_then(|h| h.split_whitespace().last()),
-        Some("CLUSTER"),
-        "{table}"
-    );
-    let ids: BTreeSet<&str> = lines.filter_map(|row| row.split_whitespace().last()).collect();
+    let header: Vec<&str> = lines.next().map(|h| h.split_whitespace().collect()).unwrap_or_default();
+    let column = header
+        .iter()
+        .position(|c| *c == "CLUSTER")
+        .context("a CLUSTER column")?;
+    let ids: BTreeSet<&str> = lines.filter_map(|row| row.split_whitespace().nth(column)).collect();
     assert_eq!(ids.len(), 1, "{table}");
     assert!(
         ids.iter()
