@@ -122,6 +122,7 @@ return {
   leader: text(document.querySelector('[data-fact="leader"] dd')),
   registry: text(document.querySelector('[data-fact="registry"] dd')),
   cluster_id: text(document.querySelector('[data-fact="cluster-id"] dd')),
+  command_level: text(document.querySelector('[data-fact="command-level"] dd')),
   members: [...document.querySelectorAll('#members tbody tr')].map((row) => text(row)),
   services,
   instances_title: text(document.getElementById('instances-title')),
@@ -255,6 +256,10 @@ async fn live_scenario(session: &Session) -> Result<()> {
     ensure!(
         state["cluster_id"] == cluster_id.as_str(),
         "cluster id {cluster_id} not shown: {state:#}"
+    );
+    ensure!(
+        state["command_level"] == muster_core::COMMAND_LEVEL.to_string().as_str(),
+        "command level not shown: {state:#}"
     );
     mark(session).await?;
 

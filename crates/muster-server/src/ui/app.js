@@ -416,6 +416,7 @@
       fact('Leader contact', s.ms_since_leader_contact + ' ms ago'),
       fact('Ready', s.ready ? 'yes' : 'no'),
       fact('Cluster id', s.cluster_id || 'not learned yet', { dataset: { fact: 'cluster-id' } }),
+      fact('Command level', s.command_level, { dataset: { fact: 'command-level' } }),
       fact('Registry', s.instances + ' instances · ' + s.services + ' services · ' + s.leases + ' leases', {
         class: 'wide',
         dataset: { fact: 'registry' },
