@@ -213,6 +213,32 @@ mod tests {
     }
 
     #[test]
+    fn maintenance_crosses_protobuf_and_comes_back_as_the_same_check() {
+        let mut msg = pb::Instance {
+            service: "web".into(),
+            instance_id: "w1".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            health: pb::Health::Critical as i32,
+            ..Default::default()
+        };
+        let plain = instance_from_pb(&msg);
+        assert!(plain.maintenance().is_none() && plain.checks.is_empty());
+        assert!(pb::Instance::from(&plain).maintenance.is_none());
+
+        msg.maintenance = Some(pb::Maintenance {
+            reason: "disk swap".into(),
+            since_ms: 42,
+            health_after: pb::Health::Warning as i32,
+        });
+        let drained = instance_from_pb(&msg);
+        let check = drained.maintenance().expect("in maintenance");
+        assert_eq!(*check, Check::maintenance("w1", "disk swap", Health::Warning, 42));
+        assert_eq!(drained.health_without_maintenance(), Health::Warning);
+        assert_eq!(pb::Instance::from(&drained), msg, "and back to the same message");
+    }
+
+    #[test]
     fn an_unknown_health_value_is_refused() {
         assert_eq!(health_from_pb("health", 42).unwrap_err().field, "health");
     }
