@@ -711,6 +711,9 @@ impl Node {
         let mut state_machine = StateMachineStore::open(&data_dir, config.state_cache_bytes, hub.clone())
             .map_err(|e| NodeError::Storage(e.to_string()))?;
         state_machine.apply_only_durable_entries(log_durability.clone());
+        // A leader shows no entry a read lease holder lacks (`crate::read_lease`).
+        let read_leases = Arc::new(crate::read_lease::ReadLeaseTable::default());
+        state_machine.apply_after(read_leases.clone());
         let shared = state_machine.shared();
         let store_open = state_machine.open_marker();
         let raft_config = openraft::Config {
@@ -730,7 +733,6 @@ impl Node {
         let channels = PeerChannels::new(cluster.clone());
         let quorum_clock = Arc::new(crate::leader_lease::QuorumClock::default());
         let held_commit = Arc::new(HeldCommit::default());
-        let read_leases = Arc::new(crate::read_lease::ReadLeaseTable::default());
         let member_levels = Arc::new(crate::member_levels::MemberLevels::new(config.command_level));
         let raft = Raft::new(
             config.id,

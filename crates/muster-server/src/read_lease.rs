@@ -11,8 +11,9 @@
 //! 1. it answers no write and no read index at a log index the holder has not
 //!    appended ([`ReadLeaseTable::await_holders`]);
 //! 2. it tells no node (holder or not) that an entry is committed before every other
-//!    holder has appended it ([`ReadLeaseTable::commit_cap`]), so nothing a node
-//!    applies, and may show in a linearizable read, is missing from a holder's log;
+//!    holder has appended it ([`ReadLeaseTable::commit_cap`]), and applies none itself
+//!    before then (its [`muster_store::ApplyGate`]), so nothing a node applies, and
+//!    may show in a linearizable read, is missing from a holder's log;
 //! 3. the grant carries the leader's last log index at the time (the floor), which
 //!    covers every entry answered or sent as committed before the grant.
 //!
@@ -263,6 +264,17 @@ impl ReadLeaseTable {
             };
             let _ = tokio::time::timeout_at(end.into(), progress.changed()).await;
         }
+    }
+}
+
+/// The leader applies no entry before every holder has appended it (or its lease
+/// ended): what the leader applies it may show in a read at once, and a holder
+/// reads only what it has appended. (Found by the fault suite: a leader's read
+/// showed a write its read index did not cover, applied while the read waited,
+/// before a holder had appended it; the holder's next read missed it.)
+impl muster_store::ApplyGate for ReadLeaseTable {
+    fn ready(&self, index: u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.await_holders(index))
     }
 }
 

@@ -9,7 +9,7 @@ pub mod types;
 
 pub use log::{LogDurability, LogOptions, SegmentLog};
 pub use state_machine::{
-    EventSink, SharedState, StateMachineStore, WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS,
+    ApplyGate, EventSink, SharedState, StateMachineStore, WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS,
 };
 pub use types::{NodeId, TypeConfig};
 

@@ -110,6 +110,18 @@ pub struct StateMachineStore {
     /// The Raft log's durability, when the log flushes the leader's appends in the
     /// background: entries are applied only once they are on disk there.
     log_durability: Option<crate::LogDurability<TypeConfig>>,
+    /// What else entries wait for before they are applied (see [`ApplyGate`]).
+    apply_gate: Option<Arc<dyn ApplyGate>>,
+}
+
+/// Something entries wait for before this node applies them, beyond being
+/// committed and on its disk. The server's read lease table is one: a leader applies
+/// (and so may show in a read) no entry before every follower holding a read lease
+/// has appended it, since such a follower answers linearizable reads from what it
+/// has appended.
+pub trait ApplyGate: Send + Sync + 'static {
+    /// Resolves once entries up to `index` may be applied.
+    fn ready(&self, index: u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
 
 /// Builds snapshots from a point-in-time image of the registry.
@@ -287,6 +299,7 @@ impl StateMachineStore {
             membership: StoredMembership::default(),
             open_marker: Arc::new(()),
             log_durability: None,
+            apply_gate: None,
         };
         store.load_from_db()?;
         if let Some(file) = store.read_snapshot_file()? {
@@ -309,6 +322,11 @@ impl StateMachineStore {
     /// leader's appends in the background (see [`crate::LogDurability`]).
     pub fn apply_only_durable_entries(&mut self, log: crate::LogDurability<TypeConfig>) {
         self.log_durability = Some(log);
+    }
+
+    /// Applies no entry before `gate` is ready for it (see [`ApplyGate`]).
+    pub fn apply_after(&mut self, gate: Arc<dyn ApplyGate>) {
+        self.apply_gate = Some(gate);
     }
 
     /// Upgradable while the store (and its sled database) is open; a node that
@@ -532,6 +550,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             log.wait_durable(last.log_id.index)
                 .await
                 .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
+        if let (Some(gate), Some(last)) = (self.apply_gate.clone(), entries.last()) {
+            gate.ready(last.log_id.index).await;
         }
         let mut results = Vec::new();
         let mut events = Vec::new();

@@ -216,3 +216,48 @@ async fn applied_changes_reach_the_database_in_batches_before_a_snapshot_and_at_
         .expect("apply");
     await_written(&sm, last + 1);
 }
+
+/// A gate that opens up to the index it is told.
+struct Gate {
+    open_to: tokio::sync::watch::Sender<u64>,
+}
+
+impl muster_store::ApplyGate for Gate {
+    fn ready(&self, index: u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let mut open_to = self.open_to.subscribe();
+        Box::pin(async move {
+            let _ = open_to.wait_for(|open| *open >= index).await;
+        })
+    }
+}
+
+#[tokio::test]
+async fn entries_wait_for_the_apply_gate_and_nothing_of_them_shows_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sm = StateMachineStore::open(&dir.path().join("gated"), 1 << 20, Arc::new(NoSink)).expect("open");
+    let gate = Arc::new(Gate {
+        open_to: tokio::sync::watch::Sender::new(1),
+    });
+    sm.apply_after(gate.clone());
+    let shared = sm.shared();
+    sm.apply(vec![register(1, 0, None)]).await.expect("apply 1");
+    assert_eq!(shared.read().instance_count(), 1);
+
+    let applying = tokio::spawn(async move {
+        sm.apply(vec![register(2, 1, None), register(3, 2, None)])
+            .await
+            .expect("apply 2-3");
+        sm
+    });
+    tokio::task::yield_now().await;
+    gate.open_to.send_replace(2);
+    tokio::task::yield_now().await;
+    assert!(!applying.is_finished(), "applied before the gate reached index 3");
+    assert_eq!(shared.read().instance_count(), 1, "nothing of the batch shows yet");
+    gate.open_to.send_replace(3);
+    let _sm = tokio::time::timeout(std::time::Duration::from_secs(5), applying)
+        .await
+        .expect("applied once the gate opened")
+        .expect("task");
+    assert_eq!(shared.read().instance_count(), 3);
+}
