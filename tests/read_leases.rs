@@ -150,6 +150,63 @@ async fn what_one_lease_holder_shows_every_later_read_shows() -> Result<()> {
     Ok(())
 }
 
+/// What the leader shows in a linearizable read, each lease holder shows in any
+/// later one: the leader applies no entry, and so shows none, before every holder
+/// has appended it. (Found by the fault suite: a read on the leader showed a write
+/// committed and applied while the read waited, which a holder had not appended;
+/// the holder's next read missed it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_the_leader_shows_every_later_read_on_a_lease_holder_shows() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
+    for f in &followers {
+        until_read_lease_held(&cluster, *f, "led").await?;
+    }
+    let writes = 240usize;
+    let mut writer_tasks = Vec::new();
+    for t in 0..8usize {
+        let mut writer = cluster.registry(followers[t % 2]).await?;
+        writer_tasks.push(tokio::spawn(async move {
+            for n in 0..writes / 8 {
+                register(&mut writer, instance("led", &format!("l-{t}-{n}"), 80), 0).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut checkers = Vec::new();
+    for holder in followers.iter().copied().chain(followers.iter().copied()) {
+        let mut on_leader = cluster.registry(leader).await?;
+        let mut on_holder = cluster.registry(holder).await?;
+        checkers.push(tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "the writes did not all show");
+                let seen = discover(&mut on_leader, "led", pb::ReadMode::Linearizable, 0).await?;
+                let then = discover(&mut on_holder, "led", pb::ReadMode::Linearizable, 0).await?;
+                anyhow::ensure!(
+                    then.instances.len() >= seen.instances.len(),
+                    "holder {holder} showed {} instances after the leader showed {}",
+                    then.instances.len(),
+                    seen.instances.len()
+                );
+                if seen.instances.len() == writes {
+                    return anyhow::Ok(());
+                }
+            }
+        }));
+    }
+    for task in writer_tasks {
+        task.await??;
+    }
+    for task in checkers {
+        task.await??;
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
 /// On an idle cluster the leader's lease is renewed by heartbeats alone, which
 /// openraft sends from a timer every one and a half intervals (slipping under
 /// load); while followers hold read leases the leader sends its own when its lease
