@@ -25,6 +25,37 @@ async fn until_read_lease_held(cluster: &TestCluster, node: u64, service: &str) 
     .await
 }
 
+/// A checker: reads `service` linearizably on `first`, then at once on `second`,
+/// until `first` shows all `writes` instances. The second read began after the
+/// first ended, so it must show at least as many.
+async fn check_later_reads_show_as_much(
+    cluster: &TestCluster,
+    first: u64,
+    second: u64,
+    service: &'static str,
+    writes: usize,
+) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let mut a = cluster.registry(first).await?;
+    let mut b = cluster.registry(second).await?;
+    Ok(tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the writes did not all show");
+            let seen = discover(&mut a, service, pb::ReadMode::Linearizable, 0).await?;
+            let then = discover(&mut b, service, pb::ReadMode::Linearizable, 0).await?;
+            anyhow::ensure!(
+                then.instances.len() >= seen.instances.len(),
+                "node {second} showed {} instances after node {first} showed {}",
+                then.instances.len(),
+                seen.instances.len()
+            );
+            if seen.instances.len() == writes {
+                return Ok(());
+            }
+        }
+    }))
+}
+
 /// Followers holding a read lease answer linearizable reads without asking the
 /// leader, and still see every write answered before the read, wherever it was
 /// made: the leader answers a write only once every holder has appended it.
@@ -119,25 +150,7 @@ async fn what_one_lease_holder_shows_every_later_read_shows() -> Result<()> {
     let mut checkers = Vec::new();
     for (first, second) in [(followers[0], followers[1]), (followers[1], followers[0])] {
         for _ in 0..2 {
-            let mut a = cluster.registry(first).await?;
-            let mut b = cluster.registry(second).await?;
-            checkers.push(tokio::spawn(async move {
-                let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                loop {
-                    anyhow::ensure!(std::time::Instant::now() < deadline, "the writes did not all show");
-                    let seen = discover(&mut a, "shown", pb::ReadMode::Linearizable, 0).await?;
-                    let then = discover(&mut b, "shown", pb::ReadMode::Linearizable, 0).await?;
-                    anyhow::ensure!(
-                        then.instances.len() >= seen.instances.len(),
-                        "node {second} showed {} instances after node {first} showed {}",
-                        then.instances.len(),
-                        seen.instances.len()
-                    );
-                    if seen.instances.len() == writes {
-                        return anyhow::Ok(());
-                    }
-                }
-            }));
+            checkers.push(check_later_reads_show_as_much(&cluster, first, second, "shown", writes).await?);
         }
     }
     for task in writer_tasks {
@@ -177,25 +190,7 @@ async fn what_the_leader_shows_every_later_read_on_a_lease_holder_shows() -> Res
     }
     let mut checkers = Vec::new();
     for holder in followers.iter().copied().chain(followers.iter().copied()) {
-        let mut on_leader = cluster.registry(leader).await?;
-        let mut on_holder = cluster.registry(holder).await?;
-        checkers.push(tokio::spawn(async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                anyhow::ensure!(std::time::Instant::now() < deadline, "the writes did not all show");
-                let seen = discover(&mut on_leader, "led", pb::ReadMode::Linearizable, 0).await?;
-                let then = discover(&mut on_holder, "led", pb::ReadMode::Linearizable, 0).await?;
-                anyhow::ensure!(
-                    then.instances.len() >= seen.instances.len(),
-                    "holder {holder} showed {} instances after the leader showed {}",
-                    then.instances.len(),
-                    seen.instances.len()
-                );
-                if seen.instances.len() == writes {
-                    return anyhow::Ok(());
-                }
-            }
-        }));
+        checkers.push(check_later_reads_show_as_much(&cluster, leader, holder, "led", writes).await?);
     }
     for task in writer_tasks {
         task.await??;

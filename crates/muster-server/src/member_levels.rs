@@ -63,10 +63,10 @@ impl MemberLevels {
         self.own
     }
 
-    /// Records the level of `peer` from the [`COMMAND_LEVEL_HEADER`] of its call or
-    /// answer.
-    pub fn record(&self, peer: u64, header: Option<&[u8]>) {
-        let level = level_of(header);
+    /// Records `level`, read with [`level_of`] from the [`COMMAND_LEVEL_HEADER`] of a
+    /// call or answer of `peer`. Called for every Raft call: no allocation once the
+    /// peer is known.
+    pub fn record(&self, peer: u64, level: u32) {
         let previous = self
             .levels
             .lock()
@@ -141,8 +141,8 @@ mod tests {
             levels.check([1, 2, 3], 2).is_ok(),
             "members not heard from do not block"
         );
-        levels.record(2, Some(b"2"));
-        levels.record(3, None);
+        levels.record(2, level_of(Some(b"2")));
+        levels.record(3, level_of(None));
         let refused = levels.check([1, 2, 3], 2).unwrap_err();
         assert!(matches!(refused, ApiError::ClusterTooOld(_)));
         let message = refused.to_string();
@@ -152,7 +152,7 @@ mod tests {
         );
         assert!(levels.check([1, 2, 3], 1).is_ok(), "level 1 commands always go");
         assert!(levels.check([1, 2], 2).is_ok(), "a removed member no longer counts");
-        levels.record(3, Some(COMMAND_LEVEL.to_string().as_bytes()));
+        levels.record(3, COMMAND_LEVEL);
         assert!(levels.check([1, 2, 3], 2).is_ok(), "upgraded");
         assert_eq!(levels.level(3), Some(COMMAND_LEVEL));
     }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::ClusterIdentity;
 use crate::leader_lease::QuorumClock;
-use crate::member_levels::{MemberLevels, COMMAND_LEVEL_HEADER};
+use crate::member_levels::{level_of, MemberLevels, COMMAND_LEVEL_HEADER};
 use crate::metrics::PeerCallLabels;
 use crate::peer_transport::PeerTransport;
 use crate::read_lease::ReadLeaseTable;
@@ -557,7 +557,7 @@ impl PeerConnection {
         })?;
         self.shared.member_levels.record(
             self.target,
-            response.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes()),
+            level_of(response.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes())),
         );
         let decoded: Result<Resp, RaftError<NodeId, E>> =
             bincode::deserialize(&response.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -891,9 +891,10 @@ impl NodeCore {
             return Ok(());
         }
         let others: Vec<u64> = {
-            let metrics = self.raft.metrics().borrow().clone();
-            match metrics.current_leader {
-                Some(leader) if leader == self.id => metrics
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            match m.current_leader {
+                Some(leader) if leader == self.id => m
                     .membership_config
                     .membership()
                     .nodes()

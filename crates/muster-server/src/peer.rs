@@ -17,7 +17,7 @@ use crate::coalesced_writes::incoming;
 use crate::error::ApiError;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::{ForeignPeer, CLUSTER_ID_HEADER};
-use crate::member_levels::COMMAND_LEVEL_HEADER;
+use crate::member_levels::{level_of, COMMAND_LEVEL_HEADER};
 use crate::network::MAX_PEER_MESSAGE_BYTES;
 use crate::node::NodeCore;
 
@@ -48,10 +48,10 @@ impl PeerApi {
         req: Request<PeerMessage>,
         sender: impl FnOnce(&T) -> Option<u64>,
     ) -> Result<T, Status> {
-        let level = req.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes().to_vec());
+        let level = level_of(req.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes()));
         let decoded: T = self.decode(req)?;
         if let Some(node) = sender(&decoded) {
-            self.core.member_levels.record(node, level.as_deref());
+            self.core.member_levels.record(node, level);
         }
         Ok(decoded)
     }
