@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use muster_server::forward::{ForwardRequest, ForwardResponse};
 use muster_server::network::{PeerChannels, PeerError};
 use muster_testkit::{eventually, init_tracing, refusing_addr, TestCluster};
+use muster_tests::{instance, register};
 
 /// Asks the peer at `addr` for a read index: a follower answers `NotLeader`.
 async fn read_index(peers: &PeerChannels, addr: &str, timeout: Duration) -> Result<ForwardResponse, PeerError> {
@@ -170,6 +171,41 @@ async fn messages_larger_than_the_flow_control_windows_pass_both_ways() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_write_of_a_command_the_leader_does_not_know_is_refused_and_nothing_is_written() -> Result<()> {
+    use muster_proto::v1::peer::PeerMessage;
+    use muster_server::identity::ClusterIdentity;
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let core = cluster.nodes[&leader].handle.as_ref().expect("running").core().clone();
+    let addr = cluster.nodes[&leader].config.peer_addr.to_string();
+    let revision_before = core.shared.current_revision();
+
+    // What a newer build forwards to an older leader during a rolling upgrade: a
+    // write (variant 0) of a command variant this build does not have.
+    let mut data = bincode::serialize(&0u32)?;
+    data.extend(bincode::serialize(&999u32)?);
+    let peers = PeerChannels::new(std::sync::Arc::new(ClusterIdentity::new(core.cluster.id(), None)));
+    let refused = match peers.client(&addr)?.forward(PeerMessage { data }).await {
+        Ok(answer) => bail!("an unknown command was answered: {answer:?}"),
+        Err(refused) => refused,
+    };
+    // InvalidArgument is what `PeerChannels::forward` reads as a refusal.
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("undecodable"), "{}", refused.message());
+
+    // Nothing of it was applied, and the leader goes on leading and writing: the
+    // next write is the next revision.
+    assert_eq!(core.shared.current_revision(), revision_before);
+    assert_eq!(cluster.wait_for_leader(Duration::from_secs(10)).await?, leader);
+    let mut writer = cluster.registry(leader).await?;
+    let written = register(&mut writer, instance("after", "after-1", 80), 0).await?;
+    assert_eq!(written.header.map(|h| h.revision), Some(revision_before + 1));
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_refuses_votes_and_requests_from_another_cluster() -> Result<()> {
     use muster_server::identity::{format_cluster_id, ClusterIdentity};
     use std::sync::Arc;
@@ -193,7 +229,8 @@ async fn a_node_refuses_votes_and_requests_from_another_cluster() -> Result<()> 
         "{message}"
     );
     match read_index(&foreign, &addr, Duration::from_secs(5)).await {
-        Err(PeerError::Unreachable { message, .. }) => assert!(message.contains("belongs to cluster"), "{message}"),
+        // A refusal: the write path knows nothing of it was done.
+        Err(PeerError::Refused { message, .. }) => assert!(message.contains("belongs to cluster"), "{message}"),
         other => bail!("expected a refusal, got {other:?}"),
     }
     // Nothing of it reached Raft: same term, same leader.

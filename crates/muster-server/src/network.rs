@@ -54,6 +54,16 @@ pub enum PeerError {
         /// What failed.
         message: String,
     },
+    /// The peer answered that it cannot take the request: it could not decode it (a
+    /// build that does not know the request) or refused its sender (a node of
+    /// another cluster). Nothing of the request was done.
+    #[error("peer {addr} refused the request: {message}")]
+    Refused {
+        /// Peer address.
+        addr: String,
+        /// The peer's reason.
+        message: String,
+    },
     /// The message could not be encoded or decoded.
     #[error("peer message codec: {0}")]
     Codec(#[from] bincode::Error),
@@ -92,7 +102,8 @@ impl PeerChannels {
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
     }
 
-    /// Sends a forwarded request to the peer at `addr`.
+    /// Sends a forwarded request to the peer at `addr`. A peer that answered it could
+    /// not take the request fails with [`PeerError::Refused`]: nothing of it was done.
     pub async fn forward(
         &self,
         addr: &str,
@@ -103,12 +114,17 @@ impl PeerChannels {
         let data = bincode::serialize(request)?;
         let mut req = tonic::Request::new(PeerMessage { data });
         req.set_timeout(timeout);
-        let resp = within(timeout, client.forward(req))
-            .await
-            .map_err(|s| PeerError::Unreachable {
+        let resp = within(timeout, client.forward(req)).await.map_err(|s| match s.code() {
+            // Only the peer's request handling answers these; the transport never does.
+            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => PeerError::Refused {
                 addr: addr.to_string(),
                 message: describe(&s),
-            })?;
+            },
+            _ => PeerError::Unreachable {
+                addr: addr.to_string(),
+                message: describe(&s),
+            },
+        })?;
         Ok(bincode::deserialize(&resp.into_inner().data)?)
     }
 }

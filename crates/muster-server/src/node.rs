@@ -21,7 +21,7 @@ use crate::forward::{ForwardRequest, ForwardResponse, MembershipChange};
 use crate::identity::ClusterIdentity;
 use crate::leases::LeaseKeeper;
 use crate::metrics::Metrics;
-use crate::network::{HeldCommit, NetworkFactory, PeerChannels};
+use crate::network::{HeldCommit, NetworkFactory, PeerChannels, PeerError};
 use crate::watch::WatchHub;
 
 /// How long a write waits for a leader before answering UNAVAILABLE.
@@ -291,13 +291,22 @@ impl NodeCore {
     /// applied twice, the second time over a newer write of the same key;
     /// regression test in `crates/muster-chaos/tests/regressions.rs`.)
     async fn propose_raw(&self, command: Command) -> Result<ApplyResult, ApiError> {
-        self.check_members_can_apply(&command)?;
         let deadline = Instant::now() + WRITE_DEADLINE;
         let mut command = command;
         let mut in_flight = None;
+        // Whether an attempt went unanswered, so the write may be in the log already.
+        let mut maybe_written = false;
+        // Why the last forwarded attempt was refused, if it was.
+        let mut refused = None;
         loop {
+            // Checked again before each attempt, since the leader may have changed or
+            // stated its level meanwhile (a node that just started may know its
+            // leader from its saved vote before hearing from it). A write that may be
+            // in the log already is not refused: its fate is not known.
+            if !maybe_written {
+                self.check_members_can_apply(&command)?;
+            }
             if in_flight.is_some() {
-                // A forwarded attempt went unanswered: this one carries its number.
                 self.metrics.forwarded_write_retries.inc();
             }
             // openraft answers ForwardToLeader only for entries it did not append or
@@ -312,14 +321,18 @@ impl NodeCore {
                             in_flight = Some(numbered_in_flight);
                         }
                         self.metrics.forwarded_writes.inc();
-                        match self
-                            .forward_to(&node.addr, &ForwardRequest::Write(Box::new(command.clone())))
-                            .await
-                        {
+                        let request = ForwardRequest::Write(Box::new(command.clone()));
+                        match self.channels.forward(&node.addr, &request, WRITE_DEADLINE).await {
                             Ok(ForwardResponse::Written(r)) => return Ok(r),
                             Ok(ForwardResponse::Failed(e)) => return Err(e),
-                            // Not the leader any more, or no answer: try again.
-                            Ok(_) | Err(_) => {}
+                            // The leader stepped down before appending it: try again.
+                            Ok(ForwardResponse::NotLeader) => {}
+                            // The leader could not read it (an older build, during a
+                            // rolling upgrade): nothing was written. The next check
+                            // refuses it once the leader's appends state its level.
+                            Err(PeerError::Refused { message, .. }) => refused = Some(message),
+                            // No answer: the write may have been appended.
+                            Ok(_) | Err(_) => maybe_written = true,
                         }
                     }
                 }
@@ -329,8 +342,12 @@ impl NodeCore {
                 Err(RaftError::Fatal(_)) => return Err(ApiError::ShuttingDown),
             }
             if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                let reason = match refused {
+                    Some(message) if !maybe_written => format!("the leader refused the write: {message}"),
+                    _ => "no leader elected or reachable within 5s".into(),
+                };
                 return Err(ApiError::NoLeader {
-                    reason: "no leader elected or reachable within 5s".into(),
+                    reason,
                     retry_after_ms: 500,
                 });
             }
