@@ -23,7 +23,7 @@ use muster_testkit::linearizability::{check, Operation, Verdict};
 use serde::{Deserialize, Serialize};
 
 use crate::history::{Micros, Request, Response, RoundHistory, Seen, WatchItem};
-use crate::model::{KeyInput, KeyOperation, KeyOutput, RegistryModel, NEVER};
+use crate::model::{Held, KeyInput, KeyOperation, KeyOutput, RegistryModel, NEVER};
 
 /// Search budget per key.
 pub const MAX_STEPS: u64 = 5_000_000;
@@ -61,6 +61,9 @@ pub struct Findings {
     /// Linearizable reads answered by followers under a read lease.
     #[serde(default)]
     pub follower_lease_reads: u64,
+    /// Linearizable reads that saw an instance in maintenance.
+    #[serde(default)]
+    pub maintenance_reads: usize,
     /// Violations.
     pub anomalies: Vec<Anomaly>,
 }
@@ -83,9 +86,15 @@ pub fn check_round(h: &RoundHistory) -> Findings {
     };
     for op in &h.ops {
         match (&op.request, &op.response) {
-            (Request::Register { .. } | Request::Deregister { .. }, Response::Ok { .. })
+            (
+                Request::Register { .. } | Request::Deregister { .. } | Request::SetMaintenance { .. },
+                Response::Ok { .. },
+            )
             | (Request::Revoke { .. }, Response::Revoked { .. }) => f.acked_writes += 1,
             (_, Response::Unknown { .. }) => f.ambiguous += 1,
+            (Request::Read, Response::Read { instances, .. }) if instances.iter().any(|i| i.maintenance) => {
+                f.maintenance_reads += 1
+            }
             _ => {}
         }
     }
@@ -142,14 +151,21 @@ pub fn key_histories(h: &RoundHistory) -> BTreeMap<String, Vec<KeyOperation>> {
             }
             Request::Deregister { key } => push(key, op.client, op.call, op.ret, KeyInput::Deregister, output),
             Request::Revoke { key, .. } => push(key, op.client, op.call, op.ret, KeyInput::Revoke, output),
+            Request::SetMaintenance { key, enable } => push(
+                key,
+                op.client,
+                op.call,
+                op.ret,
+                KeyInput::SetMaintenance(*enable),
+                output,
+            ),
             Request::GrantLease => {}
             Request::Read => {
                 let Response::Read { instances, .. } = &op.response else {
                     continue;
                 };
                 for key in &h.keys {
-                    let value = instances.iter().find(|i| &i.key == key).map(|i| i.value.clone());
-                    push(key, op.client, op.call, op.ret, KeyInput::Read, KeyOutput::Read(value));
+                    push(key, op.client, op.call, op.ret, KeyInput::Read, read_of(instances, key));
                 }
             }
         }
@@ -158,18 +174,25 @@ pub fn key_histories(h: &RoundHistory) -> BTreeMap<String, Vec<KeyOperation>> {
     for (n, (node, instances, _)) in h.final_reads.iter().enumerate() {
         let t = end + 1 + n as u64 * 2;
         for key in &h.keys {
-            let value = instances.iter().find(|i| &i.key == key).map(|i| i.value.clone());
             push(
                 key,
                 1000 + *node as usize,
                 t,
                 t + 1,
                 KeyInput::Read,
-                KeyOutput::Read(value),
+                read_of(instances, key),
             );
         }
     }
     per_key
+}
+
+/// What a read of `instances` saw of `key`.
+fn read_of(instances: &[Seen], key: &str) -> KeyOutput {
+    KeyOutput::Read(instances.iter().find(|i| i.key == key).map(|i| Held {
+        value: i.value.clone(),
+        maintenance: i.maintenance,
+    }))
 }
 
 fn linearizability(h: &RoundHistory, f: &mut Findings) {
@@ -224,7 +247,11 @@ fn lost_writes(h: &RoundHistory, f: &mut Findings) {
     }
     let per_key = key_histories(h);
     for (key, ops) in per_key {
-        let writes: Vec<&KeyOperation> = ops.iter().filter(|o| o.input != KeyInput::Read).collect();
+        // The writes that set the key's value (maintenance leaves it as it is).
+        let writes: Vec<&KeyOperation> = ops
+            .iter()
+            .filter(|o| !matches!(o.input, KeyInput::Read | KeyInput::SetMaintenance(_)))
+            .collect();
         if writes
             .iter()
             .any(|o| matches!(o.input, KeyInput::Register { leased: true, .. } | KeyInput::Revoke))
@@ -262,7 +289,7 @@ fn lost_writes(h: &RoundHistory, f: &mut Findings) {
 fn state_hash(state: &BTreeMap<String, Seen>) -> u64 {
     let mut hasher = DefaultHasher::new();
     for s in state.values() {
-        (&s.key, &s.value, s.mod_revision, s.lease_id).hash(&mut hasher);
+        (&s.key, &s.value, s.mod_revision, s.lease_id, s.maintenance).hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -508,6 +535,7 @@ mod tests {
             value: value.into(),
             mod_revision: rev,
             lease_id: 0,
+            maintenance: false,
         }
     }
 

@@ -23,6 +23,9 @@ pub struct Seen {
     pub mod_revision: u64,
     /// Its lease (0: none).
     pub lease_id: u64,
+    /// In maintenance.
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// What a client asked.
@@ -53,6 +56,13 @@ pub enum Request {
         key: String,
         /// The lease.
         lease_id: u64,
+    },
+    /// Put `key` in maintenance (`enable`) or end its maintenance.
+    SetMaintenance {
+        /// Instance id.
+        key: String,
+        /// Enter (true) or end (false).
+        enable: bool,
     },
     /// Linearizable discovery of the whole service.
     Read,

@@ -334,6 +334,7 @@ pub fn table(report: &SuiteReport) -> String {
         ("watch messages", sum(|f| f.watch_messages).to_string()),
         ("watch resets", sum(|f| f.watch_resets).to_string()),
         ("lease keep-alives", sum(|f| f.keepalives).to_string()),
+        ("reads in maintenance", sum(|f| f.maintenance_reads).to_string()),
         (
             "follower lease reads",
             report

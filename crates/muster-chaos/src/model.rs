@@ -9,6 +9,12 @@
 //! model allows a read to see such a key gone, but never back again. Whether a lease
 //! expired *while its owner kept it alive* is checked separately (see
 //! `check::leases`).
+//!
+//! A registered key may also be in maintenance: set and ended by its own command,
+//! kept when the key is registered again, gone with the key. The workload puts only
+//! keys without a lease in maintenance (a leased key's maintenance would survive a
+//! registration or not depending on whether the lease expired in between, which a
+//! read cannot tell).
 
 use muster_testkit::linearizability::{Model, Operation};
 use serde::{Deserialize, Serialize};
@@ -27,8 +33,19 @@ pub enum KeyInput {
     Deregister,
     /// Revoke the lease the key is attached to.
     Revoke,
+    /// Put the key in maintenance (`true`) or end it (`false`).
+    SetMaintenance(bool),
     /// Read the key (one key of a linearizable discovery).
     Read,
+}
+
+/// A registered key as a read saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Held {
+    /// The value of the registration.
+    pub value: String,
+    /// Whether it is in maintenance.
+    pub maintenance: bool,
 }
 
 /// What the operation answered.
@@ -36,15 +53,16 @@ pub enum KeyInput {
 pub enum KeyOutput {
     /// Done.
     Ok,
-    /// Deregister: the key was not registered. Revoke: the lease was not found.
+    /// Deregister and maintenance: the key was not registered. Revoke: the lease
+    /// was not found.
     NotFound,
     /// Revoke: how many instances it removed was > 0 (this key).
     Revoked {
         /// Whether this key was among the removed.
         removed: bool,
     },
-    /// The value read, `None` when absent.
-    Read(Option<String>),
+    /// What was read, `None` when absent.
+    Read(Option<Held>),
     /// No answer (timeout, connection lost after sending): it may or may not have
     /// taken effect. Such an operation is given an infinite return time.
     Unknown,
@@ -61,6 +79,8 @@ pub enum KeyState {
         value: String,
         /// Attached to a lease.
         leased: bool,
+        /// In maintenance.
+        maintenance: bool,
     },
 }
 
@@ -82,9 +102,11 @@ impl Model for RegistryModel {
         use KeyState::{Absent, Present};
         let leased_present = matches!(state, Present { leased: true, .. });
         match (input, output) {
+            // Registering again keeps the key's maintenance.
             (KeyInput::Register { value, leased }, O::Ok | O::Unknown) => Some(Present {
                 value: value.clone(),
                 leased: *leased,
+                maintenance: matches!(state, Present { maintenance: true, .. }),
             }),
             (KeyInput::Register { .. }, _) => None,
 
@@ -103,9 +125,23 @@ impl Model for RegistryModel {
             (KeyInput::Revoke, O::Unknown) => Some(Absent),
             (KeyInput::Revoke, _) => None,
 
+            (KeyInput::SetMaintenance(on), O::Ok | O::Unknown) => match state {
+                Present { value, leased, .. } => Some(Present {
+                    value: value.clone(),
+                    leased: *leased,
+                    maintenance: *on,
+                }),
+                // Not registered: an unanswered request changed nothing.
+                Absent => (*output == O::Unknown).then_some(Absent),
+            },
+            (KeyInput::SetMaintenance(_), O::NotFound) => (*state == Absent || leased_present).then_some(Absent),
+            (KeyInput::SetMaintenance(_), _) => None,
+
             (KeyInput::Read, O::Read(None)) => (*state == Absent || leased_present).then_some(Absent),
-            (KeyInput::Read, O::Read(Some(v))) => match state {
-                Present { value, .. } if value == v => Some(state.clone()),
+            (KeyInput::Read, O::Read(Some(held))) => match state {
+                Present { value, maintenance, .. } if *value == held.value && *maintenance == held.maintenance => {
+                    Some(state.clone())
+                }
                 _ => None,
             },
             (KeyInput::Read, _) => None,
@@ -150,7 +186,17 @@ mod tests {
     }
 
     fn read(v: Option<&str>) -> KeyOutput {
-        KeyOutput::Read(v.map(String::from))
+        KeyOutput::Read(v.map(|value| Held {
+            value: value.into(),
+            maintenance: false,
+        }))
+    }
+
+    fn read_in_maintenance(v: &str) -> KeyOutput {
+        KeyOutput::Read(Some(Held {
+            value: v.into(),
+            maintenance: true,
+        }))
     }
 
     fn ok(h: &[KeyOperation]) -> bool {
@@ -295,6 +341,58 @@ mod tests {
         assert!(rejected(&[
             op(0, 0, 5, reg("a"), KeyOutput::Ok),
             op(1, 1, 2, KeyInput::Read, read(Some("z"))),
+        ]));
+    }
+
+    #[test]
+    fn maintenance_is_seen_until_it_ends_and_survives_registering_again() {
+        assert!(ok(&[
+            op(0, 0, 1, reg("a"), KeyOutput::Ok),
+            op(0, 2, 3, KeyInput::SetMaintenance(true), KeyOutput::Ok),
+            op(1, 4, 5, KeyInput::Read, read_in_maintenance("a")),
+            op(0, 6, 7, reg("b"), KeyOutput::Ok),
+            op(1, 8, 9, KeyInput::Read, read_in_maintenance("b")),
+            op(0, 10, 11, KeyInput::SetMaintenance(false), KeyOutput::Ok),
+            op(1, 12, 13, KeyInput::Read, read(Some("b"))),
+        ]));
+        // Reads after it was set must show it.
+        assert!(rejected(&[
+            op(0, 0, 1, reg("a"), KeyOutput::Ok),
+            op(0, 2, 3, KeyInput::SetMaintenance(true), KeyOutput::Ok),
+            op(1, 4, 5, KeyInput::Read, read(Some("a"))),
+        ]));
+        // Registering again does not end it.
+        assert!(rejected(&[
+            op(0, 0, 1, reg("a"), KeyOutput::Ok),
+            op(0, 2, 3, KeyInput::SetMaintenance(true), KeyOutput::Ok),
+            op(0, 4, 5, reg("b"), KeyOutput::Ok),
+            op(1, 6, 7, KeyInput::Read, read(Some("b"))),
+        ]));
+    }
+
+    #[test]
+    fn maintenance_goes_with_the_key_and_needs_one() {
+        // A new registration after a deregistration starts out of maintenance.
+        assert!(rejected(&[
+            op(0, 0, 1, reg("a"), KeyOutput::Ok),
+            op(0, 2, 3, KeyInput::SetMaintenance(true), KeyOutput::Ok),
+            op(0, 4, 5, KeyInput::Deregister, KeyOutput::Ok),
+            op(0, 6, 7, reg("b"), KeyOutput::Ok),
+            op(1, 8, 9, KeyInput::Read, read_in_maintenance("b")),
+        ]));
+        // Maintenance of an absent key answers not found, and never succeeds.
+        assert!(ok(&[op(0, 0, 1, KeyInput::SetMaintenance(true), KeyOutput::NotFound)]));
+        assert!(rejected(&[op(0, 0, 1, KeyInput::SetMaintenance(true), KeyOutput::Ok)]));
+        assert!(rejected(&[
+            op(0, 0, 1, reg("a"), KeyOutput::Ok),
+            op(0, 2, 3, KeyInput::SetMaintenance(true), KeyOutput::NotFound),
+        ]));
+        // An unanswered one may take effect later, or never.
+        assert!(ok(&[
+            op(0, 0, 1, reg("a"), KeyOutput::Ok),
+            op(0, 2, NEVER, KeyInput::SetMaintenance(true), KeyOutput::Unknown),
+            op(1, 4, 5, KeyInput::Read, read(Some("a"))),
+            op(1, 6, 7, KeyInput::Read, read_in_maintenance("a")),
         ]));
     }
 }

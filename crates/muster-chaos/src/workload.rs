@@ -1,5 +1,5 @@
-//! The load a round runs while faults happen: writers (register, deregister and
-//! linearizable discovery against every node), lease owners (register under a
+//! The load a round runs while faults happen: writers (register, deregister,
+//! maintenance and linearizable discovery against every node), lease owners (register under a
 //! lease, keep it alive, revoke it) and watchers (one stream each, resumed on
 //! another node when it breaks). Everything is recorded with call and return times.
 
@@ -138,6 +138,7 @@ fn seen(i: &pb::Instance) -> Seen {
         value: i.metadata.get("v").cloned().unwrap_or_default(),
         mod_revision: i.mod_revision,
         lease_id: i.lease_id,
+        maintenance: i.maintenance.is_some(),
     }
 }
 
@@ -220,6 +221,22 @@ pub async fn perform(nodes: &Nodes, rec: &Recorder, client: usize, node: u64, re
                 Err(s) => classify(&s),
             }
         }
+        Request::SetMaintenance { key, enable } => match c
+            .set_maintenance(pb::SetMaintenanceRequest {
+                namespace: String::new(),
+                service: SERVICE.into(),
+                instance_id: key.clone(),
+                enable: *enable,
+                reason: format!("chaos client {client}"),
+            })
+            .await
+        {
+            Ok(r) => Response::Ok {
+                lease_id: 0,
+                revision: r.into_inner().header.map_or(0, |h| h.revision),
+            },
+            Err(s) => classify(&s),
+        },
         Request::Read => match c
             .discover(pb::DiscoverRequest {
                 service: SERVICE.into(),
@@ -269,8 +286,8 @@ pub async fn local_read(nodes: &Nodes, node: u64) -> anyhow::Result<(Vec<Seen>, 
     Ok((instances, r.service_revision))
 }
 
-/// A writer: random registrations, deregistrations and linearizable reads of the
-/// plain keys against random nodes, until `stop`.
+/// A writer: random registrations, deregistrations, maintenance and linearizable
+/// reads of the plain keys against random nodes, until `stop`.
 pub async fn writer(
     nodes: Nodes,
     rec: Recorder,
@@ -294,8 +311,13 @@ pub async fn writer(
                 leased: false,
                 lease_id: 0,
             }
-        } else if roll < 55 {
+        } else if roll < 50 {
             Request::Deregister { key }
+        } else if roll < 58 {
+            Request::SetMaintenance {
+                key,
+                enable: rng.gen_bool(0.6),
+            }
         } else {
             Request::Read
         };
