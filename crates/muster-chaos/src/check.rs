@@ -8,7 +8,9 @@
 //! 3. every watch stream in revision order with no gap (or a `Reset`), and the state
 //!    rebuilt from it equal to every linearizable read of the same revision, to the
 //!    other watchers' at the same revision, and to the final state;
-//! 4. after the heal, one agreed leader and equal digests within the recovery bound;
+//! 4. after the heal, one agreed leader and every node caught up with what the
+//!    cluster had applied before the heal within the recovery bound, and equal
+//!    digests once the load stops;
 //! 5. no lease expired while its owner kept it alive: an expiry observed less than
 //!    one TTL (divided by the fastest clock rate) after a successful renewal was
 //!    sent is an anomaly.
@@ -27,7 +29,8 @@ use crate::model::{Held, KeyInput, KeyOperation, KeyOutput, RegistryModel, NEVER
 
 /// Search budget per key.
 pub const MAX_STEPS: u64 = 5_000_000;
-/// The recovery bound: one leader and equal digests this long after the heal.
+/// The recovery bound: one leader, and every node caught up with the revision
+/// reached before the heal, this long after the heal.
 pub const RECOVERY_BOUND: Duration = Duration::from_secs(10);
 
 /// One violated invariant.
@@ -463,14 +466,14 @@ fn convergence(h: &RoundHistory, f: &mut Findings) {
         Some(t) => f.anomaly(
             "recovery",
             format!(
-                "one leader and equal digests only {:.1}s after the heal (bound {RECOVERY_BOUND:?})",
+                "one leader with every node caught up only {:.1}s after the heal (bound {RECOVERY_BOUND:?})",
                 t as f64 / 1e6
             ),
         ),
         None => f.anomaly(
             "recovery",
             format!(
-                "no single leader with equal digests after the heal: {:?}",
+                "no single leader with every node caught up and equal digests after the heal: {:?}",
                 h.final_status
             ),
         ),

@@ -247,7 +247,9 @@ pub struct RoundHistory {
     pub leases: Vec<LeaseRecord>,
     /// After recovery: `(node, instances, revision)` of a local read on every node.
     pub final_reads: Vec<(u64, Vec<Seen>, u64)>,
-    /// Time from heal to one agreed leader and equal digests (None: never).
+    /// Time from heal to one agreed leader with every node caught up with the
+    /// revision reached before the heal (None: never, or no equal digests after the
+    /// load).
     pub recovery: Option<Micros>,
     /// Digest status after recovery, per node (for reports).
     pub final_status: BTreeMap<u64, String>,

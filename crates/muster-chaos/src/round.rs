@@ -69,7 +69,7 @@ pub struct RoundResult {
     pub findings: Findings,
     /// Everything recorded.
     pub history: RoundHistory,
-    /// Heal to one leader and equal digests.
+    /// Heal to one leader with every node caught up (see `RoundHistory::recovery`).
     pub recovery: Option<Duration>,
     /// How long the round took.
     pub wall: Duration,
@@ -213,6 +213,8 @@ async fn drive(
         ..Default::default()
     };
     let mut setup_error = None;
+    // What the cluster had applied before the heal: recovery is catching up with it.
+    let before_heal = cluster.highest_revision().await;
     let healed_at = Instant::now();
     match &injected {
         Ok(inj) => {
@@ -229,8 +231,8 @@ async fn drive(
         Err(e) => setup_error = Some(format!("inject failed: {e:#}")),
     }
 
-    // Recovery: one agreed leader and equal digests, measured from the heal while
-    // the load winds down.
+    // Recovery: one agreed leader and every node caught up with the revision the
+    // cluster had before the heal, measured from the heal while the load goes on.
     let cooldown = tokio::spawn({
         let stop_tx = stop_tx.clone();
         let d = config.cooldown;
@@ -239,7 +241,9 @@ async fn drive(
             let _ = stop_tx.send(true);
         }
     });
-    let stable = cluster.wait_for_stable(RECOVERY_BOUND + Duration::from_secs(20)).await;
+    let stable = cluster
+        .wait_for_caught_up(before_heal, RECOVERY_BOUND + Duration::from_secs(20))
+        .await;
     let recovered_after = healed_at.elapsed();
     let _ = cooldown.await;
     let _ = stop_tx.send(true);
@@ -251,7 +255,7 @@ async fn drive(
             history.leases.extend(leases);
         }
     }
-    // The load is over: once more, for the final state.
+    // The load is over: equal digests, for the final state.
     let stable = match stable {
         Ok(_) => cluster.wait_for_stable(Duration::from_secs(20)).await,
         Err(e) => Err(e),

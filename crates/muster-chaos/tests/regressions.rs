@@ -26,6 +26,31 @@ async fn cluster_with_follower(bin: &std::path::Path) -> (ProcessCluster, u64, u
     (cluster, leader, follower)
 }
 
+/// A three-node process cluster in network namespaces, stable, and its leader; `None`
+/// (announced) when namespaces are not available here.
+async fn netns_cluster(
+    test: &str,
+) -> Option<(std::sync::Arc<muster_testkit::netns::NetnsNetwork>, ProcessCluster, u64)> {
+    use muster_testkit::netns::{available_or_skip, NetnsNetwork};
+    use muster_testkit::process::{ClusterOptions, Network};
+
+    if !available_or_skip(test) {
+        return None;
+    }
+    let bin = muster_bin();
+    assert!(bin.exists(), "no muster binary at {}", bin.display());
+    let net = std::sync::Arc::new(NetnsNetwork::create(&[1, 2, 3]).expect("namespaces"));
+    let mut options = ClusterOptions::new(3);
+    options.network = Network::Netns(net.clone());
+    let cluster = ProcessCluster::start_with(&bin, options).await.expect("cluster");
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.expect("leader");
+    cluster
+        .wait_for_stable(Duration::from_secs(20))
+        .await
+        .expect("stable before the fault");
+    Some((net, cluster, leader))
+}
+
 fn instance(id: &str) -> pb::Instance {
     pb::Instance {
         service: "orders".into(),
@@ -193,20 +218,13 @@ async fn a_forwarded_registration_whose_leader_died_unanswered_is_applied_at_mos
 /// acknowledges must come more than a TTL before the majority expires the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_does_not_acknowledge_keep_alives_for_a_lease_the_majority_expires() {
-    use muster_testkit::netns::{available_or_skip, NetnsNetwork};
-    use muster_testkit::process::{ClusterOptions, Network};
     use tokio_stream::StreamExt;
 
-    if !available_or_skip("an_isolated_leader_does_not_acknowledge_keep_alives_for_a_lease_the_majority_expires") {
+    let Some((net, cluster, leader)) =
+        netns_cluster("an_isolated_leader_does_not_acknowledge_keep_alives_for_a_lease_the_majority_expires").await
+    else {
         return;
-    }
-    let bin = muster_bin();
-    assert!(bin.exists(), "no muster binary at {}", bin.display());
-    let net = std::sync::Arc::new(NetnsNetwork::create(&[1, 2, 3]).expect("namespaces"));
-    let mut options = ClusterOptions::new(3);
-    options.network = Network::Netns(net.clone());
-    let cluster = ProcessCluster::start_with(&bin, options).await.expect("cluster");
-    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.expect("leader");
+    };
     let other = cluster
         .running()
         .into_iter()
@@ -334,4 +352,72 @@ async fn a_linearizable_read_right_after_a_full_restart_sees_every_acknowledged_
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Found by the fault suite's `minority-partition` rounds, which took 0.7 s to
+/// recover after every heal: a follower cut off from the others campaigned again
+/// and again, raising its term, and once reachable its answer to the leader's next
+/// append stated that term, so the leader stepped down and the cluster elected
+/// again for nothing. A voter now lets elections start only while a quorum would
+/// join them (`muster_server::pre_vote`).
+///
+/// Cuts a follower off for several election timeouts while writes go on, then
+/// heals: no node may have raised its term, and the leader leads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_for_a_while_rejoins_without_unseating_the_leader() {
+    let Some((net, cluster, leader)) =
+        netns_cluster("a_follower_cut_off_for_a_while_rejoins_without_unseating_the_leader").await
+    else {
+        return;
+    };
+    let cut_off = cluster
+        .running()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("follower");
+    let term = cluster.status(leader).await.expect("status").term;
+
+    net.isolate(cut_off).expect("isolate");
+    let mut writer = cluster.registry(leader).await.expect("client");
+    // Several election timeouts (at most 400 ms each, after a 400 ms lease).
+    let cut_at = std::time::Instant::now();
+    let mut written = 0;
+    while cut_at.elapsed() < Duration::from_secs(3) {
+        writer
+            .register(pb::RegisterRequest {
+                instance: Some(instance(&format!("during-{written}"))),
+                ttl_ms: 0,
+            })
+            .await
+            .expect("the majority keeps writing");
+        written += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cluster.status(cut_off).await.expect("status").term,
+        term,
+        "the cut-off node raised its term"
+    );
+    let held_back = cluster
+        .metric(cut_off, "muster_elections_held_back_total")
+        .await
+        .expect("metrics of the cut-off node");
+    assert!(held_back > 0.0, "the cut-off node held back no election");
+
+    net.heal_all().expect("heal");
+    let (stable_leader, _) = cluster
+        .wait_for_stable(Duration::from_secs(20))
+        .await
+        .expect("stable after the heal");
+    assert_eq!(stable_leader, leader, "the leader was unseated");
+    for (id, status) in cluster.statuses().await {
+        let status = status.expect("every node answers");
+        assert_eq!(status.term, term, "node {id} is in another term");
+    }
+    let caught_up = cluster.status(cut_off).await.expect("status");
+    assert!(
+        caught_up.revision >= written,
+        "the rejoined node holds revision {} of {written} writes",
+        caught_up.revision
+    );
 }

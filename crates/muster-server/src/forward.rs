@@ -38,6 +38,9 @@ pub enum ForwardRequest {
     /// Report on a TTL check: renews its TTL, and records its status and output when
     /// they changed. Answered with `Written`.
     ReportCheck(CheckReport),
+    /// Would the receiver take part in an election the node with this id starts
+    /// now? Answered with `PreVote` (see `crate::pre_vote`).
+    PreVote(u64),
 }
 
 /// The leader's answer.
@@ -57,6 +60,8 @@ pub enum ForwardResponse {
     NotLeader,
     /// The request failed.
     Failed(ApiError),
+    /// Whether the receiver would take part in an election now.
+    PreVote(bool),
 }
 
 /// Numbers the writes this node forwards to the leader, in a session of its own, so

@@ -29,6 +29,7 @@ pub mod network;
 pub mod node;
 pub mod peer;
 pub mod peer_transport;
+pub mod pre_vote;
 pub mod read_index;
 pub mod read_lease;
 pub mod replication;

@@ -142,6 +142,11 @@ pub struct Metrics {
     /// Raft calls to peers that failed, by peer, call and failure. openraft pauses
     /// a peer's replication after each (see `crate::network::retry_pauses`).
     pub peer_call_failures: Family<PeerCallLabels, Counter>,
+    /// Pre-vote rounds that found no quorum ready to elect, so elections stayed
+    /// held back (`crate::pre_vote`).
+    pub elections_held_back: Counter,
+    /// 1 while a quorum would join an election this node starts.
+    pub elections_allowed: Gauge,
     /// Raft term.
     pub raft_term: Gauge,
     /// Known leader id (0: none).
@@ -300,6 +305,16 @@ impl Metrics {
                 "peer_call_failures",
                 "Raft calls to peers (append, vote, snapshot) that failed, by peer and failure (deadline, unreachable, error)",
                 Family::default()
+            ),
+            elections_held_back: reg!(
+                "elections_held_back",
+                "Pre-vote rounds that found no quorum ready to elect, so elections stayed held back",
+                Counter::default()
+            ),
+            elections_allowed: reg!(
+                "elections_allowed",
+                "1 while a quorum would join an election this node starts",
+                Gauge::default()
             ),
             raft_term: reg!("raft_term", "Current Raft term", Gauge::default()),
             raft_leader: reg!("raft_leader_id", "Known leader id, 0 when none", Gauge::default()),

@@ -134,6 +134,8 @@ pub struct NodeCore {
     pub discover_cache: crate::discover_cache::DiscoverCache,
     /// The command level each peer answers with (see [`crate::member_levels`]).
     pub member_levels: Arc<crate::member_levels::MemberLevels>,
+    /// Whether elections are let through (see [`crate::pre_vote`]).
+    pub election_gate: crate::pre_vote::ElectionGate,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -166,6 +168,13 @@ impl NodeCore {
     /// Whether a leader has reached this node (append or snapshot) since it started.
     pub fn leader_contacted(&self) -> bool {
         self.leader_contacted.load(Ordering::Relaxed)
+    }
+
+    /// Whether a leader reached this node (append or snapshot) within `within`.
+    pub fn heard_from_leader_within(&self, within: Duration) -> bool {
+        let last = self.last_leader_contact_ms.load(Ordering::Relaxed);
+        self.leader_contacted()
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(last) < within.as_millis() as u64
     }
 
     /// Records the commit index the leader reported in an append (called by the peer
@@ -743,6 +752,8 @@ impl Node {
             max_in_snapshot_log_to_keep: config.raft.keep_behind_snapshot,
             purge_batch_size: 256,
             max_payload_entries: 512,
+            // Elections start only while a quorum would join them (`crate::pre_vote`).
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -792,6 +803,7 @@ impl Node {
             forwarded_writes: Default::default(),
             discover_cache: Default::default(),
             member_levels,
+            election_gate: Default::default(),
             quorum_clock,
             voted_before,
             startup_last_log_index,
@@ -822,6 +834,7 @@ impl Node {
                 core.shutdown.clone(),
             )),
             tokio::spawn(crate::read_lease::run(core.clone())),
+            tokio::spawn(crate::pre_vote::run(core.clone())),
             tokio::spawn(crate::read_lease::keep_leader_lease_ahead(core.clone())),
             tokio::spawn(crate::read_lease::resend_capped_commit(
                 core.raft.clone(),

@@ -156,6 +156,7 @@ impl RaftPeer for PeerApi {
                 Some(Err(e)) => ForwardResponse::Failed(e),
                 None => ForwardResponse::NotLeader,
             },
+            ForwardRequest::PreVote(_) => ForwardResponse::PreVote(crate::pre_vote::grants(core)),
             ForwardRequest::Membership(change) => match core.change_membership_local(&change).await {
                 Ok(index) => ForwardResponse::MembershipChanged(index),
                 Err(None) => ForwardResponse::NotLeader,

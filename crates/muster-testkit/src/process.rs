@@ -7,7 +7,7 @@
 //! namespaces ([`Network::Netns`]) node `N` runs under `ip netns exec` and binds
 //! `10.77.S.N:7100` (gRPC), `:7300` (peers) and `:8500` (HTTP).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -564,6 +564,59 @@ impl ProcessCluster {
                 return Err(anyhow!("not stable after {timeout:?}: {}", summary.join("; ")));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The highest applied revision any node answering now reports (0: none answers).
+    pub async fn highest_revision(&self) -> u64 {
+        self.statuses()
+            .await
+            .values()
+            .flatten()
+            .map(|s| s.revision)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until every node answers, all agree on one leader, and each has applied
+    /// at least `revision`: the cluster is whole again and has caught up with what was
+    /// written before, even while writes go on. Answers the leader.
+    pub async fn wait_for_caught_up(&self, revision: u64, timeout: Duration) -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses().await;
+            let answered: Vec<&pb::StatusResponse> = statuses.values().flatten().collect();
+            let leaders: BTreeSet<u64> = answered
+                .iter()
+                .filter(|s| s.role == "leader")
+                .map(|s| s.node_id)
+                .collect();
+            if answered.len() == statuses.len() && leaders.len() == 1 {
+                let leader = *leaders.first().expect("one leader");
+                if answered
+                    .iter()
+                    .all(|s| s.leader_known && s.leader_id == leader && s.revision >= revision)
+                {
+                    return Ok(leader);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let summary: Vec<String> = statuses
+                    .iter()
+                    .map(|(id, s)| match s {
+                        Some(s) => format!(
+                            "{id}: {} term {} leader {} rev {}",
+                            s.role, s.term, s.leader_id, s.revision
+                        ),
+                        None => format!("{id}: no answer"),
+                    })
+                    .collect();
+                return Err(anyhow!(
+                    "not caught up with revision {revision} after {timeout:?}: {}",
+                    summary.join("; ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
