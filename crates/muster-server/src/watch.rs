@@ -435,11 +435,17 @@ impl<E: WatchEncoder> Watcher<E> {
                             return Some(self.encoder.event(hub_event));
                         }
                     }
-                    HubItem::Reset(_) => return Some(self.reset()),
+                    HubItem::Reset(_) => {
+                        if let Some(reset) = self.reset() {
+                            return Some(reset);
+                        }
+                    }
                 },
                 Err(TryRecvError::Lagged(skipped)) => {
                     tracing::debug!(skipped, "watcher fell behind; sending a reset");
-                    return Some(self.reset());
+                    if let Some(reset) = self.reset() {
+                        return Some(reset);
+                    }
                 }
                 Err(TryRecvError::Closed) => return None,
                 Err(TryRecvError::Empty) => continue,
@@ -481,12 +487,21 @@ impl<E: WatchEncoder> Watcher<E> {
         }
     }
 
-    /// Every matching instance as of now, from which the watch continues live.
-    fn reset(&mut self) -> E::Item {
+    /// Every matching instance as of now, from which the watch continues live; or
+    /// nothing when this node's state is older than what the watcher has already
+    /// been given (a client resuming here from a revision this node has not reached,
+    /// while it installs an older snapshot or falls behind). Every node goes through
+    /// the same revisions, so such a watcher simply waits for the ones after its own.
+    /// (Found by the fault suite: a watcher resuming at 768 on a re-added member was
+    /// sent the member's snapshot at 688.)
+    fn reset(&mut self) -> Option<E::Item> {
         let (revision, instances) = matching_state(&self.shared, &self.filter);
+        if revision < self.last {
+            return None;
+        }
         self.last = revision;
         self.metrics.watch_resets.inc();
-        self.encoder.reset(revision, instances)
+        Some(self.encoder.reset(revision, instances))
     }
 }
 
@@ -495,5 +510,54 @@ impl<E: WatchEncoder> Watcher<E> {
 impl<E: WatchEncoder> Drop for Watcher<E> {
     fn drop(&mut self) {
         self.metrics.watchers.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muster_core::{DeleteReason, Event, EventKind, InstanceKey};
+    use muster_store::{EventSink, StateMachineStore};
+
+    use super::*;
+    use crate::config::WatchSettings;
+
+    /// Found by the fault suite (member-readded): a watcher that had seen revision
+    /// 767 elsewhere resumed on a re-added member still catching up, and was sent a
+    /// `Reset` at 688 when the member installed its snapshot, taking its client
+    /// back in time.
+    #[tokio::test]
+    async fn a_watcher_ahead_of_its_node_gets_no_reset_to_an_older_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hub = Arc::new(WatchHub::new(WatchSettings::default(), Arc::new(Metrics::new())));
+        let store = StateMachineStore::open(dir.path(), 1 << 20, hub.clone()).expect("store");
+        // The node is at revision 0; the client resumes at 10.
+        let mut watch = start_watch_with(
+            hub.clone(),
+            store.shared(),
+            WatchFilter::default(),
+            10,
+            None,
+            MessageEncoder,
+        );
+        // The node's state is replaced by one from before 10, then catches up.
+        hub.reset(0);
+        for revision in 1..=10 {
+            let event = Event {
+                revision,
+                kind: EventKind::Delete {
+                    key: InstanceKey::new("", "api", &format!("i-{revision}")),
+                    reason: DeleteReason::Deregistered,
+                },
+            };
+            hub.publish(&[event], revision);
+        }
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), watch.next())
+            .await
+            .expect("an item")
+            .expect("the watch goes on");
+        match first {
+            WatchMessage::Event(e) => assert_eq!(e.event.revision, 10),
+            other => panic!("the first item after revision 9 was {other:?}"),
+        }
     }
 }
