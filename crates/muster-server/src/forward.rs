@@ -38,9 +38,14 @@ pub enum ForwardRequest {
     /// Report on a TTL check: renews its TTL, and records its status and output when
     /// they changed. Answered with `Written`.
     ReportCheck(CheckReport),
-    /// Would the receiver take part in an election the node with this id starts
-    /// now? Answered with `PreVote` (see `crate::pre_vote`).
-    PreVote(u64),
+    /// Would the receiver take part in an election a node starts now? Answered
+    /// with `PreVote` (see `crate::pre_vote`).
+    PreVote {
+        /// The node asking.
+        candidate: u64,
+        /// The id of the last entry in its log (its snapshot's when it holds none).
+        last_log: Option<openraft::LogId<u64>>,
+    },
 }
 
 /// The leader's answer.

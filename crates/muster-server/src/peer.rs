@@ -156,7 +156,9 @@ impl RaftPeer for PeerApi {
                 Some(Err(e)) => ForwardResponse::Failed(e),
                 None => ForwardResponse::NotLeader,
             },
-            ForwardRequest::PreVote(_) => ForwardResponse::PreVote(crate::pre_vote::grants(core)),
+            ForwardRequest::PreVote { last_log, .. } => {
+                ForwardResponse::PreVote(crate::pre_vote::grants(core, last_log.as_ref()))
+            }
             ForwardRequest::Membership(change) => match core.change_membership_local(&change).await {
                 Ok(index) => ForwardResponse::MembershipChanged(index),
                 Err(None) => ForwardResponse::NotLeader,

@@ -9,8 +9,9 @@
 //!
 //! So a voter that has not heard from a leader for the shortest election timeout
 //! asks the other voters, every heartbeat, whether they would take part in an
-//! election ([`ForwardRequest::PreVote`]). A voter agrees when it is not the leader
-//! and has not heard from one for that long itself ([`grants`]). Only while a quorum
+//! election ([`ForwardRequest::PreVote`]). A voter agrees when it is not the leader,
+//! has not heard from one for that long itself, and its log is not ahead of the
+//! asking node's ([`grants`]). Only while a quorum
 //! (this node included, every half of a joint membership) agrees does this node let
 //! openraft's timer start elections; an unreachable or silent voter never counts as
 //! agreeing. A voter of an older build cannot read the question and refuses it as
@@ -22,7 +23,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use openraft::ServerState;
+use openraft::{LogId, ServerState};
 
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::network::PeerError;
@@ -41,13 +42,23 @@ impl ElectionGate {
     }
 }
 
-/// Whether this node would take part in an election now: it does not lead, and no
-/// leader has reached it for the shortest election timeout.
-pub fn grants(core: &NodeCore) -> bool {
+/// Whether this node would take part in an election a node whose log ends at
+/// `candidate_last_log` starts now: it does not lead, no leader has reached it for
+/// the shortest election timeout, and its own log is not more up to date (Raft's
+/// voting rule, so that a node behind the others holds back and the one ahead,
+/// which can win, elects first).
+pub fn grants(core: &NodeCore, candidate_last_log: Option<&LogId<u64>>) -> bool {
     if core.raft.metrics().borrow().state == ServerState::Leader {
         return false;
     }
-    !core.heard_from_leader_within(core.config.raft.election_min)
+    !core.heard_from_leader_within(core.config.raft.election_min) && last_log_id(core).as_ref() <= candidate_last_log
+}
+
+/// The id of the last entry in this node's log, or of its snapshot's last entry
+/// when the log holds none after it.
+fn last_log_id(core: &NodeCore) -> Option<LogId<u64>> {
+    let snapshot = core.raft.metrics().borrow().snapshot;
+    core.log_durability.last_log_id().max(snapshot)
 }
 
 /// Whether `agreed` holds a majority of every configuration of a (joint) membership.
@@ -89,13 +100,15 @@ pub async fn run(core: Arc<NodeCore>) {
             continue;
         }
         let mut agreed = BTreeSet::from([core.id]);
+        let question = ForwardRequest::PreVote {
+            candidate: core.id,
+            last_log: last_log_id(&core),
+        };
         let asked = others.iter().map(|(id, addr)| {
             let core = &core;
+            let question = &question;
             async move {
-                let answer = core
-                    .channels
-                    .forward(addr, &ForwardRequest::PreVote(core.id), every * 2)
-                    .await;
+                let answer = core.channels.forward(addr, question, every * 2).await;
                 let agrees = match answer {
                     Ok(ForwardResponse::PreVote(agrees)) => agrees,
                     // An older build, which cannot read the question, votes.

@@ -245,6 +245,13 @@ impl<C: RaftTypeConfig> LogDurability<C> {
         map.last_key_value().map(|(index, _)| *index)
     }
 
+    /// The id of the last entry appended to the log, on disk or not (`None`: the log
+    /// holds no entry, which it also does not when every entry was purged).
+    pub fn last_log_id(&self) -> Option<LogId<C::NodeId>> {
+        let map = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        map.last_key_value().map(|(_, stored)| stored.log_id.clone())
+    }
+
     /// Waits until every entry up to `index` is on disk.
     ///
     /// Fails when a write of the log failed, or the log was closed first.
