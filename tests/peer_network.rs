@@ -81,6 +81,111 @@ async fn a_peer_that_accepts_but_never_answers_fails_by_the_deadline() -> Result
     Ok(())
 }
 
+/// Freezes every connection a [`freezable_relay`] has opened so far.
+struct Freeze {
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    frozen_up_to: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Closes the frozen connections.
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Freeze {
+    fn freeze_open_connections(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen_up_to
+            .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// A TCP relay to `target` whose connections can be frozen: a frozen connection stays
+/// open and carries nothing more, like one whose packets a network cut dropped
+/// while TCP's retransmission timer backed off. Connections opened later relay.
+async fn freezable_relay(target: std::net::SocketAddr) -> Result<(String, Freeze)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let freeze = Freeze {
+        opened: std::sync::Arc::new(AtomicU64::new(0)),
+        frozen_up_to: std::sync::Arc::new(AtomicU64::new(0)),
+        release: Default::default(),
+    };
+    let (opened, frozen, release) = (
+        freeze.opened.clone(),
+        freeze.frozen_up_to.clone(),
+        freeze.release.clone(),
+    );
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let generation = opened.fetch_add(1, Ordering::SeqCst) + 1;
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [
+                (
+                    Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(server_read), Box::new(client_write)),
+            ] {
+                let frozen = frozen.clone();
+                let release = release.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if frozen.load(Ordering::SeqCst) >= generation {
+                            // Holds both sockets open, relaying nothing.
+                            return release.notified().await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    Ok((addr, freeze))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_that_stops_carrying_answers_is_replaced_at_once() -> Result<()> {
+    use muster_server::identity::ClusterIdentity;
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let core = cluster.nodes[&leader].handle.as_ref().expect("running").core().clone();
+    let (relay, freeze) = freezable_relay(cluster.nodes[&leader].config.peer_addr).await?;
+    let peers = PeerChannels::new(std::sync::Arc::new(ClusterIdentity::new(core.cluster.id(), None)));
+    read_index(&peers, &relay, Duration::from_secs(5)).await?;
+
+    // The connection goes silent for good: a call on it goes unanswered. New
+    // connections relay; the silent one must not hold calls until its 5 s
+    // keep-alive gives up.
+    freeze.freeze_open_connections();
+    let lost = read_index(&peers, &relay, Duration::from_millis(100)).await;
+    assert!(lost.is_err(), "a frozen connection answered: {lost:?}");
+    let started = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(3),
+        "a call answered on a new connection",
+        || async { Ok(read_index(&peers, &relay, Duration::from_millis(200)).await.is_ok()) },
+    )
+    .await?;
+    eprintln!(
+        "figure: answered again {:?} after the connection went silent",
+        started.elapsed()
+    );
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_is_reopened_after_the_peer_restarts() -> Result<()> {
     init_tracing();
