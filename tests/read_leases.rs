@@ -122,6 +122,27 @@ async fn followers_read_under_a_read_lease_and_miss_no_answered_write() -> Resul
     Ok(())
 }
 
+/// Eight writers registering `writes` instances of `service` between them, writer
+/// `t` through node `node(t)`.
+async fn spawn_writers(
+    cluster: &TestCluster,
+    node: impl Fn(usize) -> u64,
+    service: &'static str,
+    writes: usize,
+) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
+    let mut tasks = Vec::new();
+    for t in 0..8usize {
+        let mut writer = cluster.registry(node(t)).await?;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..writes / 8 {
+                register(&mut writer, instance(service, &format!("{service}-{t}-{n}"), 80), 0).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    Ok(tasks)
+}
+
 /// What one lease holder shows in a linearizable read, even before the write is
 /// answered, the other shows in any later one: the leader tells no node an entry
 /// is committed before every other holder has appended it.
@@ -135,16 +156,7 @@ async fn what_one_lease_holder_shows_every_later_read_shows() -> Result<()> {
         until_read_lease_held(&cluster, *f, "shown").await?;
     }
     let writes = 160usize;
-    let mut writer_tasks = Vec::new();
-    for t in 0..8usize {
-        let mut writer = cluster.registry(leader).await?;
-        writer_tasks.push(tokio::spawn(async move {
-            for n in 0..writes / 8 {
-                register(&mut writer, instance("shown", &format!("s-{t}-{n}"), 80), 0).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
+    let writer_tasks = spawn_writers(&cluster, |_| leader, "shown", writes).await?;
     // Each checker reads on one holder, then at once on the other: the second read
     // began after the first ended, so it must hold at least as many instances.
     let mut checkers = Vec::new();
@@ -178,16 +190,7 @@ async fn what_the_leader_shows_every_later_read_on_a_lease_holder_shows() -> Res
         until_read_lease_held(&cluster, *f, "led").await?;
     }
     let writes = 240usize;
-    let mut writer_tasks = Vec::new();
-    for t in 0..8usize {
-        let mut writer = cluster.registry(followers[t % 2]).await?;
-        writer_tasks.push(tokio::spawn(async move {
-            for n in 0..writes / 8 {
-                register(&mut writer, instance("led", &format!("l-{t}-{n}"), 80), 0).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
+    let writer_tasks = spawn_writers(&cluster, |t| followers[t % 2], "led", writes).await?;
     let mut checkers = Vec::new();
     for holder in followers.iter().copied().chain(followers.iter().copied()) {
         checkers.push(check_later_reads_show_as_much(&cluster, leader, holder, "led", writes).await?);

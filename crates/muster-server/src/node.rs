@@ -134,8 +134,6 @@ pub struct NodeCore {
     pub discover_cache: crate::discover_cache::DiscoverCache,
     /// The command level each peer answers with (see [`crate::member_levels`]).
     pub member_levels: Arc<crate::member_levels::MemberLevels>,
-    /// Whether elections are let through (see [`crate::pre_vote`]).
-    pub election_gate: crate::pre_vote::ElectionGate,
     started: Instant,
     last_leader_contact_ms: AtomicU64,
     /// Highest commit index a leader has reported to this node in an append.
@@ -172,9 +170,14 @@ impl NodeCore {
 
     /// Whether a leader reached this node (append or snapshot) within `within`.
     pub fn heard_from_leader_within(&self, within: Duration) -> bool {
+        self.leader_contacted() && self.ms_since_leader_append() < within.as_millis() as u64
+    }
+
+    /// Milliseconds since a leader's append or snapshot last reached this node (since
+    /// its start when none has).
+    fn ms_since_leader_append(&self) -> u64 {
         let last = self.last_leader_contact_ms.load(Ordering::Relaxed);
-        self.leader_contacted()
-            && (self.started.elapsed().as_millis() as u64).saturating_sub(last) < within.as_millis() as u64
+        (self.started.elapsed().as_millis() as u64).saturating_sub(last)
     }
 
     /// Records the commit index the leader reported in an append (called by the peer
@@ -258,8 +261,7 @@ impl NodeCore {
         let ms_since_leader_contact = if leader_id == Some(self.id) {
             quorum_ack.unwrap_or(0)
         } else {
-            let last = self.last_leader_contact_ms.load(Ordering::Relaxed);
-            (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+            self.ms_since_leader_append()
         };
         NodeView {
             revision: self.shared.current_revision(),
@@ -803,7 +805,6 @@ impl Node {
             forwarded_writes: Default::default(),
             discover_cache: Default::default(),
             member_levels,
-            election_gate: Default::default(),
             quorum_clock,
             voted_before,
             startup_last_log_index,

@@ -20,7 +20,6 @@
 //! voter that follows a live leader leaves the timer as the last round set it.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use openraft::{LogId, ServerState};
@@ -28,19 +27,6 @@ use openraft::{LogId, ServerState};
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::network::PeerError;
 use crate::node::NodeCore;
-
-/// Whether elections on this node are let through, as the last round found.
-#[derive(Debug, Default)]
-pub struct ElectionGate {
-    open: AtomicBool,
-}
-
-impl ElectionGate {
-    /// Whether the last round found a quorum ready to elect.
-    pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
-    }
-}
 
 /// Whether this node would take part in an election a node whose log ends at
 /// `candidate_last_log` starts now: it does not lead, no leader has reached it for
@@ -74,10 +60,16 @@ pub async fn run(core: Arc<NodeCore>) {
     let every = core.config.raft.heartbeat;
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Elections start switched off (`enable_elect: false` in the Raft config).
+    let mut allowed = false;
     loop {
         tokio::select! {
             _ = core.shutdown.cancelled() => return,
             _ = interval.tick() => {}
+        }
+        // Following a live leader: no election is near.
+        if core.heard_from_leader_within(core.config.raft.election_min) {
+            continue;
         }
         let (configs, others) = {
             let metrics = core.raft.metrics();
@@ -95,10 +87,6 @@ pub async fn run(core: Arc<NodeCore>) {
                 .collect();
             (configs, others)
         };
-        // Following a live leader: no election is near.
-        if core.heard_from_leader_within(core.config.raft.election_min) {
-            continue;
-        }
         let mut agreed = BTreeSet::from([core.id]);
         let question = ForwardRequest::PreVote {
             candidate: core.id,
@@ -123,16 +111,19 @@ pub async fn run(core: Arc<NodeCore>) {
                 agreed.insert(id);
             }
         }
-        set_gate(&core, is_quorum(&configs, &agreed), &agreed);
+        let quorum = is_quorum(&configs, &agreed);
+        allow_elections(&core, &mut allowed, quorum, &agreed);
     }
 }
 
-fn set_gate(core: &NodeCore, open: bool, agreed: &BTreeSet<u64>) {
+/// Switches openraft's elections on or off as the round found (`open`), counting a
+/// round without a quorum.
+fn allow_elections(core: &NodeCore, allowed: &mut bool, open: bool, agreed: &BTreeSet<u64>) {
     if !open {
         core.metrics.elections_held_back.inc();
     }
-    let was = core.election_gate.open.swap(open, Ordering::Relaxed);
-    if was != open {
+    if *allowed != open {
+        *allowed = open;
         core.raft.runtime_config().elect(open);
         core.metrics.elections_allowed.set(i64::from(open));
         if open {

@@ -547,21 +547,7 @@ impl ProcessCluster {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                let summary: Vec<String> = statuses
-                    .iter()
-                    .map(|(id, s)| match s {
-                        Some(s) => format!(
-                            "{id}: {} term {} leader {} rev {} digest {}",
-                            s.role,
-                            s.term,
-                            s.leader_id,
-                            s.revision,
-                            s.digest.get(..12).unwrap_or(&s.digest)
-                        ),
-                        None => format!("{id}: no answer"),
-                    })
-                    .collect();
-                return Err(anyhow!("not stable after {timeout:?}: {}", summary.join("; ")));
+                return Err(anyhow!("not stable after {timeout:?}: {}", summarize(&statuses)));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -601,19 +587,9 @@ impl ProcessCluster {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                let summary: Vec<String> = statuses
-                    .iter()
-                    .map(|(id, s)| match s {
-                        Some(s) => format!(
-                            "{id}: {} term {} leader {} rev {}",
-                            s.role, s.term, s.leader_id, s.revision
-                        ),
-                        None => format!("{id}: no answer"),
-                    })
-                    .collect();
                 return Err(anyhow!(
                     "not caught up with revision {revision} after {timeout:?}: {}",
-                    summary.join("; ")
+                    summarize(&statuses)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -660,4 +636,23 @@ impl Drop for ProcessCluster {
         // `network` (and with it the namespaces, when this holds the last
         // reference) is dropped after this, once no process runs inside them.
     }
+}
+
+/// Each node's role, term, leader, revision and digest, for an error message.
+fn summarize(statuses: &BTreeMap<u64, Option<pb::StatusResponse>>) -> String {
+    let nodes: Vec<String> = statuses
+        .iter()
+        .map(|(id, s)| match s {
+            Some(s) => format!(
+                "{id}: {} term {} leader {} rev {} digest {}",
+                s.role,
+                s.term,
+                s.leader_id,
+                s.revision,
+                s.digest.get(..12).unwrap_or(&s.digest)
+            ),
+            None => format!("{id}: no answer"),
+        })
+        .collect();
+    nodes.join("; ")
 }
