@@ -16,6 +16,12 @@ use clap::{Parser, ValueEnum};
 use crate::cluster::{Cluster, Kind};
 use crate::report::Table;
 
+/// The load generator allocates with jemalloc, as the node does: with glibc's malloc
+/// its client threads contended for the allocator's arena locks, CPU taken from the
+/// same two cores as the systems under test (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Workloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Workload {

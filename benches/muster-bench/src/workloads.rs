@@ -118,10 +118,12 @@ async fn etcd_discover_once(mut e: etcd_client::Client, service: &str, lineariza
     matches!(e.get(format!("/registry/{service}/"), Some(opts)).await, Ok(r) if r.kvs().len() == 10)
 }
 
-/// One load point on one system: rate, latencies and server CPU per operation.
+/// One load point on one system: rate, latencies, and CPU per operation of the
+/// servers and of the load generator.
 struct Point {
     result: LoadResult,
     cpu_per_op_us: f64,
+    client_cpu_per_op_us: f64,
 }
 
 fn load_row(clients: usize, m: Option<&Point>, e: Option<&Point>) -> Vec<String> {
@@ -130,6 +132,7 @@ fn load_row(clients: usize, m: Option<&Point>, e: Option<&Point>) -> Vec<String>
     let p50 = |p: &Point| p.result.ms(0.5);
     let p99 = |p: &Point| p.result.ms(0.99);
     let cpu = |p: &Point| p.cpu_per_op_us;
+    let client_cpu = |p: &Point| p.client_cpu_per_op_us;
     let cell = |v: Option<f64>| v.map_or("-".into(), num);
     vec![
         clients.to_string(),
@@ -142,6 +145,8 @@ fn load_row(clients: usize, m: Option<&Point>, e: Option<&Point>) -> Vec<String>
         cell(f(e, &p99)),
         cell(f(m, &cpu)),
         cell(f(e, &cpu)),
+        cell(f(m, &client_cpu)),
+        cell(f(e, &client_cpu)),
         m.map_or("-".into(), |p| p.result.errors.to_string())
             + " / "
             + &e.map_or("-".into(), |p| p.result.errors.to_string()),
@@ -159,6 +164,8 @@ const LOAD_COLUMNS: &[&str] = &[
     "etcd p99 ms",
     "Muster CPU µs/op",
     "etcd CPU µs/op",
+    "Muster client CPU µs/op",
+    "etcd client CPU µs/op",
     "errors M / e",
 ];
 
@@ -168,14 +175,17 @@ where
     Fut: std::future::Future<Output = bool> + Send,
 {
     // CPU is measured over the warm-up too; scale by the share of ops measured.
-    let cpu0 = cluster.total_cpu();
+    let generator = std::process::id();
+    let (cpu0, client_cpu0) = (cluster.total_cpu(), cpu_time(generator));
     let t0 = Instant::now();
     let result = closed_loop(clients, WARMUP, duration, op).await;
     let cpu = cluster.total_cpu().saturating_sub(cpu0);
+    let client_cpu = cpu_time(generator).saturating_sub(client_cpu0);
     let wall = t0.elapsed().as_secs_f64();
-    let ops_total = result.ops as f64 * wall / duration.as_secs_f64();
+    let ops_total = (result.ops as f64 * wall / duration.as_secs_f64()).max(1.0);
     Point {
-        cpu_per_op_us: cpu.as_secs_f64() * 1e6 / ops_total.max(1.0),
+        cpu_per_op_us: cpu.as_secs_f64() * 1e6 / ops_total,
+        client_cpu_per_op_us: client_cpu.as_secs_f64() * 1e6 / ops_total,
         result,
     }
 }
@@ -188,11 +198,18 @@ pub async fn floor(bin: &Path, s: &Settings) -> Result<Table> {
     let mut table = Table::new(
         "Floor: an empty gRPC unary call",
         "`grpc.health.v1.Health/Check` on a Muster follower over loopback: what the transport alone costs.",
-        &["clients", "calls/s", "p50 ms", "p99 ms"],
+        &[
+            "clients",
+            "calls/s",
+            "p50 ms",
+            "p99 ms",
+            "server CPU µs/op",
+            "client CPU µs/op",
+        ],
     );
     for &clients in &s.clients {
         let chans = channels(&cluster.nodes[node].client, connections_for(clients)).await?;
-        let r = closed_loop(clients, WARMUP, s.duration, move |c, _| {
+        let point = measure(&cluster, clients, s.duration, move |c, _| {
             let mut h = tonic_health::pb::health_client::HealthClient::new(chans[c % chans.len()].clone());
             async move {
                 h.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
@@ -201,11 +218,14 @@ pub async fn floor(bin: &Path, s: &Settings) -> Result<Table> {
             }
         })
         .await;
+        let r = &point.result;
         table.row(vec![
             clients.to_string(),
             num(r.rate()),
             num(r.ms(0.5)),
             num(r.ms(0.99)),
+            num(point.cpu_per_op_us),
+            num(point.client_cpu_per_op_us),
         ]);
     }
     Ok(table)
