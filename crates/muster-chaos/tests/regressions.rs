@@ -51,6 +51,43 @@ async fn netns_cluster(
     Some((net, cluster, leader))
 }
 
+/// Registers instances `<prefix>-0`, `<prefix>-1`, ... one every 50 ms for `how_long`,
+/// each of which must succeed; answers how many were written.
+async fn write_for(
+    writer: &mut muster_proto::v1::registry_client::RegistryClient<tonic::transport::Channel>,
+    prefix: &str,
+    how_long: Duration,
+) -> u64 {
+    let started = std::time::Instant::now();
+    let mut written = 0;
+    while started.elapsed() < how_long {
+        writer
+            .register(pb::RegisterRequest {
+                instance: Some(instance(&format!("{prefix}-{written}"))),
+                ttl_ms: 0,
+            })
+            .await
+            .expect("the majority keeps writing");
+        written += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    written
+}
+
+/// Waits for the cluster to be stable and asserts that `leader` still leads and every
+/// node is still in `term`; `when` names the moment in failure messages.
+async fn assert_still_leads(cluster: &ProcessCluster, leader: u64, term: u64, when: &str) {
+    let (stable_leader, _) = cluster
+        .wait_for_stable(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("not stable {when}: {e}"));
+    assert_eq!(stable_leader, leader, "the leader was unseated {when}");
+    for (id, status) in cluster.statuses().await {
+        let status = status.expect("every node answers");
+        assert_eq!(status.term, term, "node {id} is in another term {when}");
+    }
+}
+
 fn instance(id: &str) -> pb::Instance {
     pb::Instance {
         service: "orders".into(),
@@ -380,19 +417,7 @@ async fn a_follower_cut_off_for_a_while_rejoins_without_unseating_the_leader() {
     net.isolate(cut_off).expect("isolate");
     let mut writer = cluster.registry(leader).await.expect("client");
     // Several election timeouts (at most 400 ms each, after a 400 ms lease).
-    let cut_at = std::time::Instant::now();
-    let mut written = 0;
-    while cut_at.elapsed() < Duration::from_secs(3) {
-        writer
-            .register(pb::RegisterRequest {
-                instance: Some(instance(&format!("during-{written}"))),
-                ttl_ms: 0,
-            })
-            .await
-            .expect("the majority keeps writing");
-        written += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let written = write_for(&mut writer, "during", Duration::from_secs(3)).await;
     assert_eq!(
         cluster.status(cut_off).await.expect("status").term,
         term,
@@ -405,19 +430,59 @@ async fn a_follower_cut_off_for_a_while_rejoins_without_unseating_the_leader() {
     assert!(held_back > 0.0, "the cut-off node held back no election");
 
     net.heal_all().expect("heal");
-    let (stable_leader, _) = cluster
-        .wait_for_stable(Duration::from_secs(20))
-        .await
-        .expect("stable after the heal");
-    assert_eq!(stable_leader, leader, "the leader was unseated");
-    for (id, status) in cluster.statuses().await {
-        let status = status.expect("every node answers");
-        assert_eq!(status.term, term, "node {id} is in another term");
-    }
+    assert_still_leads(&cluster, leader, term, "after the heal").await;
     let caught_up = cluster.status(cut_off).await.expect("status");
     assert!(
         caught_up.revision >= written,
         "the rejoined node holds revision {} of {written} writes",
         caught_up.revision
     );
+}
+
+/// A follower that had taken part in an election kept openraft's election timer on
+/// while it followed the leader it elected. Paused (SIGSTOP) for longer than an
+/// election timeout and resumed, it could campaign at once, before a pre-vote round
+/// had switched the timer off, and unseat the leader with its higher term.
+///
+/// Elects a second leader (the first is paused), then pauses the follower that took
+/// part in that election, several times, for several election timeouts each while
+/// writes go on: no node may raise its term, and the leader leads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_paused_for_a_while_resumes_without_unseating_the_leader() {
+    use nix::sys::signal::Signal;
+
+    let bin = muster_bin();
+    assert!(bin.exists(), "no muster binary at {}", bin.display());
+    let (mut cluster, first_leader, _) = cluster_with_follower(&bin).await;
+    cluster
+        .wait_for_stable(Duration::from_secs(20))
+        .await
+        .expect("stable at the start");
+    cluster.signal(first_leader, Signal::SIGSTOP).expect("SIGSTOP");
+    // The paused node is not active: the leader awaited is a second one.
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(20))
+        .await
+        .expect("a second leader");
+    cluster.signal(first_leader, Signal::SIGCONT).expect("SIGCONT");
+    let (stable_leader, _) = cluster
+        .wait_for_stable(Duration::from_secs(20))
+        .await
+        .expect("stable after the second election");
+    assert_eq!(stable_leader, leader);
+    let voter = cluster
+        .running()
+        .into_iter()
+        .find(|id| *id != leader && *id != first_leader)
+        .expect("the follower that took part in the election");
+    let term = cluster.status(leader).await.expect("status").term;
+
+    let mut writer = cluster.registry(leader).await.expect("client");
+    for round in 0..3 {
+        cluster.signal(voter, Signal::SIGSTOP).expect("SIGSTOP");
+        // Longer than the lease and election timeout openraft waits for (400 + 400 ms).
+        write_for(&mut writer, &format!("paused-{round}"), Duration::from_millis(1500)).await;
+        cluster.signal(voter, Signal::SIGCONT).expect("SIGCONT");
+        assert_still_leads(&cluster, leader, term, &format!("after pause {round}")).await;
+    }
 }

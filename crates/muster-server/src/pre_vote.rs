@@ -16,8 +16,10 @@
 //! openraft's timer start elections; an unreachable or silent voter never counts as
 //! agreeing. A voter of an older build cannot read the question and refuses it as
 //! undecodable: it counts as agreeing, as it would vote, so a rolling upgrade keeps
-//! its elections. Nothing here touches a real vote, so safety stays openraft's; a
-//! voter that follows a live leader leaves the timer as the last round set it.
+//! its elections. Nothing here touches a real vote, so safety stays openraft's. While
+//! the node leads or follows a live leader the timer is off, so a node that took
+//! part in an election and is then paused or cut off cannot campaign before a round
+//! has found a quorum again.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -67,8 +69,11 @@ pub async fn run(core: Arc<NodeCore>) {
             _ = core.shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        // Following a live leader: no election is near.
+        // Following a live leader: no election is near, and none may start before a
+        // round has found a quorum again (a node paused past its election timeout
+        // would otherwise campaign the moment it resumes).
         if core.heard_from_leader_within(core.config.raft.election_min) {
+            switch_elections(&core, &mut allowed, false, None);
             continue;
         }
         let (configs, others) = {
@@ -78,6 +83,8 @@ pub async fn run(core: Arc<NodeCore>) {
             let configs: Vec<BTreeSet<u64>> = membership.get_joint_config().clone();
             let is_voter = configs.iter().any(|c| c.contains(&core.id));
             if !is_voter || m.state == ServerState::Leader {
+                drop(m);
+                switch_elections(&core, &mut allowed, false, None);
                 continue;
             }
             let others: Vec<(u64, String)> = membership
@@ -112,24 +119,24 @@ pub async fn run(core: Arc<NodeCore>) {
             }
         }
         let quorum = is_quorum(&configs, &agreed);
-        allow_elections(&core, &mut allowed, quorum, &agreed);
+        if !quorum {
+            core.metrics.elections_held_back.inc();
+        }
+        switch_elections(&core, &mut allowed, quorum, Some(&agreed));
     }
 }
 
-/// Switches openraft's elections on or off as the round found (`open`), counting a
-/// round without a quorum.
-fn allow_elections(core: &NodeCore, allowed: &mut bool, open: bool, agreed: &BTreeSet<u64>) {
-    if !open {
-        core.metrics.elections_held_back.inc();
-    }
+/// Switches openraft's elections on or off (`open`) when they are not already:
+/// after a round, which found `agreed` (`Some`), or because a leader leads (`None`).
+fn switch_elections(core: &NodeCore, allowed: &mut bool, open: bool, agreed: Option<&BTreeSet<u64>>) {
     if *allowed != open {
         *allowed = open;
         core.raft.runtime_config().elect(open);
         core.metrics.elections_allowed.set(i64::from(open));
-        if open {
-            tracing::info!(?agreed, "a quorum would elect: elections allowed");
-        } else {
-            tracing::info!(?agreed, "no quorum would elect: elections held back");
+        match agreed {
+            None => tracing::debug!("a leader leads: elections off"),
+            Some(agreed) if open => tracing::info!(?agreed, "a quorum would elect: elections allowed"),
+            Some(agreed) => tracing::info!(?agreed, "no quorum would elect: elections held back"),
         }
     }
 }
