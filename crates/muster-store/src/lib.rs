@@ -9,7 +9,8 @@ pub mod types;
 
 pub use log::{LogDurability, LogOptions, SegmentLog};
 pub use state_machine::{
-    ApplyGate, EventSink, SharedState, StateMachineStore, WriteBatching, PENDING_MAX_AGE, PENDING_MAX_COMMANDS,
+    ApplyGate, EventSink, SharedState, StateError, StateMachineStore, WriteBatching, PENDING_MAX_AGE,
+    PENDING_MAX_COMMANDS, STATE_FORMAT,
 };
 pub use types::{NodeId, TypeConfig};
 

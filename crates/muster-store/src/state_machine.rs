@@ -43,6 +43,8 @@ const SNAPSHOT_FILE: &str = "current.snap";
 const KEY_LAST_APPLIED: &[u8] = b"m/last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_COUNTERS: &[u8] = b"m/counters";
+/// The layout version of the state database (a big-endian `u32`).
+const KEY_FORMAT: &[u8] = b"m/format";
 const PREFIX_INSTANCE: &[u8] = b"i/";
 const PREFIX_LEASE: &[u8] = b"l/";
 /// A forwarding session's `(answered_below, last_revision)`; its results are stored
@@ -53,6 +55,13 @@ const PREFIX_FORWARD_RESULT: &[u8] = b"r/";
 /// How long opening waits for sled's lock on the database: when a store is dropped,
 /// the sled threads that wrote its last buffers let go of the file a moment later.
 const DB_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// The layout of the state database this build writes and reads: its keys and the
+/// encoding of the values under them. A database without a format key was written
+/// before the key existed, in this same layout, and gets it when opened. A build
+/// whose layout changes raises this and converts older databases as it opens them;
+/// an older build refuses a database of a newer format instead of misreading it.
+pub const STATE_FORMAT: u32 = 1;
 
 /// Receives the events of every apply, in revision order, while the registry's write
 /// lock is held (so a reader that takes the read lock sees a state consistent with
@@ -148,6 +157,20 @@ pub enum StateError {
     /// log, so nothing more is applied (a restart re-applies the log).
     #[error("an earlier write to the state database failed: {0}")]
     WriteFailed(String),
+    /// The state database is in a format this build cannot read: written by a newer
+    /// build, or not a state database of Muster's.
+    #[error(
+        "the state database at {path} is in format {found}, and this build reads format {supported}: \
+         run a build that reads format {found} (the one that wrote it, or newer)"
+    )]
+    UnsupportedFormat {
+        /// The database directory.
+        path: PathBuf,
+        /// The format its format key states (or 0 when the key is unreadable).
+        found: u32,
+        /// [`STATE_FORMAT`].
+        supported: u32,
+    },
 }
 
 impl From<StateError> for StorageError {
@@ -249,6 +272,30 @@ async fn save_snapshot_file(dir: PathBuf, file: SnapshotFile) -> Result<Snapshot
 /// Opens the sled database, waiting up to [`DB_LOCK_WAIT`] while its lock is held
 /// (by the threads of a store just dropped; a second process holds it for longer).
 /// sled (pinned at 0.34.7) reports a held lock only as an I/O error with this text.
+/// Checks the format key of the state database at `path`, writing it (durably) into
+/// a database that has none: a new one, or one written before the key existed.
+fn check_format(db: &sled::Db, path: &Path) -> Result<(), StateError> {
+    match db.get(KEY_FORMAT)? {
+        Some(v) => {
+            let found = <[u8; 4]>::try_from(v.as_ref()).map_or(0, u32::from_be_bytes);
+            if found == STATE_FORMAT {
+                Ok(())
+            } else {
+                Err(StateError::UnsupportedFormat {
+                    path: path.to_path_buf(),
+                    found,
+                    supported: STATE_FORMAT,
+                })
+            }
+        }
+        None => {
+            db.insert(KEY_FORMAT, &STATE_FORMAT.to_be_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
+
 fn open_db(config: &sled::Config) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + DB_LOCK_WAIT;
     loop {
@@ -279,12 +326,14 @@ impl StateMachineStore {
     ) -> Result<Self, StateError> {
         let snapshot_dir = dir.join("snapshots");
         fs::create_dir_all(&snapshot_dir)?;
+        let db_path = dir.join("state");
         let db = open_db(
             &sled::Config::new()
-                .path(dir.join("state"))
+                .path(&db_path)
                 .cache_capacity(cache_bytes)
                 .flush_every_ms(Some(200)),
         )?;
+        check_format(&db, &db_path)?;
         let (revision, _) = watch::channel(0);
         let mut store = StateMachineStore {
             shared: Arc::new(SharedState {
@@ -407,6 +456,7 @@ impl StateMachineStore {
         for item in self.db.iter().keys() {
             batch.remove(item?);
         }
+        batch.insert(KEY_FORMAT, &STATE_FORMAT.to_be_bytes());
         for instance in &image.instances {
             let bytes = bincode::serialize(instance)?;
             batch.insert(instance_key_bytes(&instance.key()), bytes);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use muster_core::{Command, Event, InstanceSpec, Registry, RegistrySnapshot, Revision};
 use muster_store::types::{SnapshotMeta, TypeConfig};
-use muster_store::{EventSink, StateMachineStore, WriteBatching};
+use muster_store::{EventSink, StateError, StateMachineStore, WriteBatching, STATE_FORMAT};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
 use serde::Deserialize;
@@ -260,4 +260,111 @@ async fn entries_wait_for_the_apply_gate_and_nothing_of_them_shows_before() {
         .expect("applied once the gate opened")
         .expect("task");
     assert_eq!(shared.read().instance_count(), 3);
+}
+
+/// The state database in `dir`, opened with sled directly once the store or sled
+/// handle that had it open has let go of its lock (its threads end after the drop).
+fn open_sled(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(dir.join("state")) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened.expect("open sled"),
+        }
+    }
+}
+
+/// The format key of the state database in `dir`, read with sled directly.
+fn stored_format(dir: &std::path::Path) -> Option<Vec<u8>> {
+    open_sled(dir).get(b"m/format").expect("read").map(|v| v.to_vec())
+}
+
+fn set_stored_format(dir: &std::path::Path, value: Option<&[u8]>) {
+    let db = open_sled(dir);
+    match value {
+        Some(v) => db.insert(b"m/format", v).map(drop),
+        None => db.remove(b"m/format").map(drop),
+    }
+    .expect("write");
+    db.flush().expect("flush");
+}
+
+#[tokio::test]
+async fn the_state_database_states_its_format_and_one_of_another_format_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = {
+        let mut sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("open");
+        sm.apply(vec![grant(1), register(2, 0, Some(1))]).await.expect("apply");
+        sm.shared().read().digest()
+    };
+    assert_eq!(stored_format(dir.path()), Some(STATE_FORMAT.to_be_bytes().to_vec()));
+
+    // A database from before the key existed has the same layout: it opens, whole,
+    // and gets the key.
+    set_stored_format(dir.path(), None);
+    {
+        let sm = StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)).expect("open without the key");
+        assert_eq!(sm.shared().read().digest(), expected);
+    }
+    assert_eq!(stored_format(dir.path()), Some(STATE_FORMAT.to_be_bytes().to_vec()));
+
+    // A newer format is refused, naming both formats and the database; so is a key
+    // that is not a format at all. Nothing is changed by the refusal.
+    for (stored, found) in [
+        ((STATE_FORMAT + 1).to_be_bytes().to_vec(), STATE_FORMAT + 1),
+        (b"x".to_vec(), 0),
+    ] {
+        set_stored_format(dir.path(), Some(&stored));
+        let error = match StateMachineStore::open(dir.path(), 1 << 20, Arc::new(NoSink)) {
+            Err(e) => e,
+            Ok(_) => panic!("opened a database of format {found}"),
+        };
+        let message = error.to_string();
+        match error {
+            StateError::UnsupportedFormat {
+                found: f,
+                supported,
+                path,
+            } => {
+                assert_eq!((f, supported), (found, STATE_FORMAT));
+                assert_eq!(path, dir.path().join("state"));
+            }
+            e => panic!("unexpected error {e}"),
+        }
+        assert!(
+            message.contains(&format!("format {found}")) && message.contains(&format!("reads format {STATE_FORMAT}")),
+            "{message}"
+        );
+        assert_eq!(stored_format(dir.path()), Some(stored));
+    }
+}
+
+#[tokio::test]
+async fn a_state_installed_from_a_snapshot_keeps_the_format_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut source = StateMachineStore::open(&dir.path().join("a"), 1 << 20, Arc::new(NoSink)).expect("open");
+    source
+        .apply(vec![grant(1), register(2, 0, Some(1))])
+        .await
+        .expect("apply");
+    source
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    let current = source.get_current_snapshot().await.expect("read").expect("a snapshot");
+    let target = dir.path().join("b");
+    {
+        let mut other = StateMachineStore::open(&target, 1 << 20, Arc::new(NoSink)).expect("open");
+        other
+            .install_snapshot(&current.meta, current.snapshot)
+            .await
+            .expect("install");
+    }
+    assert_eq!(stored_format(&target), Some(STATE_FORMAT.to_be_bytes().to_vec()));
 }
