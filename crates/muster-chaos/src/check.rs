@@ -67,6 +67,11 @@ pub struct Findings {
     /// Linearizable reads that saw an instance in maintenance.
     #[serde(default)]
     pub maintenance_reads: usize,
+    /// Elections the round cost: how far the highest term moved from just before the
+    /// fault to the end. Not an anomaly, but a fault that leaves a quorum with its
+    /// leader (a follower killed, paused or cut off) should cost none.
+    #[serde(default)]
+    pub elections: u64,
     /// Violations.
     pub anomalies: Vec<Anomaly>,
 }
@@ -85,6 +90,7 @@ pub fn check_round(h: &RoundHistory) -> Findings {
     let mut f = Findings {
         ops: h.ops.len(),
         follower_lease_reads: h.follower_lease_reads,
+        elections: h.terms.1.saturating_sub(h.terms.0),
         ..Default::default()
     };
     for op in &h.ops {
@@ -549,6 +555,16 @@ mod tests {
             recovery: Some(1_000_000),
             max_clock_rate: 1.0,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_round_counts_the_elections_it_cost_from_the_terms_around_it() {
+        for (terms, elections) in [((3, 3), 0), ((3, 5), 2), ((0, 1), 1), ((4, 2), 0)] {
+            let h = RoundHistory { terms, ..base() };
+            let f = check_round(&h);
+            assert_eq!(f.elections, elections, "terms {terms:?}");
+            assert!(f.anomalies.is_empty(), "elections are no anomaly: {:?}", f.anomalies);
         }
     }
 

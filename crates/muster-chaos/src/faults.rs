@@ -125,6 +125,15 @@ pub struct Injected {
     pub detail: String,
 }
 
+/// Names node `id` with its role, for a fault's detail.
+fn role(id: u64, leader: Option<u64>) -> String {
+    match leader {
+        Some(l) if l == id => format!("leader {id}"),
+        Some(_) => format!("follower {id}"),
+        None => format!("node {id}"),
+    }
+}
+
 async fn leader(cluster: &ProcessCluster) -> Option<u64> {
     cluster.wait_for_leader(Duration::from_secs(5)).await.ok()
 }
@@ -165,17 +174,19 @@ pub async fn inject(
             (vec![f], format!("kill -9 follower {f}"))
         }
         FaultKind::Pause => {
-            let target = match (rng.gen_bool(0.5), leader(cluster).await) {
+            let leader = leader(cluster).await;
+            let target = match (rng.gen_bool(0.5), leader) {
                 (true, Some(l)) => l,
                 _ => pick(rng, &cluster.active())?,
             };
             cluster.signal(target, Signal::SIGSTOP)?;
-            (vec![target], format!("SIGSTOP node {target}"))
+            (vec![target], format!("SIGSTOP {}", role(target, leader)))
         }
         FaultKind::MinorityPartition => {
+            let leader = leader(cluster).await;
             let x = pick(rng, &cluster.active())?;
             net(cluster)?.isolate(x)?;
-            (vec![x], format!("node {x} cut from the others"))
+            (vec![x], format!("{} cut from the others", role(x, leader)))
         }
         FaultKind::MajorityRing => {
             let ids = cluster.active();

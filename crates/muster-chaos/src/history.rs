@@ -257,6 +257,10 @@ pub struct RoundHistory {
     /// nodes running at the end (a node restarted in the round counts from then).
     #[serde(default)]
     pub follower_lease_reads: u64,
+    /// The highest Raft term any node stated just before the fault, and once the
+    /// round was over: the difference is how many elections the round cost.
+    #[serde(default)]
+    pub terms: (u64, u64),
 }
 
 /// The shared clock and sinks the workload records into.

@@ -223,7 +223,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<SuiteReport> {
         };
         let f = &result.findings;
         println!(
-            "round {}/{} seed {seed} {:<18} {:>5} ops {:>5} acked {:>3} ambiguous {:>2} lost {:>2} anomalies  recovered {}  ({:.1}s)",
+            "round {}/{} seed {seed} {:<18} {:>5} ops {:>5} acked {:>3} ambiguous {:>2} lost {:>2} anomalies {:>2} elections  recovered {}  ({:.1}s; {})",
             i + 1,
             config.rounds,
             result.fault.name(),
@@ -232,10 +232,12 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<SuiteReport> {
             f.ambiguous,
             f.lost_writes,
             f.anomalies.len(),
+            f.elections,
             result
                 .recovery
                 .map_or("never".to_string(), |d| format!("{:.2}s", d.as_secs_f64())),
-            result.wall.as_secs_f64()
+            result.wall.as_secs_f64(),
+            result.history.faults.first().map_or("not injected", |f| f.detail.as_str())
         );
         let mut saved = None;
         if !f.anomalies.is_empty() {
@@ -284,14 +286,16 @@ pub fn recheck(path: &Path) -> Result<Findings> {
 /// The summary table.
 pub fn table(report: &SuiteReport) -> String {
     let mut out = String::new();
-    let mut by_fault: BTreeMap<FaultKind, (usize, usize, f64)> = BTreeMap::new();
+    let mut by_fault: BTreeMap<FaultKind, (usize, usize, u64, f64)> = BTreeMap::new();
     for r in &report.rounds {
         let e = by_fault.entry(r.fault).or_default();
         e.0 += 1;
         e.1 += r.findings.anomalies.len();
-        e.2 = e.2.max(r.recovery_s.unwrap_or(f64::INFINITY));
+        e.2 += r.findings.elections;
+        e.3 = e.3.max(r.recovery_s.unwrap_or(f64::INFINITY));
     }
     let sum = |f: fn(&Findings) -> usize| report.rounds.iter().map(|r| f(&r.findings)).sum::<usize>();
+    let sum_u64 = |f: fn(&Findings) -> u64| report.rounds.iter().map(|r| f(&r.findings)).sum::<u64>();
     let worst = report
         .rounds
         .iter()
@@ -310,19 +314,22 @@ pub fn table(report: &SuiteReport) -> String {
         })
         .unwrap_or_else(|| "-".into());
     out.push_str(&format!(
-        "\n{:<22}{:>8}{:>11}{:>16}\n",
-        "fault", "rounds", "anomalies", "worst recovery"
+        "\n{:<22}{:>8}{:>11}{:>11}{:>16}\n",
+        "fault", "rounds", "anomalies", "elections", "worst recovery"
     ));
-    out.push_str(&format!("{}\n", "-".repeat(57)));
-    for (fault, (rounds, anomalies, worst)) in &by_fault {
+    out.push_str(&format!("{}\n", "-".repeat(68)));
+    for (fault, (rounds, anomalies, elections, worst)) in &by_fault {
         let worst = if worst.is_finite() {
             format!("{worst:.2}s")
         } else {
             "never".into()
         };
-        out.push_str(&format!("{:<22}{rounds:>8}{anomalies:>11}{worst:>16}\n", fault.name()));
+        out.push_str(&format!(
+            "{:<22}{rounds:>8}{anomalies:>11}{elections:>11}{worst:>16}\n",
+            fault.name()
+        ));
     }
-    out.push_str(&format!("{}\n", "-".repeat(57)));
+    out.push_str(&format!("{}\n", "-".repeat(68)));
     let rows = [
         ("rounds", report.rounds.len().to_string()),
         ("failed rounds", report.failed().len().to_string()),
@@ -335,15 +342,8 @@ pub fn table(report: &SuiteReport) -> String {
         ("watch resets", sum(|f| f.watch_resets).to_string()),
         ("lease keep-alives", sum(|f| f.keepalives).to_string()),
         ("reads in maintenance", sum(|f| f.maintenance_reads).to_string()),
-        (
-            "follower lease reads",
-            report
-                .rounds
-                .iter()
-                .map(|r| r.findings.follower_lease_reads)
-                .sum::<u64>()
-                .to_string(),
-        ),
+        ("elections", sum_u64(|f| f.elections).to_string()),
+        ("follower lease reads", sum_u64(|f| f.follower_lease_reads).to_string()),
         (
             "keys not proven",
             report

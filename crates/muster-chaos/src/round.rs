@@ -189,6 +189,7 @@ async fn drive(
     }
 
     tokio::time::sleep(config.warmup).await;
+    let term_before = cluster.highest_term().await;
     let start = rec.now();
     let injected = faults::inject(fault, cluster, rng, clock_node).await;
     let (mut hold_min, mut hold_max) = config.hold;
@@ -267,6 +268,7 @@ async fn drive(
             history.final_status.insert(0, e.to_string());
         }
     }
+    history.terms = (term_before, cluster.highest_term().await);
     for (id, s) in cluster.statuses().await {
         if let Some(s) = s {
             history.final_status.insert(
@@ -288,15 +290,7 @@ async fn drive(
             history.final_reads.push((id, instances, revision));
         }
     }
-    let highest = cluster
-        .statuses()
-        .await
-        .into_values()
-        .flatten()
-        .map(|s| s.revision)
-        .max()
-        .unwrap_or(0);
-    target = target.max(highest);
+    target = target.max(cluster.highest_revision().await);
     let _ = until_tx.send(Some(target));
     for w in watchers {
         if let Ok(Ok(records)) = tokio::time::timeout(Duration::from_secs(30), w).await {

@@ -555,13 +555,16 @@ impl ProcessCluster {
 
     /// The highest applied revision any node answering now reports (0: none answers).
     pub async fn highest_revision(&self) -> u64 {
-        self.statuses()
-            .await
-            .values()
-            .flatten()
-            .map(|s| s.revision)
-            .max()
-            .unwrap_or(0)
+        self.highest_of(|s| s.revision).await
+    }
+
+    /// The highest Raft term any node answering now reports (0: none answers).
+    pub async fn highest_term(&self) -> u64 {
+        self.highest_of(|s| s.term).await
+    }
+
+    async fn highest_of(&self, field: fn(&pb::StatusResponse) -> u64) -> u64 {
+        self.statuses().await.values().flatten().map(field).max().unwrap_or(0)
     }
 
     /// Waits until every node answers, all agree on one leader, and each has applied
