@@ -100,6 +100,23 @@ impl Freeze {
 /// A TCP relay to `target` whose connections can be frozen: a frozen connection stays
 /// open and carries nothing more, like one whose packets a network cut dropped
 /// while TCP's retransmission timer backed off. Connections opened later relay.
+/// The two directions of a relayed connection: client to server, then server to
+/// client, each as what is read and where it is written.
+fn both_ways(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+) -> [(
+    Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+); 2] {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    [
+        (Box::new(client_read), Box::new(server_write)),
+        (Box::new(server_read), Box::new(client_write)),
+    ]
+}
+
 async fn freezable_relay(target: std::net::SocketAddr) -> Result<(String, Freeze)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -121,15 +138,7 @@ async fn freezable_relay(target: std::net::SocketAddr) -> Result<(String, Freeze
             let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                 continue;
             };
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            for (mut from, mut to) in [
-                (
-                    Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-                    Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-                ),
-                (Box::new(server_read), Box::new(client_write)),
-            ] {
+            for (mut from, mut to) in both_ways(client, server) {
                 let frozen = frozen.clone();
                 let release = release.clone();
                 tokio::spawn(async move {
@@ -386,5 +395,138 @@ async fn a_joining_node_refuses_peers_of_any_cluster_until_it_learns_its_own_fro
     );
     assert_eq!(core.status().cluster_id, None);
     node.shutdown().await;
+    Ok(())
+}
+
+/// A TCP relay that passes at most `bytes_per_second` each way over all its
+/// connections together, like one slow link, to the address put in the answered
+/// slot (connections that come before it is set are closed); and a count of the
+/// connections it relayed.
+async fn throttled_relay(
+    bytes_per_second: u64,
+) -> Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let target: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Default::default();
+    let opened = std::sync::Arc::new(AtomicU64::new(0));
+    let (slot, count) = (target.clone(), opened.clone());
+    // When each direction of the link is next free.
+    let link: [std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>; 2] = [Default::default(), Default::default()]
+        .map(|()| std::sync::Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Some(to) = *slot.lock().unwrap_or_else(|p| p.into_inner()) else {
+                continue;
+            };
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            for ((mut from, mut to), direction) in both_ways(client, server).into_iter().zip(link.clone()) {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        // The chunk leaves once the link has carried what was queued
+                        // before it, on any connection.
+                        let leaves = {
+                            let mut free_at = direction.lock().unwrap_or_else(|p| p.into_inner());
+                            *free_at = (*free_at).max(tokio::time::Instant::now())
+                                + Duration::from_micros(n as u64 * 1_000_000 / bytes_per_second);
+                            *free_at
+                        };
+                        tokio::time::sleep_until(leaves).await;
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    Ok((addr, target, opened))
+}
+
+/// A follower whose peers reach it over a slow link (2 MB/s) and which has fallen
+/// behind the leader's snapshot catches up: the leader's heartbeats, which queue
+/// behind the snapshot on that link and miss their deadlines, must not keep tearing
+/// down the connection the snapshot travels on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_a_slow_link_catches_up_from_a_snapshot() -> Result<()> {
+    use std::sync::atomic::Ordering;
+    init_tracing();
+    const SLOW: u64 = 3;
+    let (relay, target, opened) = throttled_relay(2 * 1024 * 1024).await?;
+    let slot = target.clone();
+    let mut cluster = TestCluster::start_with(3, move |config| {
+        // Every node reaches node 3 through the relay.
+        config.initial_cluster.insert(SLOW, relay.to_string());
+        if config.id == SLOW {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.peer_addr);
+        }
+        config.raft.snapshot_every = 200;
+        config.raft.keep_behind_snapshot = 10;
+    })
+    .await?;
+    cluster.stop(SLOW).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+
+    // About 3 MB of instances, written while node 3 is down: it can only catch up
+    // from a snapshot.
+    let padding = "x".repeat(1000);
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut client = cluster.registry(leader).await?;
+        let padding = padding.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..375 {
+                let mut inst = instance("bulk", &format!("i-{w}-{i}"), 8080);
+                inst.metadata.insert("padding".into(), padding.clone());
+                register(&mut client, inst, 0).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+
+    // Snapshot calls to node 3 the leader saw fail (while it was down, all of them).
+    let failed_snapshot_calls = |cluster: &TestCluster| -> f64 {
+        let core = cluster.nodes[&leader].handle.as_ref().expect("running").core().clone();
+        core.metrics
+            .render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("muster_peer_call_failures_total{")
+                    && l.contains(&format!("peer=\"{SLOW}\""))
+                    && l.contains("rpc=\"snapshot\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let failed_before = failed_snapshot_calls(&cluster);
+    let opened_before = opened.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    cluster.restart(SLOW).await?;
+    cluster.wait_for_same_digest(Duration::from_secs(60)).await?;
+    let failed = failed_snapshot_calls(&cluster) - failed_before;
+    eprintln!(
+        "figure: caught up over the slow link after {:?}, {} relayed connections opened, {failed} snapshot calls failed",
+        started.elapsed(),
+        opened.load(Ordering::SeqCst) - opened_before
+    );
+    assert_eq!(failed, 0.0, "snapshot chunks were cut off on the slow link");
+    cluster.shutdown().await;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The peer network: openraft RPCs and forwarded requests over gRPC on the peer port.
-//! One cached [`PeerTransport`] per peer: a single HTTP/2 connection that every call
-//! to that peer shares, reopened after it fails. Every call is bounded by a deadline
-//! enforced here, whatever the peer does.
+//! Two cached [`PeerTransport`]s per peer, each a single HTTP/2 connection reopened
+//! after it fails: one for snapshot chunks, one that every other call to that peer
+//! shares ([`Lane`]). Every call is bounded by a deadline enforced here, whatever the
+//! peer does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +40,21 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Cached transports to peers, shared by Raft replication and request forwarding.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
-    transports: Arc<Mutex<HashMap<String, PeerTransport>>>,
+    transports: Arc<Mutex<HashMap<(String, Lane), PeerTransport>>>,
     cluster: Arc<ClusterIdentity>,
+}
+
+/// Which of a peer's connections a call takes. Snapshot chunks (megabytes each) have
+/// a connection of their own, so the heartbeats, appends and forwarded requests on
+/// the other never wait behind a chunk in a socket buffer: on a slow link they would
+/// miss their deadlines there, and the connection would be taken for a silent one
+/// and replaced, cutting the snapshot off (see `peer_transport.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Everything but snapshots.
+    Messages,
+    /// Snapshot chunks.
+    Snapshots,
 }
 
 /// A peer call failed.
@@ -79,11 +93,18 @@ impl PeerChannels {
         }
     }
 
-    /// A gRPC client for the peer at `addr` (`host:port`), sharing its connection.
+    /// A gRPC client for the peer at `addr` (`host:port`), sharing its connection for
+    /// everything but snapshots.
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<PeerTransport>, PeerError> {
+        self.client_on(addr, Lane::Messages)
+    }
+
+    /// A gRPC client for the peer at `addr` on the connection of `lane`.
+    pub fn client_on(&self, addr: &str, lane: Lane) -> Result<RaftPeerClient<PeerTransport>, PeerError> {
         let transport = {
             let mut transports = self.transports.lock().unwrap_or_else(|p| p.into_inner());
-            match transports.get(addr) {
+            let key = (addr.to_string(), lane);
+            match transports.get(&key) {
                 Some(transport) => transport.clone(),
                 None => {
                     let transport =
@@ -91,7 +112,7 @@ impl PeerChannels {
                             addr: addr.to_string(),
                             message: format!("not a host:port address: {e}"),
                         })?;
-                    transports.insert(addr.to_string(), transport.clone());
+                    transports.insert(key, transport.clone());
                     transport
                 }
             }
@@ -540,7 +561,11 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.shared.channels.client(&self.addr).map_err(|e| {
+        let lane = match rpc {
+            Rpc::Snapshot => Lane::Snapshots,
+            _ => Lane::Messages,
+        };
+        let mut client = self.shared.channels.client_on(&self.addr, lane).map_err(|e| {
             self.count_failure(rpc, PeerFailure::Unreachable);
             RPCError::Unreachable(Unreachable::new(&e))
         })?;

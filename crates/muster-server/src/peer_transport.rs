@@ -1,4 +1,5 @@
-//! The HTTP/2 transport under the peer gRPC client: one connection per peer, and
+//! The HTTP/2 transport under the peer gRPC client: one connection per peer and lane
+//! (snapshot chunks have their own, `network::Lane`), and
 //! each call's headers and message handed to the connection together.
 //!
 //! A peer call is a small unary message on the commit path of every write. Sent
