@@ -40,8 +40,15 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Cached transports to peers, shared by Raft replication and request forwarding.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
-    transports: Arc<Mutex<HashMap<(String, Lane), PeerTransport>>>,
+    transports: Arc<Mutex<HashMap<String, PeerLanes>>>,
     cluster: Arc<ClusterIdentity>,
+}
+
+/// The transports to one peer, one per [`Lane`] (nothing is opened until a call).
+#[derive(Clone)]
+struct PeerLanes {
+    messages: PeerTransport,
+    snapshots: PeerTransport,
 }
 
 /// Which of a peer's connections a call takes. Snapshot chunks (megabytes each) have
@@ -49,7 +56,7 @@ pub struct PeerChannels {
 /// the other never wait behind a chunk in a socket buffer: on a slow link they would
 /// miss their deadlines there, and the connection would be taken for a silent one
 /// and replaced, cutting the snapshot off (see `peer_transport.rs`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
     /// Everything but snapshots.
     Messages,
@@ -103,18 +110,25 @@ impl PeerChannels {
     pub fn client_on(&self, addr: &str, lane: Lane) -> Result<RaftPeerClient<PeerTransport>, PeerError> {
         let transport = {
             let mut transports = self.transports.lock().unwrap_or_else(|p| p.into_inner());
-            let key = (addr.to_string(), lane);
-            match transports.get(&key) {
-                Some(transport) => transport.clone(),
+            let lanes = match transports.get(addr) {
+                Some(lanes) => lanes,
                 None => {
-                    let transport =
+                    let transport = || {
                         PeerTransport::new(addr, self.cluster.clone()).map_err(|e| PeerError::Unreachable {
                             addr: addr.to_string(),
                             message: format!("not a host:port address: {e}"),
-                        })?;
-                    transports.insert(key, transport.clone());
-                    transport
+                        })
+                    };
+                    let lanes = PeerLanes {
+                        messages: transport()?,
+                        snapshots: transport()?,
+                    };
+                    transports.entry(addr.to_string()).or_insert(lanes)
                 }
+            };
+            match lane {
+                Lane::Messages => lanes.messages.clone(),
+                Lane::Snapshots => lanes.snapshots.clone(),
             }
         };
         let origin = transport.origin().clone();
