@@ -8,6 +8,7 @@
 
 pub mod actions;
 pub mod api;
+pub mod append_budget;
 pub mod blocking;
 pub mod checks;
 pub mod coalesced_writes;

@@ -77,6 +77,13 @@ pub struct PeerCallLabels {
     pub failure: &'static str,
 }
 
+/// Labels of a per-peer metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The peer's node id.
+    pub peer: u64,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric a node exports.
@@ -142,6 +149,10 @@ pub struct Metrics {
     /// Raft calls to peers that failed, by peer, call and failure. openraft pauses
     /// a peer's replication after each (see `crate::network::retry_pauses`).
     pub peer_call_failures: Family<PeerCallLabels, Counter>,
+    /// Appends to a peer refused before they were sent because they carried more
+    /// than the link to it delivers within the append deadline; openraft sends the
+    /// entries that fit instead (`crate::append_budget`).
+    pub peer_appends_cut: Family<PeerLabels, Counter>,
     /// Pre-vote rounds that found no quorum ready to elect, so elections stayed
     /// held back (`crate::pre_vote`).
     pub elections_held_back: Counter,
@@ -304,6 +315,11 @@ impl Metrics {
             peer_call_failures: reg!(
                 "peer_call_failures",
                 "Raft calls to peers (append, vote, snapshot) that failed, by peer and failure (deadline, unreachable, error)",
+                Family::default()
+            ),
+            peer_appends_cut: reg!(
+                "peer_appends_cut",
+                "Appends to a peer cut to the entries the link to it delivers within the append deadline, by peer",
                 Family::default()
             ),
             elections_held_back: reg!(

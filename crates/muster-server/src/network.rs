@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use muster_proto::v1::peer::raft_peer_client::RaftPeerClient;
 use muster_proto::v1::peer::PeerMessage;
 use muster_store::{LogDurability, NodeId, TypeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -26,11 +26,12 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::append_budget::AppendBudget;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::ClusterIdentity;
 use crate::leader_lease::QuorumClock;
 use crate::member_levels::{level_of, MemberLevels, COMMAND_LEVEL_HEADER};
-use crate::metrics::PeerCallLabels;
+use crate::metrics::{PeerCallLabels, PeerLabels};
 use crate::peer_transport::PeerTransport;
 use crate::read_lease::ReadLeaseTable;
 
@@ -427,6 +428,8 @@ pub struct NetworkFactory {
     pub heartbeat: Duration,
     /// Failed peer calls, by peer, call and failure.
     pub failures: Family<PeerCallLabels, Counter>,
+    /// Appends cut to fit a peer's [`AppendBudget`], by peer.
+    pub appends_cut: Family<PeerLabels, Counter>,
     /// The command level each peer answers with.
     pub member_levels: Arc<MemberLevels>,
 }
@@ -437,6 +440,10 @@ pub struct PeerConnection {
     addr: String,
     /// What every connection shares (transports, clocks, the commit index held back).
     shared: NetworkFactory,
+    /// How many bytes an append to this peer may carry. A std mutex: it is held for
+    /// a few instructions and never across an await, by this connection's one
+    /// replication task and the drop of a call its deadline ended.
+    append_budget: Mutex<AppendBudget>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -447,6 +454,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             shared: self.clone(),
+            append_budget: Mutex::default(),
         }
     }
 }
@@ -501,6 +509,8 @@ struct Unanswered<'a> {
     rpc: Rpc,
     started: Instant,
     deadline: Duration,
+    /// The size of the request.
+    bytes: u64,
     /// The call ended here (answered, or failed and counted by its status).
     answered: bool,
 }
@@ -512,6 +522,7 @@ impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if !self.answered && ended_by_deadline(self.started.elapsed(), self.deadline) {
             self.connection.count_failure(self.rpc, PeerFailure::Deadline);
+            self.connection.note_missed_deadline(self.rpc, self.bytes);
         }
     }
 }
@@ -584,6 +595,7 @@ impl PeerConnection {
             RPCError::Unreachable(Unreachable::new(&e))
         })?;
         let deadline = option.hard_ttl();
+        let bytes = data.len() as u64;
         let mut request = tonic::Request::new(PeerMessage { data });
         request.set_timeout(deadline);
         request
@@ -594,6 +606,7 @@ impl PeerConnection {
             rpc,
             started: Instant::now(),
             deadline,
+            bytes,
             answered: false,
         };
         let result = match rpc {
@@ -605,11 +618,17 @@ impl PeerConnection {
         let response = result.map_err(|status| {
             let failure = PeerFailure::of(status.code());
             self.count_failure(rpc, failure);
+            if failure == PeerFailure::Deadline {
+                self.note_missed_deadline(rpc, bytes);
+            }
             failure.into_rpc_error(&PeerError::Unreachable {
                 addr: self.addr.clone(),
                 message: describe(&status),
             })
         })?;
+        if let Rpc::Append = rpc {
+            self.budget().delivered(bytes, call.started.elapsed(), deadline);
+        }
         self.shared.member_levels.record(
             self.target,
             level_of(response.metadata().get(COMMAND_LEVEL_HEADER).map(|v| v.as_bytes())),
@@ -617,6 +636,31 @@ impl PeerConnection {
         let decoded: Result<Resp, RaftError<NodeId, E>> =
             bincode::deserialize(&response.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
+    }
+
+    fn budget(&self) -> std::sync::MutexGuard<'_, AppendBudget> {
+        self.append_budget.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A call of `bytes` bytes missed its deadline: if it was an append, the link to
+    /// the peer may not carry that much in time.
+    fn note_missed_deadline(&self, rpc: Rpc, bytes: u64) {
+        if let Rpc::Append = rpc {
+            self.budget().missed(bytes);
+        }
+    }
+
+    /// How many of `rpc`'s entries fit this peer's [`AppendBudget`], when not all do.
+    fn entries_within_budget(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> Option<u64> {
+        let budget = *self.budget();
+        // Sizing a request costs a pass over it: only while the link is known slow.
+        budget.limit()?;
+        let total = bincode::serialized_size(rpc).ok()?;
+        let entry_sizes = rpc
+            .entries
+            .iter()
+            .map(|entry| bincode::serialized_size(entry).unwrap_or(u64::MAX));
+        budget.entries_within(total, entry_sizes)
     }
 
     fn count_failure(&self, rpc: Rpc, failure: PeerFailure) {
@@ -640,6 +684,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // The leader may count itself in an entry's quorum while its own disk still
         // flushes it; followers apply nothing until it is durable here too (see
         // `LogDurability`).
+        if let Some(fitting) = self.entries_within_budget(&rpc) {
+            // openraft sends the first `fitting` entries at once, and no more than
+            // that for its next few appends.
+            self.shared
+                .appends_cut
+                .get_or_create(&PeerLabels { peer: self.target })
+                .inc();
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fitting)));
+        }
         let commit = rpc.leader_commit;
         let durable = self.shared.log_durability.durable_prefix(commit);
         let in_flight = self

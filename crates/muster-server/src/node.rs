@@ -775,6 +775,7 @@ impl Node {
                 read_leases: read_leases.clone(),
                 heartbeat: config.raft.heartbeat,
                 failures: metrics.peer_call_failures.clone(),
+                appends_cut: metrics.peer_appends_cut.clone(),
                 member_levels: member_levels.clone(),
             },
             log,

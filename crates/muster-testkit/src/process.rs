@@ -257,7 +257,14 @@ impl ProcessCluster {
         for id in 1..=options.nodes {
             cluster.spawn(id)?;
         }
-        let leader = cluster.wait_for_leader(options.leader_timeout).await;
+        let mut leader = cluster.wait_for_leader(options.leader_timeout).await;
+        // A leader is agreed once the nodes have bound their ports, but a node that
+        // could not bind does not stop the others from electing one, and its ports
+        // may be answered by another test's node, which then seems to agree.
+        let exited: Vec<u64> = cluster.exited_logs().into_iter().map(|(id, _)| id).collect();
+        if leader.is_ok() && !exited.is_empty() {
+            leader = Err(anyhow!("nodes {exited:?} exited while the others elected a leader"));
+        }
         Ok((cluster, leader))
     }
 
