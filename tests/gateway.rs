@@ -608,3 +608,145 @@ fn metric_value(text: &str, series: &str) -> Result<f64> {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .with_context(|| format!("no sample {series} in:\n{text}"))
 }
+
+/// A gRPC server (the standard health service) on a loopback port, reporting
+/// `orders.v1.Orders` as serving.
+async fn grpc_backend() -> Result<(SocketAddr, oneshot::Sender<()>, JoinHandle<()>)> {
+    use tonic_health::ServingStatus;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("orders.v1.Orders", ServingStatus::Serving)
+        .await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        // The reporter lives as long as the server, or watches end.
+        let _reporter = reporter;
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Ok((addr, stop, task))
+}
+
+/// A gRPC health client through the gateway whose calls name `service` in the
+/// `muster-service` header.
+async fn grpc_through(
+    gateway: &Gateway,
+    service: &'static str,
+) -> Result<
+    tonic_health::pb::health_client::HealthClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+        >,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(gateway.base.clone())?
+        .connect()
+        .await?;
+    Ok(tonic_health::pb::health_client::HealthClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert(
+                muster_gateway::SERVICE_HEADER,
+                tonic::metadata::MetadataValue::from_static(service),
+            );
+            Ok(request)
+        },
+    ))
+}
+
+/// gRPC through the gateway: a call naming the service in the `muster-service`
+/// header reaches an instance over HTTP/2 with its path unchanged, unary and
+/// server-streaming calls answer with the instance's status in trailers, and calls
+/// the gateway cannot serve get a gRPC status naming the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_calls_are_routed_by_the_service_header() -> Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let registry = Client::connect(nodes(&cluster)).await?;
+    let (addr, stop, task) = grpc_backend().await?;
+    registry
+        .register(
+            InstanceSpec {
+                service: "orders".into(),
+                instance_id: "orders-1".into(),
+                address: addr.ip().to_string(),
+                port: addr.port(),
+                ..Default::default()
+            },
+            None,
+        )
+        .await?;
+    let gateway = Gateway::start(test_config(&cluster)).await?;
+    let http = http_client();
+
+    let mut health = grpc_through(&gateway, "orders").await?;
+    let check = |service: &str| HealthCheckRequest {
+        service: service.to_string(),
+    };
+    // The first call creates the gateway's resolver, from a node that may not have
+    // applied the registration yet.
+    eventually(WAIT, "a health check through the gateway", || {
+        let mut health = health.clone();
+        async move {
+            let answer = health.check(check("orders.v1.Orders")).await;
+            Ok(answer.is_ok_and(|a| {
+                a.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            }))
+        }
+    })
+    .await?;
+    // The instance's own error status comes back in its trailers.
+    let unknown = health
+        .check(check("no.such.Service"))
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    // A server stream passes as it is sent.
+    let mut watch = health.watch(check("orders.v1.Orders")).await?.into_inner();
+    let first = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .context("no watch message")??
+        .context("the watch ended")?;
+    assert_eq!(
+        first.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    drop(watch);
+
+    // The gateway's own refusals, in gRPC terms.
+    let mut nowhere = grpc_through(&gateway, "payments").await?;
+    let refused = nowhere.check(check("")).await.expect_err("no instance of payments");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("\"payments\""), "{}", refused.message());
+    let mut invalid = grpc_through(&gateway, "Not_A_Name").await?;
+    let refused = invalid.check(check("")).await.expect_err("invalid service");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("Not_A_Name"), "{}", refused.message());
+
+    // The instance stops: the call fails as unavailable, naming the instance.
+    let _ = stop.send(());
+    task.await?;
+    let refused = health
+        .check(check("orders.v1.Orders"))
+        .await
+        .expect_err("the instance stopped");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("orders-1"), "{}", refused.message());
+
+    let text = http.get(gateway.url("/gateway/metrics")).send().await?.text().await?;
+    assert!(
+        metric_value(&text, r#"muster_gateway_requests_total{service="orders",class="2xx"}"#)? >= 3.0,
+        "{text}"
+    );
+    gateway.shutdown().await?;
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -102,6 +102,27 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status code of this answer to a gRPC call.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            ProxyError::InvalidService { .. } | ProxyError::BadRequestBody { .. } => tonic::Code::InvalidArgument,
+            ProxyError::Reserved { .. } => tonic::Code::NotFound,
+            ProxyError::NoInstance { .. } | ProxyError::Upstream { .. } => tonic::Code::Unavailable,
+            ProxyError::TooManyServices { .. }
+            | ProxyError::TooManyTunnels { .. }
+            | ProxyError::BodyTooLarge { .. } => tonic::Code::ResourceExhausted,
+            ProxyError::Timeout { .. } => tonic::Code::DeadlineExceeded,
+        }
+    }
+
+    /// The answer to a gRPC call: a trailers-only response (HTTP 200) whose
+    /// `grpc-status` is [`ProxyError::grpc_code`] and whose `grpc-message` names
+    /// the service and the reason.
+    pub fn into_grpc_response(self) -> Response {
+        let message = format!("gateway, service {:?}: {self}", self.service());
+        tonic::Status::new(self.grpc_code(), message).into_http()
+    }
+
     /// The service the request named.
     pub fn service(&self) -> &str {
         match self {

@@ -3,8 +3,17 @@
 //! A request to `/{service}/{path...}` goes to an instance of `service` picked by
 //! the client library's [`Resolver`](muster_client::Resolver) (one per service,
 //! created by its first request and kept current by a watch), at
-//! `http://{instance}/{path...}` with the query string kept:
+//! `http://{instance}/{path...}` with the query string kept. A request carrying
+//! the header `muster-service: {service}` ([`SERVICE_HEADER`]) goes to that service
+//! with its whole path, which is how gRPC clients reach a service.
 //!
+//! - the gateway speaks HTTP/1.1 and HTTP/2 without TLS (h2c, as gRPC clients do
+//!   with a plain `http://` target), and a request goes on to the instance in the
+//!   HTTP version it came in, so gRPC calls (streaming too, with their trailers
+//!   and `TE: trailers`) pass through; a gRPC call the gateway cannot serve is
+//!   answered with a gRPC status (`UNAVAILABLE`, `INVALID_ARGUMENT`,
+//!   `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `NOT_FOUND`) whose message names
+//!   the service and the reason;
 //! - any method; request and response bodies are streamed; headers are kept
 //!   except the hop-by-hop ones, and `X-Forwarded-For` (appended to),
 //!   `X-Forwarded-Host` and `X-Forwarded-Proto` are added;
@@ -52,7 +61,7 @@ use tokio::net::TcpListener;
 
 pub use config::{ConfigError, GatewayConfig, REPLAYABLE_BODY_BYTES};
 pub use error::{ProxyError, ServeError};
-pub use proxy::RESERVED_PREFIX;
+pub use proxy::{RESERVED_PREFIX, SERVICE_HEADER};
 
 use proxy::Gateway;
 

@@ -1,4 +1,5 @@
-//! Forwarding one request: name the service from the path, pick an instance from
+//! Forwarding one request: name the service from the path (or the
+//! [`SERVICE_HEADER`]), pick an instance from
 //! that service's resolver, send the request over the pooled HTTP client, and
 //! send it once more to another instance when the connection failed before any
 //! answer and the request may be repeated. A request asking for an upgrade
@@ -15,8 +16,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, UPGRADE};
-use http::{Method, StatusCode, Uri};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TE, UPGRADE};
+use http::{Method, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body as _;
 use hyper::upgrade::OnUpgrade;
@@ -36,6 +37,11 @@ use crate::metrics::Metrics;
 /// be proxied.
 pub const RESERVED_PREFIX: &str = "gateway";
 
+/// A request carrying this header goes to the service it names with its path
+/// unchanged, the way gRPC clients (whose paths are `/{package.Service}/{Method}`)
+/// reach a service through the gateway.
+pub const SERVICE_HEADER: &str = "muster-service";
+
 /// The `service` label of requests that named no valid, followed service.
 const NO_SERVICE_LABEL: &str = "(none)";
 
@@ -50,7 +56,11 @@ type Resolvers = RwLock<BTreeMap<String, Arc<OnceCell<Resolver>>>>;
 pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) registry: Client,
-    http: HttpClient,
+    /// For requests that came over HTTP/1.
+    http1: HttpClient,
+    /// For requests that came over HTTP/2 (gRPC): HTTP/2 without TLS (h2c), one
+    /// multiplexed connection per instance.
+    http2: HttpClient,
     resolvers: Resolvers,
     /// One permit per upgraded connection relayed ([`GatewayConfig::max_tunnels`]).
     tunnels: Arc<Semaphore>,
@@ -93,6 +103,36 @@ fn idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
+}
+
+/// The service a request names and the path to send the instance: the
+/// [`SERVICE_HEADER`] and the whole path when the request carries it, else
+/// [`split_path`].
+fn target<'a>(headers: &'a HeaderMap, path: &'a str) -> (&'a str, &'a str) {
+    match headers.get(SERVICE_HEADER) {
+        // Not text: no valid service, refused as such.
+        Some(named) => (named.to_str().unwrap_or("\u{fffd}"), path),
+        None => split_path(path),
+    }
+}
+
+/// Whether a request is a gRPC call, which is answered in gRPC's own terms.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Whether the request's `TE` header accepts trailers (gRPC's status travels in
+/// them; RFC 9113 §8.2.2 keeps `TE: trailers` on HTTP/2).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|option| option.trim().eq_ignore_ascii_case("trailers"))
 }
 
 /// `/web/a/b` → (`web`, `/a/b`); `/web` and `/web/` → (`web`, `/`).
@@ -174,12 +214,16 @@ impl Gateway {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
-        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+        let http1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector.clone());
+        let http2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
         let tunnels = Arc::new(Semaphore::new(config.max_tunnels.min(Semaphore::MAX_PERMITS)));
         Ok(Gateway {
             config,
             registry,
-            http,
+            http1,
+            http2,
             resolvers: RwLock::default(),
             tunnels,
             metrics: Metrics::new(),
@@ -239,7 +283,7 @@ impl Gateway {
     /// the gateway's reason for not having one.
     async fn forward(&self, peer: SocketAddr, request: Request) -> Result<Response, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        let (service, path) = split_path(parts.uri.path());
+        let (service, path) = target(&parts.headers, parts.uri.path());
         let service = service.to_string();
         if service == RESERVED_PREFIX {
             return Err(ProxyError::Reserved { service });
@@ -276,8 +320,18 @@ impl Gateway {
             None => None,
         };
 
-        let host = parts.uri.authority().map(|a| a.to_string());
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok().map(str::to_string));
+        let over_http2 = parts.version == Version::HTTP_2;
+        let trailers = over_http2 && accepts_trailers(&parts.headers);
+        parts.headers.remove(SERVICE_HEADER);
         upstream_request_headers(&mut parts.headers, peer.ip(), host.as_deref());
+        if trailers {
+            parts.headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(asked) = &upgrade {
             ask_upgrade(&mut parts.headers, asked.protocol.clone());
         }
@@ -339,9 +393,15 @@ impl Gateway {
             *upstream.method_mut() = parts.method.clone();
             *upstream.uri_mut() = uri;
             *upstream.headers_mut() = parts.headers.clone();
+            let client = if over_http2 {
+                *upstream.version_mut() = Version::HTTP_2;
+                &self.http2
+            } else {
+                &self.http1
+            };
 
             let started = Instant::now();
-            let sent = tokio::time::timeout(self.config.upstream_timeout, self.http.request(upstream)).await;
+            let sent = tokio::time::timeout(self.config.upstream_timeout, client.request(upstream)).await;
             match sent {
                 Err(_elapsed) => {
                     self.report_failure(&resolver, &instance);
@@ -511,8 +571,9 @@ pub(crate) async fn proxy(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    let (service, _) = split_path(request.uri().path());
+    let (service, _) = target(request.headers(), request.uri().path());
     let service = service.to_string();
+    let grpc = is_grpc(request.headers());
     let response = match gateway.forward(peer, request).await {
         Ok(response) => response,
         Err(e) => {
@@ -520,7 +581,11 @@ pub(crate) async fn proxy(
             if matches!(e, ProxyError::NoInstance { .. }) {
                 gateway.metrics.no_instance(&service);
             }
-            e.into_response()
+            if grpc {
+                e.into_grpc_response()
+            } else {
+                e.into_response()
+            }
         }
     };
     // Only followed services get their own label, so clients cannot grow the set.
@@ -543,6 +608,30 @@ mod tests {
         assert_eq!(split_path("/web"), ("web", "/"));
         assert_eq!(split_path("/web/"), ("web", "/"));
         assert_eq!(split_path("/"), ("", "/"));
+    }
+
+    #[test]
+    fn the_service_header_names_the_service_and_keeps_the_whole_path() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(target(&headers, "/web/a"), ("web", "/a"));
+        headers.insert(SERVICE_HEADER, HeaderValue::from_static("orders"));
+        assert_eq!(
+            target(&headers, "/orders.v1.Orders/Get"),
+            ("orders", "/orders.v1.Orders/Get")
+        );
+        headers.insert(SERVICE_HEADER, HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert_eq!(target(&headers, "/x").0, "\u{fffd}");
+    }
+
+    #[test]
+    fn grpc_calls_and_their_trailers_are_recognised() {
+        let mut headers = HeaderMap::new();
+        assert!(!is_grpc(&headers) && !accepts_trailers(&headers));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc+proto"));
+        headers.insert(TE, HeaderValue::from_static("gzip, Trailers"));
+        assert!(is_grpc(&headers) && accepts_trailers(&headers));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(!is_grpc(&headers));
     }
 
     #[test]
