@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use muster_testkit::{eventually, init_tracing, TestCluster};
+use muster_tests::{missing, python_has, run_python_check};
 use serde_json::{json, Value};
 
 /// A Consul API client for one node.
@@ -780,54 +781,21 @@ async fn status_and_agent_self_describe_the_raft_cluster() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Real third-party clients.
 
-/// Whether tests must fail (rather than skip) when a third-party tool is missing.
-fn external_required() -> bool {
-    std::env::var("MUSTER_REQUIRE_EXTERNAL").is_ok_and(|v| v == "1")
-}
-
-/// Skips loudly, or fails under `MUSTER_REQUIRE_EXTERNAL=1`.
-fn missing(what: &str) -> Result<()> {
-    if external_required() {
-        bail!("{what} is not installed, and MUSTER_REQUIRE_EXTERNAL=1 requires it");
-    }
-    let line = format!("SKIPPED: {what} not installed (set MUSTER_REQUIRE_EXTERNAL=1 to make this a failure)");
-    eprintln!("\n{}\n{line}\n{}\n", "*".repeat(line.len()), "*".repeat(line.len()));
-    println!("{line}");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_consul_registers_reports_blocks_and_deregisters() -> Result<()> {
     init_tracing();
-    let available = std::process::Command::new("python3")
-        .args(["-c", "import consul.exceptions"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
+    if !python_has("consul.exceptions") {
         return missing("py-consul");
     }
     let cluster = TestCluster::start(3).await?;
     // A follower: every write is forwarded, every report goes to the leader.
     let addr = cluster.nodes[&cluster.follower().await?].config.http_addr;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/consul/py_consul_check.py");
-    let run = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(addr.to_string())
-        .arg("3")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .context("py-consul script did not finish within 120s")??;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "py-consul script failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    assert!(stdout.contains("py-consul: all checks passed"));
+    run_python_check(
+        "consul/py_consul_check.py",
+        &[addr.to_string(), "3".into()],
+        "py-consul: all checks passed",
+    )
+    .await?;
     cluster.shutdown().await;
     Ok(())
 }

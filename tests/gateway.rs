@@ -3,8 +3,9 @@
 //! headers intact and X-Forwarded-* added, spread over the instances, sent again
 //! to another instance when one is stopped (whose breaker then opens), and
 //! refused with a JSON reason when they cannot be served; WebSockets (a real
-//! client and server) are relayed, at most `max_tunnels` at once. The metrics pass
-//! `promtool check metrics`.
+//! client and server) are relayed, at most `max_tunnels` at once; gRPC calls
+//! (tonic, and Python's grpcio) are routed by the `muster-service` header over
+//! HTTP/2. The metrics pass `promtool check metrics`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -746,6 +747,57 @@ async fn grpc_calls_are_routed_by_the_service_header() -> Result<()> {
         metric_value(&text, r#"muster_gateway_requests_total{service="orders",class="2xx"}"#)? >= 3.0,
         "{text}"
     );
+    gateway.shutdown().await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+/// A third-party gRPC implementation, Python's grpcio with stubs generated from
+/// proto/ by grpcio-tools, against the registry directly (writes through a
+/// follower, read-your-writes on another node, a watch, a keep-alive stream, a
+/// refused bad request) and through the gateway, with the registry's own gRPC
+/// port registered as the service behind it (tests/grpc/py_grpc_check.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcio_drives_the_registry_directly_and_through_the_gateway() -> Result<()> {
+    init_tracing();
+    if !muster_tests::python_has("grpc, grpc_tools.protoc") {
+        return muster_tests::missing("grpcio and grpcio-tools (PyPI)");
+    }
+    let cluster = TestCluster::start(3).await?;
+    let follower = cluster.follower().await?;
+    let other = cluster
+        .running()
+        .into_iter()
+        .find(|id| *id != follower)
+        .context("a second node")?;
+    let registry = Client::connect(nodes(&cluster)).await?;
+    let node = cluster.grpc_addr(other);
+    registry
+        .register(
+            InstanceSpec {
+                service: "muster-node".into(),
+                instance_id: format!("node-{other}"),
+                address: node.ip().to_string(),
+                port: node.port(),
+                ..Default::default()
+            },
+            None,
+        )
+        .await?;
+    let gateway = Gateway::start(test_config(&cluster)).await?;
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+    muster_tests::run_python_check(
+        "grpc/py_grpc_check.py",
+        &[
+            proto.to_string(),
+            cluster.grpc_addr(follower).to_string(),
+            node.to_string(),
+            gateway.base.trim_start_matches("http://").to_string(),
+            "muster-node".to_string(),
+        ],
+        "grpcio: all checks passed",
+    )
+    .await?;
     gateway.shutdown().await?;
     cluster.shutdown().await;
     Ok(())
