@@ -10,7 +10,7 @@ pub mod types;
 pub use log::{LogDurability, LogOptions, SegmentLog};
 pub use state_machine::{
     ApplyGate, EventSink, SharedState, StateError, StateMachineStore, WriteBatching, PENDING_MAX_AGE,
-    PENDING_MAX_COMMANDS, STATE_FORMAT,
+    PENDING_MAX_COMMANDS, SNAPSHOT_FORMAT, STATE_FORMAT,
 };
 pub use types::{NodeId, TypeConfig};
 

@@ -63,6 +63,55 @@ const DB_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// an older build refuses a database of a newer format instead of misreading it.
 pub const STATE_FORMAT: u32 = 1;
 
+/// The encoding of a snapshot's registry image (what the snapshot file holds and
+/// openraft sends to peers) this build writes and reads. Every image ends with a
+/// trailer: 8 bytes of magic (`\0MUSTER\x01`) then this number (a big-endian `u32`). An
+/// image without one was written before the trailer existed, in format 1's
+/// encoding. A build whose image encoding changes raises this; an older build
+/// refuses an image of a newer format, naming both, instead of misreading it.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Marks the snapshot image trailer. A trailer and not a header: builds from before
+/// it decode an image with bincode, which ignores bytes after what it decodes, so
+/// they read images of format 1 from newer builds in a rolling upgrade.
+const SNAPSHOT_TRAILER_MAGIC: &[u8; 8] = b"\0MUSTER\x01";
+/// The trailer's length: the magic and the format.
+const SNAPSHOT_TRAILER_LEN: usize = SNAPSHOT_TRAILER_MAGIC.len() + 4;
+
+/// The trailer ending an image of format [`SNAPSHOT_FORMAT`].
+fn snapshot_trailer() -> [u8; SNAPSHOT_TRAILER_LEN] {
+    let mut trailer = [0; SNAPSHOT_TRAILER_LEN];
+    trailer[..SNAPSHOT_TRAILER_MAGIC.len()].copy_from_slice(SNAPSHOT_TRAILER_MAGIC);
+    trailer[SNAPSHOT_TRAILER_MAGIC.len()..].copy_from_slice(&SNAPSHOT_FORMAT.to_be_bytes());
+    trailer
+}
+
+/// A snapshot image's encoded registry and its format: the bytes before the
+/// trailer and the format it states, or the whole image and format 1 when it has
+/// no trailer.
+fn split_snapshot_image(data: &[u8]) -> (&[u8], u32) {
+    let Some(body_len) = data.len().checked_sub(SNAPSHOT_TRAILER_LEN) else {
+        return (data, 1);
+    };
+    let (body, trailer) = data.split_at(body_len);
+    let (magic, format) = trailer.split_at(SNAPSHOT_TRAILER_MAGIC.len());
+    match (magic == SNAPSHOT_TRAILER_MAGIC, <[u8; 4]>::try_from(format)) {
+        (true, Ok(format)) => (body, u32::from_be_bytes(format)),
+        _ => (data, 1),
+    }
+}
+
+/// The encoded registry of a snapshot image this build can read, or why not.
+fn readable_snapshot_image(data: &[u8]) -> Result<&[u8], StateError> {
+    match split_snapshot_image(data) {
+        (body, SNAPSHOT_FORMAT) => Ok(body),
+        (_, found) => Err(StateError::UnsupportedSnapshotFormat {
+            found,
+            supported: SNAPSHOT_FORMAT,
+        }),
+    }
+}
+
 /// Receives the events of every apply, in revision order, while the registry's write
 /// lock is held (so a reader that takes the read lock sees a state consistent with
 /// the events delivered so far).
@@ -171,6 +220,18 @@ pub enum StateError {
         /// [`STATE_FORMAT`].
         supported: u32,
     },
+    /// A snapshot image is in a format this build cannot read: sent or written by a
+    /// newer build.
+    #[error(
+        "the snapshot is in format {found}, and this build reads format {supported}: \
+         upgrade this node to a build that reads format {found}"
+    )]
+    UnsupportedSnapshotFormat {
+        /// The format the image's trailer states.
+        found: u32,
+        /// [`SNAPSHOT_FORMAT`].
+        supported: u32,
+    },
 }
 
 impl From<StateError> for StorageError {
@@ -247,13 +308,16 @@ fn write_durably_with(
 }
 
 /// Encodes a snapshot file straight into `w`: the same bytes as bincode of
-/// `SnapshotFile { meta, data: bincode(image) }`, without ever holding the encoded
-/// image in memory (at 100k instances it is tens of megabytes).
+/// `SnapshotFile { meta, data: bincode(image) + trailer }`, without ever holding the
+/// encoded image in memory (at 100k instances it is tens of megabytes).
 fn write_snapshot_file(w: &mut impl Write, meta: &SnapshotMeta, image: &RegistrySnapshot) -> bincode::Result<()> {
     bincode::serialize_into(&mut *w, meta)?;
     // `data` is a byte vector: bincode writes its length as a u64, then the bytes.
-    bincode::serialize_into(&mut *w, &bincode::serialized_size(image)?)?;
-    bincode::serialize_into(&mut *w, image)
+    let data_len = bincode::serialized_size(image)? + SNAPSHOT_TRAILER_LEN as u64;
+    bincode::serialize_into(&mut *w, &data_len)?;
+    bincode::serialize_into(&mut *w, image)?;
+    w.write_all(&snapshot_trailer())?;
+    Ok(())
 }
 
 /// Writes the snapshot file durably on a blocking thread and hands it back.
@@ -449,7 +513,7 @@ impl StateMachineStore {
 
     /// Replaces the whole state with a snapshot image, in memory and in sled.
     fn replace_state(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StateError> {
-        let image: RegistrySnapshot = bincode::deserialize(data)?;
+        let image: RegistrySnapshot = bincode::deserialize(readable_snapshot_image(data)?)?;
         // The image replaces whatever was applied and not yet written.
         let _no_writes = self.writer.discard_pending();
         let mut batch = sled::Batch::default();
@@ -666,6 +730,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        // Refused before it replaces the current snapshot file.
+        readable_snapshot_image(snapshot.get_ref()).map_err(|e| snap_err(ErrorVerb::Read, e))?;
         let file = save_snapshot_file(
             self.snapshot_dir.clone(),
             SnapshotFile {

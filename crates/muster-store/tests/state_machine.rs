@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use muster_core::{Command, Event, InstanceSpec, Registry, RegistrySnapshot, Revision};
 use muster_store::types::{SnapshotMeta, TypeConfig};
-use muster_store::{EventSink, StateError, StateMachineStore, WriteBatching, STATE_FORMAT};
+use muster_store::{EventSink, StateError, StateMachineStore, WriteBatching, SNAPSHOT_FORMAT, STATE_FORMAT};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
 use serde::Deserialize;
@@ -367,4 +367,77 @@ async fn a_state_installed_from_a_snapshot_keeps_the_format_key() {
             .expect("install");
     }
     assert_eq!(stored_format(&target), Some(STATE_FORMAT.to_be_bytes().to_vec()));
+}
+
+/// A store with a few applied entries and a snapshot built of them, and the
+/// snapshot's image as openraft would send it to a peer.
+async fn store_with_snapshot(dir: &std::path::Path) -> (StateMachineStore, SnapshotMeta, Vec<u8>) {
+    let mut sm = StateMachineStore::open(dir, 1 << 20, Arc::new(NoSink)).expect("open");
+    sm.apply(vec![grant(1), register(2, 0, Some(1)), register(3, 1, None)])
+        .await
+        .expect("apply");
+    sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let current = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+    (sm, current.meta, current.snapshot.into_inner())
+}
+
+/// The format trailer ending a snapshot image: 8 bytes of magic, then the format.
+const TRAILER_LEN: usize = 12;
+
+#[tokio::test]
+async fn a_snapshot_image_states_its_format_and_older_readers_still_decode_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sm, _, image) = store_with_snapshot(&dir.path().join("a")).await;
+    let (body, trailer) = image.split_at(image.len() - TRAILER_LEN);
+    assert_eq!(&trailer[..8], b"\0MUSTER\x01");
+    assert_eq!(trailer[8..], SNAPSHOT_FORMAT.to_be_bytes());
+    // A build from before the trailer decodes the image with bincode, which stops
+    // at the end of the registry: it reads the same registry as from the bare image.
+    let decoded: RegistrySnapshot = bincode::deserialize(&image).expect("decodes with the trailer");
+    let bare: RegistrySnapshot = bincode::deserialize(body).expect("decodes without it");
+    assert_eq!(decoded, bare);
+    assert_eq!(decoded, sm.shared().read().to_snapshot());
+}
+
+#[tokio::test]
+async fn a_snapshot_image_from_before_the_format_trailer_installs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sm, meta, image) = store_with_snapshot(&dir.path().join("a")).await;
+    let expected = sm.shared().read().digest();
+    let legacy = image[..image.len() - TRAILER_LEN].to_vec();
+    let mut other = StateMachineStore::open(&dir.path().join("b"), 1 << 20, Arc::new(NoSink)).expect("open");
+    other
+        .install_snapshot(&meta, Box::new(std::io::Cursor::new(legacy)))
+        .await
+        .expect("a legacy image installs");
+    assert_eq!(other.shared().read().digest(), expected);
+}
+
+#[tokio::test]
+async fn a_snapshot_image_of_a_newer_format_is_refused_and_the_current_snapshot_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, meta, image) = store_with_snapshot(&dir.path().join("a")).await;
+    let target = dir.path().join("b");
+    let (mut other, _, own_image) = store_with_snapshot(&target).await;
+    let before = other.shared().read().digest();
+    let mut newer = image.clone();
+    let at = newer.len() - 4;
+    newer[at..].copy_from_slice(&(SNAPSHOT_FORMAT + 1).to_be_bytes());
+    let refused = other
+        .install_snapshot(&meta, Box::new(std::io::Cursor::new(newer)))
+        .await
+        .expect_err("an image of a newer format");
+    let text = refused.to_string();
+    assert!(
+        text.contains(&format!("format {}", SNAPSHOT_FORMAT + 1))
+            && text.contains(&format!("format {SNAPSHOT_FORMAT}")),
+        "{text}"
+    );
+    // Nothing was replaced: the state, and the snapshot file a restart would load.
+    assert_eq!(other.shared().read().digest(), before);
+    let kept = other.get_current_snapshot().await.expect("read").expect("a snapshot");
+    assert_eq!(kept.snapshot.into_inner(), own_image);
+    drop(other);
+    let reopened = StateMachineStore::open(&target, 1 << 20, Arc::new(NoSink)).expect("reopen");
+    assert_eq!(reopened.shared().read().digest(), before);
 }
