@@ -75,10 +75,22 @@ pub struct Cluster {
     _dir: TempDir,
 }
 
+/// The directory of a cluster's data and logs: removed afterwards, unless
+/// `MUSTER_BENCH_KEEP=1` (then its path is printed, to read the nodes' logs, whose
+/// level `MUSTER_BENCH_LOG` sets).
+fn cluster_dir() -> Result<TempDir> {
+    let mut dir = tempfile::tempdir()?;
+    if std::env::var("MUSTER_BENCH_KEEP").is_ok_and(|v| v == "1") {
+        dir.disable_cleanup(true);
+        eprintln!("  cluster data and logs kept in {}", dir.path().display());
+    }
+    Ok(dir)
+}
+
 impl Cluster {
     /// Starts three Muster nodes of the binary `bin`.
     pub async fn muster(bin: &Path, base_port: u16) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let dir = cluster_dir()?;
         let peers: Vec<String> = (0..3)
             .map(|i| format!("{}=127.0.0.1:{}", i + 1, base_port + 200 + i))
             .collect();
@@ -125,7 +137,7 @@ impl Cluster {
     /// Starts three etcd members, as a registry operator runs them: auto-compaction on.
     pub async fn etcd(base_port: u16) -> Result<Self> {
         let program = which("etcd").context("etcd not found: install Debian's etcd-server")?;
-        let dir = tempfile::tempdir()?;
+        let dir = cluster_dir()?;
         let initial: Vec<String> = (0..3)
             .map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, base_port + 100 + i))
             .collect();

@@ -158,6 +158,9 @@ pub struct Metrics {
     pub elections_held_back: Counter,
     /// 1 while a quorum would join an election this node starts.
     pub elections_allowed: Gauge,
+    /// Elections this node started itself because openraft's timer had not run out
+    /// when it normally would (`crate::pre_vote`).
+    pub elections_started_here: Counter,
     /// Raft term.
     pub raft_term: Gauge,
     /// Known leader id (0: none).
@@ -331,6 +334,11 @@ impl Metrics {
                 "elections_allowed",
                 "1 while a quorum would join an election this node starts",
                 Gauge::default()
+            ),
+            elections_started_here: reg!(
+                "elections_started_here",
+                "Elections started by the pre-vote loop because openraft's timer had not run out when it normally would",
+                Counter::default()
             ),
             raft_term: reg!("raft_term", "Current Raft term", Gauge::default()),
             raft_leader: reg!("raft_leader_id", "Known leader id, 0 when none", Gauge::default()),

@@ -173,6 +173,12 @@ impl NodeCore {
         self.leader_contacted() && self.ms_since_leader_append() < within.as_millis() as u64
     }
 
+    /// How long since a leader's append or snapshot last reached this node (since its
+    /// start when none has).
+    pub fn since_leader_contact(&self) -> Duration {
+        Duration::from_millis(self.ms_since_leader_append())
+    }
+
     /// Milliseconds since a leader's append or snapshot last reached this node (since
     /// its start when none has).
     fn ms_since_leader_append(&self) -> u64 {
