@@ -22,22 +22,24 @@
 //! has found a quorum again.
 //!
 //! Once a round has found a quorum, the node also starts the election itself when
-//! openraft's timer has not by the time that timer would normally end (the leader
-//! lease of one longest election timeout, then a random election timeout, counted
-//! from the last leader contact or change of vote). openraft adds twice the longest
-//! election timeout to its timer for good once the node has seen a longer log in an
-//! election it lost, until it campaigns again, so that the node ahead elects first;
-//! the quorum's agreement already says no voter is ahead, so here that only delayed
-//! failover: the benchmark measured 1.5-1.6 s from killing the leader to the next
-//! write in about one run in eight, when the node ahead was one that had lost the
-//! first election at startup, against 0.7 s otherwise.
+//! openraft's timer is overdue: not run out by the latest it normally would (the
+//! leader lease of one longest election timeout, then an election timeout of at
+//! most the longest), counted from the last leader contact or change of vote.
+//! openraft adds twice the longest election timeout to its timer for good once the
+//! node has seen a longer log in an election it lost, until it campaigns again, so
+//! that the node ahead elects first; the quorum's agreement already says no voter
+//! is ahead, so here that only delayed failover: the benchmark measured 1.5-1.6 s
+//! from killing the leader to the next write in about one run in eight, when the
+//! node ahead was one that had lost the first election at startup, against 0.7 s
+//! otherwise. Only an overdue timer is overtaken, so the usual election is still
+//! openraft's, with its randomized timeout, and two nodes do not campaign at once
+//! more often than before.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::{LogId, ServerState};
-use rand::Rng;
 
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::network::PeerError;
@@ -138,41 +140,35 @@ pub async fn run(core: Arc<NodeCore>) {
             core.metrics.elections_held_back.inc();
         }
         switch_elections(&core, &mut allowed, quorum, Some(&agreed));
-        if quorum && timer.due(&core) {
+        if quorum && timer.overdue(&core) {
             tracing::info!(
                 since_leader_ms = core.since_leader_contact().as_millis() as u64,
-                "openraft's election timer has not run out: campaigning"
+                "openraft's election timer is overdue: campaigning"
             );
             core.metrics.elections_started_here.inc();
             if let Err(e) = core.raft.trigger().elect().await {
                 tracing::warn!(error = %e, "starting an election failed");
             }
-            timer.restart();
         }
     }
 }
 
-/// When this node starts an election itself: the time openraft's timer would
-/// normally take, counted from the last leader contact or change of vote.
+/// When this node starts an election itself: once openraft's timer is overdue,
+/// counted from the last leader contact or change of vote.
 struct ElectionTimer {
     /// The vote last seen, and when it was first seen.
     vote: openraft::Vote<u64>,
     vote_seen_at: Instant,
-    /// This leaderless spell's timeout, drawn again after each election.
-    timeout: Duration,
-    shortest: Duration,
-    longest: Duration,
+    /// The longest openraft's timer normally takes ([`overdue_after`]).
+    overdue_after: Duration,
 }
 
 impl ElectionTimer {
     fn new(core: &NodeCore) -> Self {
-        let (shortest, longest) = (core.config.raft.election_min, core.config.raft.election_max);
         ElectionTimer {
             vote: core.raft.metrics().borrow().vote,
             vote_seen_at: Instant::now(),
-            timeout: draw_election_timeout(shortest, longest),
-            shortest,
-            longest,
+            overdue_after: overdue_after(core.config.raft.election_max),
         }
     }
 
@@ -185,22 +181,18 @@ impl ElectionTimer {
         }
     }
 
-    /// Whether this follower's timer has run out.
-    fn due(&self, core: &NodeCore) -> bool {
+    /// Whether this node follows and openraft's timer is overdue.
+    fn overdue(&self, core: &NodeCore) -> bool {
         let quiet = core.since_leader_contact().min(self.vote_seen_at.elapsed());
-        core.raft.metrics().borrow().state == ServerState::Follower && quiet >= self.timeout
-    }
-
-    /// Draws the next timeout, after an election.
-    fn restart(&mut self) {
-        self.timeout = draw_election_timeout(self.shortest, self.longest);
+        core.raft.metrics().borrow().state == ServerState::Follower && quiet >= self.overdue_after
     }
 }
 
-/// openraft's timer for a follower of a known leader: the leader lease (the longest
-/// election timeout), then an election timeout drawn from `shortest..=longest`.
-fn draw_election_timeout(shortest: Duration, longest: Duration) -> Duration {
-    longest + rand::thread_rng().gen_range(shortest..=longest)
+/// The longest openraft's election timer takes on a follower of a known leader: its
+/// leader lease (the longest election timeout), then an election timeout of at most
+/// `longest`.
+fn overdue_after(longest: Duration) -> Duration {
+    longest * 2
 }
 
 /// Switches openraft's elections on or off (`open`) when they are not already:
@@ -227,12 +219,8 @@ mod tests {
     }
 
     #[test]
-    fn a_drawn_election_timeout_is_the_leader_lease_then_an_election_timeout() {
-        let (shortest, longest) = (Duration::from_millis(200), Duration::from_millis(400));
-        for _ in 0..1000 {
-            let timeout = draw_election_timeout(shortest, longest);
-            assert!(timeout >= longest + shortest && timeout <= longest * 2, "{timeout:?}");
-        }
+    fn the_timer_is_overdue_after_the_leader_lease_and_the_longest_election_timeout() {
+        assert_eq!(overdue_after(Duration::from_millis(400)), Duration::from_millis(800));
     }
 
     #[test]
