@@ -111,13 +111,18 @@ impl Backend {
     }
 
     fn spec(&self, service: &str) -> InstanceSpec {
-        InstanceSpec {
-            service: service.into(),
-            instance_id: self.name.clone(),
-            address: self.addr.ip().to_string(),
-            port: self.addr.port(),
-            ..Default::default()
-        }
+        instance_at(service, &self.name, self.addr)
+    }
+}
+
+/// An instance `id` of `service` listening at `addr`.
+fn instance_at(service: &str, id: &str, addr: SocketAddr) -> InstanceSpec {
+    InstanceSpec {
+        service: service.into(),
+        instance_id: id.into(),
+        address: addr.ip().to_string(),
+        port: addr.port(),
+        ..Default::default()
     }
 }
 
@@ -673,18 +678,7 @@ async fn grpc_calls_are_routed_by_the_service_header() -> Result<()> {
     let cluster = TestCluster::start(3).await?;
     let registry = Client::connect(nodes(&cluster)).await?;
     let (addr, stop, task) = grpc_backend().await?;
-    registry
-        .register(
-            InstanceSpec {
-                service: "orders".into(),
-                instance_id: "orders-1".into(),
-                address: addr.ip().to_string(),
-                port: addr.port(),
-                ..Default::default()
-            },
-            None,
-        )
-        .await?;
+    registry.register(instance_at("orders", "orders-1", addr), None).await?;
     let gateway = Gateway::start(test_config(&cluster)).await?;
     let http = http_client();
 
@@ -773,16 +767,7 @@ async fn grpcio_drives_the_registry_directly_and_through_the_gateway() -> Result
     let registry = Client::connect(nodes(&cluster)).await?;
     let node = cluster.grpc_addr(other);
     registry
-        .register(
-            InstanceSpec {
-                service: "muster-node".into(),
-                instance_id: format!("node-{other}"),
-                address: node.ip().to_string(),
-                port: node.port(),
-                ..Default::default()
-            },
-            None,
-        )
+        .register(instance_at("muster-node", &format!("node-{other}"), node), None)
         .await?;
     let gateway = Gateway::start(test_config(&cluster)).await?;
     let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");

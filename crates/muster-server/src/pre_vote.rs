@@ -159,8 +159,6 @@ struct ElectionTimer {
     /// The vote last seen, and when it was first seen.
     vote: openraft::Vote<u64>,
     vote_seen_at: Instant,
-    /// The longest openraft's timer normally takes ([`overdue_after`]).
-    overdue_after: Duration,
 }
 
 impl ElectionTimer {
@@ -168,7 +166,6 @@ impl ElectionTimer {
         ElectionTimer {
             vote: core.raft.metrics().borrow().vote,
             vote_seen_at: Instant::now(),
-            overdue_after: overdue_after(core.config.raft.election_max),
         }
     }
 
@@ -183,16 +180,22 @@ impl ElectionTimer {
 
     /// Whether this node follows and openraft's timer is overdue.
     fn overdue(&self, core: &NodeCore) -> bool {
-        let quiet = core.since_leader_contact().min(self.vote_seen_at.elapsed());
-        core.raft.metrics().borrow().state == ServerState::Follower && quiet >= self.overdue_after
+        timer_overdue(
+            core.raft.metrics().borrow().state,
+            core.since_leader_contact(),
+            self.vote_seen_at.elapsed(),
+            core.config.raft.election_max,
+        )
     }
 }
 
-/// The longest openraft's election timer takes on a follower of a known leader: its
-/// leader lease (the longest election timeout), then an election timeout of at most
-/// `longest`.
-fn overdue_after(longest: Duration) -> Duration {
-    longest * 2
+/// Whether openraft's election timer is overdue on a node in `state`, `since_leader`
+/// after a leader last reached it and `since_vote` after its vote last changed: a
+/// follower's timer runs for its leader lease (the longest election timeout) and
+/// then an election timeout of at most `longest`. A candidate's timer is its own
+/// business (it re-elects after an election timeout), and a leader has none.
+fn timer_overdue(state: ServerState, since_leader: Duration, since_vote: Duration, longest: Duration) -> bool {
+    state == ServerState::Follower && since_leader.min(since_vote) >= longest * 2
 }
 
 /// Switches openraft's elections on or off (`open`) when they are not already:
@@ -219,8 +222,17 @@ mod tests {
     }
 
     #[test]
-    fn the_timer_is_overdue_after_the_leader_lease_and_the_longest_election_timeout() {
-        assert_eq!(overdue_after(Duration::from_millis(400)), Duration::from_millis(800));
+    fn a_followers_timer_is_overdue_after_the_leader_lease_and_the_longest_election_timeout() {
+        let ms = Duration::from_millis;
+        let longest = ms(400);
+        // openraft's timer may still run out on its own up to 800 ms.
+        assert!(!timer_overdue(ServerState::Follower, ms(799), ms(5_000), longest));
+        assert!(timer_overdue(ServerState::Follower, ms(800), ms(5_000), longest));
+        // A vote given or taken since starts the count again (another node campaigns).
+        assert!(!timer_overdue(ServerState::Follower, ms(5_000), ms(100), longest));
+        // Candidates and leaders are left to openraft.
+        assert!(!timer_overdue(ServerState::Candidate, ms(5_000), ms(5_000), longest));
+        assert!(!timer_overdue(ServerState::Leader, ms(5_000), ms(5_000), longest));
     }
 
     #[test]
