@@ -43,6 +43,83 @@ pub struct ClientOptions {
     pub resolver: ResolverOptions,
     /// Addresses for services the registry has never answered for.
     pub fallback: StaticFallback,
+    /// TLS to the nodes; plain TCP when `None`.
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS to the nodes: the CA their certificates are checked against and, for nodes
+/// that require client certificates, this client's certificate and key (PEM text).
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// PEM certificates of the CA that signs the nodes' certificates.
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate chain and private key this client presents, if any.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest TLS file [`ClientTls::from_files`] reads.
+const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
+
+impl ClientTls {
+    /// Reads the CA file and, when both are given, the client certificate and key.
+    /// A certificate without a key (or a key without one) is refused.
+    pub fn from_files(
+        ca: &std::path::Path,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((read_tls_file("cert", cert)?, read_tls_file("key", key)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ClientError::Tls {
+                    setting: "key",
+                    reason: "a client certificate needs its key".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ClientError::Tls {
+                    setting: "cert",
+                    reason: "a client key needs its certificate".into(),
+                })
+            }
+        };
+        Ok(ClientTls {
+            ca_pem: read_tls_file("ca", ca)?,
+            identity,
+        })
+    }
+
+    fn tonic_config(&self) -> tonic::transport::ClientTlsConfig {
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        match &self.identity {
+            Some((cert, key)) => config.identity(tonic::transport::Identity::from_pem(cert, key)),
+            None => config,
+        }
+    }
+}
+
+fn read_tls_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    let failed = |reason: String| ClientError::Tls { setting, reason };
+    let size = std::fs::metadata(path)
+        .map_err(|e| failed(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    if size > MAX_TLS_FILE_BYTES {
+        return Err(failed(format!(
+            "{} is larger than {MAX_TLS_FILE_BYTES} bytes",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|e| failed(format!("cannot read {}: {e}", path.display())))
 }
 
 impl Default for ClientOptions {
@@ -54,6 +131,7 @@ impl Default for ClientOptions {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             resolver: ResolverOptions::default(),
             fallback: StaticFallback::none(),
+            tls: None,
         }
     }
 }
@@ -89,15 +167,22 @@ pub struct Client {
 
 /// Turns `host:port` (or a full `http://` URI) into a lazily connected channel.
 fn endpoint(addr: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| ClientError::InvalidAddress {
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| ClientError::InvalidAddress {
         addr: addr.to_string(),
         reason: e.to_string(),
     })?;
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint.tls_config(tls.tonic_config()).map_err(|e| ClientError::Tls {
+            setting: "ca",
+            reason: e.to_string(),
+        })?;
+    }
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)

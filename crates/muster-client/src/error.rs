@@ -58,6 +58,14 @@ pub enum ClientError {
         /// What is wrong, naming the service.
         reason: String,
     },
+    /// A TLS file could not be read or used.
+    #[error("tls {setting}: {reason}")]
+    Tls {
+        /// The setting (`ca`, `cert`, `key`).
+        setting: &'static str,
+        /// What is wrong, naming the file.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -86,7 +94,7 @@ impl ClientError {
             ClientError::Rpc { code, .. } => *code,
             ClientError::MalformedResponse(_) => Code::Internal,
             ClientError::NoInstance { .. } => Code::Unavailable,
-            ClientError::InvalidFallback { .. } => Code::InvalidArgument,
+            ClientError::InvalidFallback { .. } | ClientError::Tls { .. } => Code::InvalidArgument,
         }
     }
 }

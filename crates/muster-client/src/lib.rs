@@ -53,7 +53,7 @@ mod types;
 mod watch;
 
 pub use breaker::{BreakerPolicy, BreakerState};
-pub use client::{Client, ClientOptions, LeaseRevoked, DEFAULT_MAX_MESSAGE_BYTES};
+pub use client::{Client, ClientOptions, ClientTls, LeaseRevoked, DEFAULT_MAX_MESSAGE_BYTES};
 pub use error::ClientError;
 pub use fallback::{StaticEndpoint, StaticFallback, FALLBACK_ENV_PREFIX, FALLBACK_FILE_ENV};
 pub use pick::PickStrategy;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use muster_client::{BreakerPolicy, PickStrategy, StaticFallback};
+use muster_client::{BreakerPolicy, ClientTls, PickStrategy, StaticFallback};
 
 /// Largest request body that is held in memory so that an idempotent request can
 /// be sent again to another instance. Larger (or unsized) bodies are streamed once.
@@ -14,6 +14,9 @@ pub const REPLAYABLE_BODY_BYTES: u64 = 64 * 1024;
 pub struct GatewayConfig {
     /// gRPC addresses (`host:port`) of Muster nodes; any of them serves.
     pub nodes: Vec<String>,
+    /// TLS to the Muster nodes (nodes started with `--tls-cert`); plain TCP when
+    /// `None`.
+    pub registry_tls: Option<ClientTls>,
     /// Namespace of the proxied services (empty: `default`).
     pub namespace: String,
     /// How requests are spread over a service's instances.
@@ -44,6 +47,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             nodes: vec!["127.0.0.1:7100".into()],
+            registry_tls: None,
             namespace: String::new(),
             strategy: PickStrategy::RoundRobin,
             prefer_zone: None,

@@ -208,6 +208,7 @@ impl Gateway {
                 ..ResolverOptions::default()
             },
             fallback: config.fallback.clone(),
+            tls: config.registry_tls.clone(),
             ..ClientOptions::default()
         };
         let registry = Client::connect_with(config.nodes.clone(), options).await?;

@@ -19,8 +19,11 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::tls::{accept, tcp_of, Accepted};
 
 /// Bytes gathered between two flushes before they are written through. Larger writes
 /// go straight to the socket. Allocated once per connection.
@@ -71,24 +74,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
     }
 }
 
-impl Connected for CoalescedWrites<TcpStream> {
+impl Connected for CoalescedWrites<Accepted> {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.get_ref().connect_info()
+        tcp_of(self.get_ref()).connect_info()
     }
 }
 
-/// Accepted connections from `listener` with Nagle's algorithm off (tonic applies its
-/// own TCP settings only to listeners it binds itself), TCP keep-alive on, and
-/// coalesced writes.
+/// Connections accepted on `listener` (see [`crate::tls::accept`]: Nagle's algorithm
+/// off, which tonic applies only to listeners it binds itself, TCP keep-alive on,
+/// TLS when `tls` is given), with coalesced writes.
 pub fn incoming(
     listener: TcpListener,
-) -> impl Stream<Item = Result<CoalescedWrites<TcpStream>, io::Error>> + Send + 'static {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(60)))
-        .map(|accepted| accepted.map(CoalescedWrites::new))
+    tls: Option<TlsAcceptor>,
+) -> impl Stream<Item = Result<CoalescedWrites<Accepted>, io::Error>> + Send + 'static {
+    accept(listener, tls).map(|conn| Ok(CoalescedWrites::new(conn)))
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub struct NodeConfig {
     /// lower one to keep the cluster's log readable by an older build (a node can then
     /// be rolled back); commands above it are refused.
     pub command_level: u32,
+    /// TLS on every port and peer connection (see [`crate::tls`]); plain TCP when
+    /// `None`.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Raft timing, tuned for fsynced appends.
@@ -171,6 +174,7 @@ impl NodeConfig {
             // is read again.
             state_cache_bytes: 8 * 1024 * 1024,
             command_level: muster_core::COMMAND_LEVEL,
+            tls: None,
         }
     }
 

@@ -30,6 +30,7 @@ const KEEPALIVE_BATCH: usize = 256;
 /// Serves the client API on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let max = core.config.max_message_bytes;
+    let grpc_tls = core.tls.as_ref().map(|tls| tls.grpc().clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<RegistryServer<RegistryApi>>().await;
     health_reporter.set_serving::<ClusterServer<ClusterApi>>().await;
@@ -60,13 +61,19 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
         Ok(reflection) => {
             router
                 .add_service(reflection)
-                .serve_with_incoming_shutdown(incoming(listener), core.shutdown.clone().cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    incoming(listener, grpc_tls.clone()),
+                    core.shutdown.clone().cancelled_owned(),
+                )
                 .await
         }
         Err(e) => {
             tracing::warn!(error = %e, "gRPC reflection unavailable");
             router
-                .serve_with_incoming_shutdown(incoming(listener), core.shutdown.clone().cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    incoming(listener, grpc_tls.clone()),
+                    core.shutdown.clone().cancelled_owned(),
+                )
                 .await
         }
     };

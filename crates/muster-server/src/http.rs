@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::node::NodeCore;
 use crate::status::NodeStatus;
+use crate::tls::HttpListener;
 
 /// Largest HTTP request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -23,6 +24,13 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Serves HTTP on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let app = router(core.clone());
+    let listener = match HttpListener::new(listener, core.tls.as_ref().map(|tls| tls.http().clone())) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP listener unusable");
+            return;
+        }
+    };
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(core.shutdown.clone().cancelled_owned())
         .await;

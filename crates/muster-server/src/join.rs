@@ -22,10 +22,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// cluster, see [`crate::identity::ClusterIdentity::admit`]), then retries until the
 /// cluster lists this node, or the node stops.
 pub async fn join_cluster(core: Arc<NodeCore>, join: String) {
+    let scheme = if core.tls.is_some() { "https" } else { "http" };
     let addr = if join.starts_with("http") {
         join.clone()
     } else {
-        format!("http://{join}")
+        format!("{scheme}://{join}")
     };
     let mut pause = FIRST_PAUSE;
     loop {
@@ -59,10 +60,15 @@ enum Step {
 /// One attempt; an error says why it did not complete.
 async fn join_step(core: &NodeCore, addr: &str) -> Result<Step, String> {
     // Connected on first use: a member restarting with a known id contacts nobody.
-    let channel = Endpoint::from_shared(addr.to_owned())
+    let mut endpoint = Endpoint::from_shared(addr.to_owned())
         .map_err(|e| e.to_string())?
-        .connect_timeout(CALL_TIMEOUT)
-        .connect_lazy();
+        .connect_timeout(CALL_TIMEOUT);
+    if let Some(tls) = &core.tls {
+        endpoint = endpoint
+            .tls_config(tls.tonic_client())
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    let channel = endpoint.connect_lazy();
     let mut cluster = ClusterClient::new(channel);
     if core.cluster.id().is_none() {
         let reported = tokio::time::timeout(CALL_TIMEOUT, cluster.status(StatusRequest {}))

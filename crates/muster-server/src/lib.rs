@@ -38,6 +38,7 @@ pub mod request_metrics;
 pub mod rest;
 pub mod snapshots;
 pub mod status;
+pub mod tls;
 pub mod ui;
 pub mod watch;
 pub mod write_batch;

@@ -34,6 +34,7 @@ use crate::member_levels::{level_of, MemberLevels, COMMAND_LEVEL_HEADER};
 use crate::metrics::{PeerCallLabels, PeerLabels};
 use crate::peer_transport::PeerTransport;
 use crate::read_lease::ReadLeaseTable;
+use crate::tls::NodeTls;
 
 /// Largest peer message (snapshot chunks, append batches).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -43,6 +44,8 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct PeerChannels {
     transports: Arc<Mutex<HashMap<String, PeerLanes>>>,
     cluster: Arc<ClusterIdentity>,
+    /// TLS for the connections to peers, when configured.
+    tls: Option<NodeTls>,
 }
 
 /// The transports to one peer, one per [`Lane`] (nothing is opened until a call).
@@ -98,7 +101,14 @@ impl PeerChannels {
         PeerChannels {
             transports: Default::default(),
             cluster,
+            tls: None,
         }
+    }
+
+    /// The same transports, opening their connections with TLS when `tls` is given.
+    pub fn with_tls(mut self, tls: Option<NodeTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// A gRPC client for the peer at `addr` (`host:port`), sharing its connection for
@@ -115,9 +125,11 @@ impl PeerChannels {
                 Some(lanes) => lanes,
                 None => {
                     let transport = || {
-                        PeerTransport::new(addr, self.cluster.clone()).map_err(|e| PeerError::Unreachable {
-                            addr: addr.to_string(),
-                            message: format!("not a host:port address: {e}"),
+                        PeerTransport::new(addr, self.cluster.clone(), self.tls.clone()).map_err(|e| {
+                            PeerError::Unreachable {
+                                addr: addr.to_string(),
+                                message: format!("not a host:port address: {e}"),
+                            }
                         })
                     };
                     let lanes = PeerLanes {

@@ -81,6 +81,9 @@ pub enum NodeError {
     /// Raft failed to start.
     #[error("raft: {0}")]
     Raft(String),
+    /// The TLS certificate, key or CA could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -92,6 +95,8 @@ pub struct NodeCore {
     pub id: u64,
     /// The configuration it runs with.
     pub config: NodeConfig,
+    /// TLS for the node's ports and the connections it opens, when configured.
+    pub tls: Option<crate::tls::NodeTls>,
     /// The Raft instance.
     pub raft: Raft<TypeConfig>,
     /// The registry as applied on this node.
@@ -715,6 +720,7 @@ impl Node {
     /// bootstraps or joins the cluster as configured.
     pub async fn start(config: NodeConfig, listeners: Listeners) -> Result<NodeHandle, NodeError> {
         config.validate()?;
+        let tls = config.tls.as_ref().map(crate::tls::NodeTls::load).transpose()?;
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|e| NodeError::DataDir {
             path: data_dir.display().to_string(),
@@ -766,7 +772,7 @@ impl Node {
         }
         .validate()
         .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let channels = PeerChannels::new(cluster.clone());
+        let channels = PeerChannels::new(cluster.clone()).with_tls(tls.clone());
         let quorum_clock = Arc::new(crate::leader_lease::QuorumClock::default());
         let held_commit = Arc::new(HeldCommit::default());
         let member_levels = Arc::new(crate::member_levels::MemberLevels::new(config.command_level));
@@ -802,6 +808,7 @@ impl Node {
             hub,
             channels,
             cluster,
+            tls,
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),

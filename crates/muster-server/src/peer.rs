@@ -29,7 +29,10 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), core.shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(
+            incoming(listener, core.tls.as_ref().map(|tls| tls.peer().clone())),
+            core.shutdown.clone().cancelled_owned(),
+        )
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "peer gRPC server failed");

@@ -21,8 +21,13 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
+use tokio_util::either::Either;
 
 use crate::identity::{ClusterIdentity, CLUSTER_ID_HEADER};
+use crate::tls::NodeTls;
+
+/// A connection to a peer: plain TCP, or TLS over it.
+type PeerIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// How long opening a connection to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -48,6 +53,7 @@ pub struct PeerTransport {
     origin: http::Uri,
     slot: Arc<Mutex<ConnectionSlot>>,
     cluster: Arc<ClusterIdentity>,
+    tls: Option<NodeTls>,
 }
 
 /// The open connection, if any, numbered so that a failure reported by a call made
@@ -69,18 +75,21 @@ struct OpenConnection {
 
 impl PeerTransport {
     /// A transport to the peer at `addr` (`host:port`) whose calls name the cluster
-    /// `cluster` once it is known; nothing is opened yet. Fails when `addr` is not a
-    /// `host:port` address.
-    pub fn new(addr: &str, cluster: Arc<ClusterIdentity>) -> Result<Self, http::uri::InvalidUri> {
+    /// `cluster` once it is known, over TLS when `tls` is given; nothing is opened
+    /// yet. Fails when `addr` is not a `host:port` address.
+    pub fn new(addr: &str, cluster: Arc<ClusterIdentity>, tls: Option<NodeTls>) -> Result<Self, http::uri::InvalidUri> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(PeerTransport {
             addr: addr.into(),
-            origin: http::Uri::try_from(format!("http://{addr}"))?,
+            origin: http::Uri::try_from(format!("{scheme}://{addr}"))?,
             slot: Arc::new(Mutex::new(ConnectionSlot::default())),
             cluster,
+            tls,
         })
     }
 
-    /// The origin (`http://host:port`) the peer's gRPC calls are addressed to.
+    /// The origin (`http://host:port`, `https://` with TLS) the peer's gRPC calls are
+    /// addressed to.
     pub fn origin(&self) -> &http::Uri {
         &self.origin
     }
@@ -118,6 +127,18 @@ impl PeerTransport {
             .map_err(|_| self.unreachable(format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| self.unreachable(e))?;
         stream.set_nodelay(true).map_err(|e| self.unreachable(e))?;
+        let stream: PeerIo = match &self.tls {
+            None => Either::Left(stream),
+            Some(tls) => {
+                let handshake = tls.connect_peer(&self.addr, stream);
+                Either::Right(
+                    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+                        .await
+                        .map_err(|_| self.unreachable(format!("TLS handshake timed out after {CONNECT_TIMEOUT:?}")))?
+                        .map_err(|e| self.unreachable(format!("TLS: {e}")))?,
+                )
+            }
+        };
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)

@@ -7,6 +7,7 @@
 
 pub mod linearizability;
 pub mod netns;
+pub mod pki;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -98,7 +99,8 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    /// Starts one more node that joins through node `via` (not yet a voter).
+    /// Starts one more node that joins through node `via` (not yet a voter), with
+    /// `via`'s TLS settings.
     pub async fn add_joining_node(&mut self, id: u64, via: u64) -> Result<()> {
         let l = Listeners::bind_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?).await?;
         let mut config = NodeConfig::new(
@@ -110,6 +112,7 @@ impl TestCluster {
         );
         config.join = Some(self.grpc_addr(via).to_string());
         config.raft = test_timing();
+        config.tls = self.nodes[&via].config.tls.clone();
         let handle = Node::start(config.clone(), l).await?;
         self.nodes.insert(
             id,

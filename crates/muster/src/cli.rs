@@ -30,6 +30,19 @@ pub struct Cli {
     )]
     pub addr: Vec<String>,
 
+    /// PEM certificate(s) of the CA that signs the nodes' certificates: talk TLS to
+    /// the nodes (see `muster server --tls-cert`).
+    #[arg(long, global = true, env = "MUSTER_CACERT")]
+    pub cacert: Option<PathBuf>,
+
+    /// PEM client certificate, for nodes started with --tls-client-auth.
+    #[arg(long, global = true, env = "MUSTER_CERT", requires_all = ["key", "cacert"])]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "MUSTER_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+
     /// Print JSON instead of tables.
     #[arg(long, global = true, env = "MUSTER_JSON")]
     pub json: bool,
@@ -192,6 +205,26 @@ pub struct ServerArgs {
     /// maintenance) out of the log while a rollback may still come.
     #[arg(long, env = "MUSTER_COMMAND_LEVEL")]
     pub command_level: Option<u32>,
+
+    /// PEM certificate chain of this node. With it, the gRPC, HTTP and peer ports
+    /// speak TLS only, and peers must present a certificate from --tls-ca. It needs
+    /// the server and client usages and the names the node is reached at.
+    #[arg(long, env = "MUSTER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificate(s) of the CA that signs the nodes' (and clients')
+    /// certificates.
+    #[arg(long, env = "MUSTER_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Require clients of the gRPC and HTTP ports to present a certificate from
+    /// --tls-ca.
+    #[arg(long, env = "MUSTER_TLS_CLIENT_AUTH", requires = "tls_cert")]
+    pub tls_client_auth: bool,
 
     /// TOML file with any of these flags as keys (`grpc-addr = "0.0.0.0:7100"`);
     /// flags and MUSTER_* variables take precedence over it.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use futures::StreamExt;
-use muster_client::{Client, DiscoverOptions, ReadMode};
+use muster_client::{Client, ClientOptions, ClientTls, DiscoverOptions, ReadMode};
 use muster_core::{Health, InstanceSpec};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
@@ -26,10 +26,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A context for the nodes at `addrs`.
-    pub async fn new(addrs: Vec<String>, json: bool, verbose: bool) -> Result<Self> {
+    /// A context for the nodes at `addrs`, over TLS when `tls` is given.
+    pub async fn new(addrs: Vec<String>, tls: Option<ClientTls>, json: bool, verbose: bool) -> Result<Self> {
+        let options = ClientOptions {
+            tls,
+            ..ClientOptions::default()
+        };
         Ok(Ctx {
-            client: Client::connect(addrs).await?,
+            client: Client::connect_with(addrs, options).await?,
             json,
             verbose,
         })

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use muster_client::{BreakerPolicy, StaticFallback};
+use muster_client::{BreakerPolicy, ClientTls, StaticFallback};
 use muster_gateway::GatewayConfig;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
@@ -14,8 +14,9 @@ use crate::cli::GatewayArgs;
 use crate::server::EXIT_BAD_CONFIG;
 
 /// Builds the gateway's configuration from the flags; a fallback file that cannot
-/// be read is an error naming it.
-pub fn gateway_config(args: &GatewayArgs) -> Result<GatewayConfig, String> {
+/// be read is an error naming it. `registry_tls` comes from the global `--cacert`,
+/// `--cert` and `--key`.
+pub fn gateway_config(args: &GatewayArgs, registry_tls: Option<ClientTls>) -> Result<GatewayConfig, String> {
     let fallback = match &args.fallback_file {
         Some(path) => StaticFallback::from_toml_file(path).map_err(|e| format!("invalid --fallback-file: {e}"))?,
         None => StaticFallback::from_env().map_err(|e| e.to_string())?,
@@ -27,6 +28,7 @@ pub fn gateway_config(args: &GatewayArgs) -> Result<GatewayConfig, String> {
     };
     Ok(GatewayConfig {
         nodes: args.nodes.clone(),
+        registry_tls,
         namespace,
         strategy: args.strategy,
         prefer_zone: args.prefer_zone.clone(),
@@ -44,14 +46,15 @@ pub fn gateway_config(args: &GatewayArgs) -> Result<GatewayConfig, String> {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
-pub async fn run(args: &GatewayArgs) -> anyhow::Result<ExitCode> {
-    let config = match gateway_config(args).and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string())) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("muster gateway: {e}");
-            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
-        }
-    };
+pub async fn run(args: &GatewayArgs, registry_tls: Option<ClientTls>) -> anyhow::Result<ExitCode> {
+    let config =
+        match gateway_config(args, registry_tls).and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string())) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("muster gateway: {e}");
+                return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+            }
+        };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -98,9 +101,13 @@ mod tests {
         }
     }
 
+    fn gateway_config_of(args: &GatewayArgs) -> Result<GatewayConfig, String> {
+        gateway_config(args, None)
+    }
+
     #[test]
     fn the_default_flags_make_a_valid_configuration() {
-        let config = gateway_config(&args(&[])).unwrap();
+        let config = gateway_config_of(&args(&[])).unwrap();
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.namespace, "");
         assert_eq!(config.nodes.len(), 3);
@@ -108,7 +115,7 @@ mod tests {
 
     #[test]
     fn flags_reach_the_configuration_and_bad_values_are_named() {
-        let config = gateway_config(&args(&[
+        let config = gateway_config_of(&args(&[
             "--namespace",
             "prod",
             "--breaker-failures",
@@ -121,9 +128,9 @@ mod tests {
         assert_eq!(config.breaker.failure_threshold, 2);
         assert_eq!(config.max_body_bytes, 1024);
 
-        let bad = gateway_config(&args(&["--namespace", "Prod_1"])).unwrap();
+        let bad = gateway_config_of(&args(&["--namespace", "Prod_1"])).unwrap();
         assert_eq!(bad.validate().unwrap_err().field, "namespace");
-        let err = gateway_config(&args(&["--fallback-file", "/nonexistent/fallback.toml"])).unwrap_err();
+        let err = gateway_config_of(&args(&["--fallback-file", "/nonexistent/fallback.toml"])).unwrap_err();
         assert!(err.contains("--fallback-file"), "{err}");
     }
 }

@@ -16,6 +16,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use muster_client::ClientTls;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, LogFormat};
@@ -87,11 +88,15 @@ fn init_logging(cli: &Cli) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ctx = || Ctx::new(cli.addr.clone(), cli.json, cli.verbose);
+    let tls = || match &cli.cacert {
+        Some(ca) => ClientTls::from_files(ca, cli.cert.as_deref(), cli.key.as_deref()).map(Some),
+        None => Ok(None),
+    };
+    let ctx = || async { Ctx::new(cli.addr.clone(), tls()?, cli.json, cli.verbose).await };
     match cli.command {
         Command::Server(ref args) => return server::run(args).await,
         Command::Dev(ref args) => return dev::run(args, cli.log_format, cli.verbose).await,
-        Command::Gateway(ref args) => return gateway::run(args).await,
+        Command::Gateway(ref args) => return gateway::run(args, tls()?).await,
         Command::Register(args) => commands::register(&ctx().await?, args).await?,
         Command::Deregister(args) => commands::deregister(&ctx().await?, args).await?,
         Command::Maintenance(args) => commands::maintenance(&ctx().await?, args).await?,
@@ -99,7 +104,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Services(args) => commands::services(&ctx().await?, args).await?,
         Command::Watch(args) => commands::watch(&ctx().await?, args).await?,
         Command::Cluster(command) => commands::cluster(&ctx().await?, command).await?,
-        Command::Healthcheck(args) => return Ok(healthcheck::run(&args).await),
+        Command::Healthcheck(args) => {
+            let tls = healthcheck::ProbeTls {
+                ca: cli.cacert.as_deref(),
+                identity: cli.cert.as_ref().zip(cli.key.as_ref()),
+            };
+            return Ok(healthcheck::run(&args, &tls).await);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

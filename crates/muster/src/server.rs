@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use muster_server::tls::{NodeTls, TlsSettings};
 use muster_server::{Listeners, Node, NodeConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -98,6 +99,14 @@ pub fn node_config(args: &ServerArgs, id: u64) -> NodeConfig {
     if let Some(level) = args.command_level {
         config.command_level = level;
     }
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        config.tls = Some(TlsSettings {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            require_client_certs: args.tls_client_auth,
+        });
+    }
     config
 }
 
@@ -112,6 +121,11 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     };
     let config = node_config(args, id);
     if let Err(e) = config.validate() {
+        eprintln!("muster server: {e}");
+        return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+    }
+    // Unusable TLS files are a configuration error, found before any port is bound.
+    if let Some(Err(e)) = config.tls.as_ref().map(NodeTls::load) {
         eprintln!("muster server: {e}");
         return Ok(ExitCode::from(EXIT_BAD_CONFIG));
     }
