@@ -42,7 +42,14 @@ struct Backend {
     task: JoinHandle<()>,
 }
 
-async fn echo(State(name): State<Arc<str>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Json<Value> {
+async fn echo(
+    State(name): State<Arc<str>>,
+    method: Method,
+    version: axum::http::Version,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Json<Value> {
     let mut seen: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for (k, v) in &headers {
         seen.entry(k.to_string()).or_default().push(v.to_str().unwrap_or("?"));
@@ -51,6 +58,7 @@ async fn echo(State(name): State<Arc<str>>, method: Method, uri: Uri, headers: H
     Json(json!({
         "name": &*name,
         "method": method.as_str(),
+        "version": format!("{version:?}"),
         "path": uri.path(),
         "query": uri.query(),
         "body": String::from_utf8_lossy(&body),
@@ -671,6 +679,52 @@ async fn grpc_through(
 /// header reaches an instance over HTTP/2 with its path unchanged, unary and
 /// server-streaming calls answer with the instance's status in trailers, and calls
 /// the gateway cannot serve get a gRPC status naming the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plain_http2_request_goes_on_over_http1_and_a_grpc_call_over_http2() -> Result<()> {
+    init_tracing();
+    let cluster = TestCluster::start(3).await?;
+    let registry = Client::connect(nodes(&cluster)).await?;
+    let mut backend = Backend::start("echo-a").await?;
+    registry.register(backend.spec("echo"), None).await?;
+    let gateway = Gateway::start(test_config(&cluster)).await?;
+    let http = http_client();
+    wait_for_instances(&gateway, &http, "echo", 1).await?;
+
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let response = h2.get(gateway.url("/echo/over-h2")).send().await?;
+    assert_eq!(
+        response.version(),
+        reqwest::Version::HTTP_2,
+        "the gateway spoke HTTP/2 to its client"
+    );
+    let answer = json_with(response, StatusCode::OK).await?;
+    assert_eq!(
+        answer["version"], "HTTP/1.1",
+        "every instance speaks HTTP/1.1: {answer}"
+    );
+    assert_eq!(answer["path"], "/over-h2");
+
+    // A gRPC call (by its content type) keeps HTTP/2, which gRPC needs.
+    let response = h2
+        .post(gateway.url("/echo/pkg.Svc/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0u8; 5])
+        .send()
+        .await?;
+    let answer = json_with(response, StatusCode::OK).await?;
+    assert_eq!(answer["version"], "HTTP/2.0", "{answer}");
+    assert_eq!(answer["headers"]["te"], "trailers");
+    backend.stop().await?;
+    gateway.shutdown().await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_calls_are_routed_by_the_service_header() -> Result<()> {
     use tonic_health::pb::HealthCheckRequest;

@@ -8,9 +8,10 @@
 //! with its whole path, which is how gRPC clients reach a service.
 //!
 //! - the gateway speaks HTTP/1.1 and HTTP/2 without TLS (h2c, as gRPC clients do
-//!   with a plain `http://` target), and a request goes on to the instance in the
-//!   HTTP version it came in, so gRPC calls (streaming too, with their trailers
-//!   and `TE: trailers`) pass through; a gRPC call the gateway cannot serve is
+//!   with a plain `http://` target); a gRPC call that came over HTTP/2 goes on to
+//!   the instance over HTTP/2, so it passes through (streaming too, with its
+//!   trailers and `TE: trailers`), and every other request goes on over HTTP/1.1,
+//!   which every instance speaks; a gRPC call the gateway cannot serve is
 //!   answered with a gRPC status (`UNAVAILABLE`, `INVALID_ARGUMENT`,
 //!   `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `NOT_FOUND`) whose message names
 //!   the service and the reason;

@@ -56,9 +56,9 @@ type Resolvers = RwLock<BTreeMap<String, Arc<OnceCell<Resolver>>>>;
 pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) registry: Client,
-    /// For requests that came over HTTP/1.
+    /// For everything but gRPC calls over HTTP/2.
     http1: HttpClient,
-    /// For requests that came over HTTP/2 (gRPC): HTTP/2 without TLS (h2c), one
+    /// For gRPC calls that came over HTTP/2: HTTP/2 without TLS (h2c), one
     /// multiplexed connection per instance.
     http2: HttpClient,
     resolvers: Resolvers,
@@ -116,12 +116,20 @@ fn target<'a>(headers: &'a HeaderMap, path: &'a str) -> (&'a str, &'a str) {
     }
 }
 
-/// Whether a request is a gRPC call, which is answered in gRPC's own terms.
+/// Whether a request is a gRPC call, which is answered in gRPC's own terms and
+/// goes on over HTTP/2.
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Whether a request goes on to the instance over HTTP/2: a gRPC call that came
+/// over HTTP/2 (gRPC needs it). Every other request goes over HTTP/1.1, which
+/// every HTTP server speaks, whichever version the client used.
+fn upstream_over_http2(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_2 && is_grpc(headers)
 }
 
 /// Whether the request's `TE` header accepts trailers (gRPC's status travels in
@@ -326,8 +334,8 @@ impl Gateway {
             .authority()
             .map(|a| a.to_string())
             .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok().map(str::to_string));
-        let over_http2 = parts.version == Version::HTTP_2;
-        let trailers = over_http2 && accepts_trailers(&parts.headers);
+        let upstream_http2 = upstream_over_http2(parts.version, &parts.headers);
+        let trailers = upstream_http2 && accepts_trailers(&parts.headers);
         parts.headers.remove(SERVICE_HEADER);
         upstream_request_headers(&mut parts.headers, peer.ip(), host.as_deref());
         if trailers {
@@ -394,7 +402,7 @@ impl Gateway {
             *upstream.method_mut() = parts.method.clone();
             *upstream.uri_mut() = uri;
             *upstream.headers_mut() = parts.headers.clone();
-            let client = if over_http2 {
+            let client = if upstream_http2 {
                 *upstream.version_mut() = Version::HTTP_2;
                 &self.http2
             } else {
