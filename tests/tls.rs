@@ -333,3 +333,22 @@ async fn the_gateway_follows_a_tls_registry() -> Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_consul_speaks_https_to_a_tls_node() -> Result<()> {
+    init_tracing();
+    if !muster_tests::python_has("consul.exceptions") {
+        return muster_tests::missing("py-consul");
+    }
+    let mut pki = TestPki::new("muster test CA")?;
+    let cluster = tls_cluster(&mut pki, false).await?;
+    let addr = http_addr(&cluster, cluster.follower().await?);
+    muster_tests::run_python_check(
+        "consul/py_consul_check.py",
+        &[addr.to_string(), "3".into(), pki.ca_file.display().to_string()],
+        "py-consul: all checks passed",
+    )
+    .await?;
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -2,10 +2,11 @@
 """Drives a Muster node's Consul-compatible API with the real `py-consul` client
 (PyPI package py-consul, `import consul`), asserting as it goes.
 
-Usage: py_consul_check.py HOST:PORT [PEERS]
+Usage: py_consul_check.py HOST:PORT [PEERS [CA_FILE]]
 
 HOST:PORT is a node's HTTP address; PEERS, when given, is the number of voters
-/v1/status/peers must list. Exits 0 when every step held; any failed assertion or
+/v1/status/peers must list; CA_FILE, when given, makes the client speak HTTPS and
+trust that CA (a node started with --tls-cert). Exits 0 when every step held; any failed assertion or
 client error ends it non-zero with a traceback. Run by tests/consul.rs.
 """
 
@@ -24,7 +25,10 @@ def step(name):
 def main():
     host, port = sys.argv[1].rsplit(":", 1)
     peers = int(sys.argv[2]) if len(sys.argv) > 2 else None
-    c = consul.Consul(host=host, port=int(port))
+    if len(sys.argv) > 3:
+        c = consul.Consul(host=host, port=int(port), scheme="https", verify=sys.argv[3])
+    else:
+        c = consul.Consul(host=host, port=int(port))
     svc, sid = "pyweb", "pyweb-1"
     check_id = f"service:{sid}"
 
