@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use muster_client::{Client, ClientOptions, ClientTls, DiscoverOptions, RetryPolicy};
 use muster_core::InstanceSpec;
 use muster_proto::v1::peer::PeerMessage;
@@ -350,5 +350,81 @@ async fn py_consul_speaks_https_to_a_tls_node() -> Result<()> {
     )
     .await?;
     cluster.shutdown().await;
+    Ok(())
+}
+
+/// The leaf certificate a TLS server at `addr` presents to a client trusting `pki`.
+async fn served_certificate(addr: std::net::SocketAddr, pki: &TestPki) -> Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca_file)? {
+        roots.add(ca?)?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let served = tls.get_ref().1.peer_certificates().context("no certificate")?;
+    Ok(served[0].to_vec())
+}
+
+fn certificate_in(path: &std::path::Path) -> Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    Ok(rustls::pki_types::CertificateDer::from_pem_file(path)?.to_vec())
+}
+
+#[tokio::test]
+async fn a_node_serves_a_rotated_certificate_without_a_restart_and_keeps_it_when_a_file_breaks() -> Result<()> {
+    init_tracing();
+    let mut pki = TestPki::new("muster test CA")?;
+    let cluster = tls_cluster(&mut pki, false).await?;
+    let node = cluster.follower().await?;
+    let core = cluster.nodes[&node].handle.as_ref().unwrap().core().clone();
+    let settings = core.config.tls.clone().context("TLS settings")?;
+    let addr = http_addr(&cluster, node);
+    ensure!(served_certificate(addr, &pki).await? == certificate_in(&settings.cert)?);
+
+    // Rotation: a new certificate from the same CA written over the files.
+    let rotated = pki.node("node-rotated")?;
+    std::fs::copy(&rotated.cert, &settings.cert)?;
+    std::fs::copy(&rotated.key, &settings.key)?;
+    core.request_tls_reload();
+    let wanted = certificate_in(&rotated.cert)?;
+    eventually(WAIT, "the node serves the rotated certificate", || async {
+        Ok(served_certificate(addr, &pki).await? == wanted)
+    })
+    .await?;
+    ensure!(cluster.metric(node, "muster_tls_reloads_total") == 1.0);
+
+    // A broken key: the reload fails and the rotated configuration stays, for
+    // clients and for peers (a write through the node still commits).
+    std::fs::write(&settings.key, b"not a key")?;
+    core.request_tls_reload();
+    eventually(WAIT, "the failed reload is counted", || async {
+        Ok(cluster.metric(node, "muster_tls_reload_failures_total") == 1.0)
+    })
+    .await?;
+    ensure!(served_certificate(addr, &pki).await? == wanted);
+    let client = client_of(&cluster, node, Some(trusting(&pki, None)?)).await?;
+    client.register(spec("web-9"), None).await?;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[test]
+fn only_changed_files_are_read_again() -> Result<()> {
+    let mut pki = TestPki::new("muster test CA")?;
+    let settings = pki.node_settings("node-1", false)?;
+    let tls = NodeTls::load(&settings)?;
+    ensure!(!tls.reload_if_changed()?, "nothing changed");
+    let other = pki.node("node-1-renewed-with-a-longer-name")?;
+    std::fs::copy(&other.cert, &settings.cert)?;
+    std::fs::copy(&other.key, &settings.key)?;
+    ensure!(tls.reload_if_changed()?, "the files changed");
+    ensure!(!tls.reload_if_changed()?, "read already");
     Ok(())
 }

@@ -20,10 +20,9 @@ use std::task::{Context, Poll};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::tls::{accept, tcp_of, Accepted};
+use crate::tls::{accept, tcp_of, Accepted, NodeTls, TlsPort};
 
 /// Bytes gathered between two flushes before they are written through. Larger writes
 /// go straight to the socket. Allocated once per connection.
@@ -87,7 +86,7 @@ impl Connected for CoalescedWrites<Accepted> {
 /// TLS when `tls` is given), with coalesced writes.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<(NodeTls, TlsPort)>,
 ) -> impl Stream<Item = Result<CoalescedWrites<Accepted>, io::Error>> + Send + 'static {
     accept(listener, tls).map(|conn| Ok(CoalescedWrites::new(conn)))
 }

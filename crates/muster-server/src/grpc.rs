@@ -23,6 +23,7 @@ use crate::coalesced_writes::incoming;
 use crate::error::ApiError;
 use crate::forward::MembershipChange;
 use crate::node::NodeCore;
+use crate::tls::TlsPort;
 
 /// Most leases one keep-alive stream may renew per second before it is slowed.
 const KEEPALIVE_BATCH: usize = 256;
@@ -30,7 +31,7 @@ const KEEPALIVE_BATCH: usize = 256;
 /// Serves the client API on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let max = core.config.max_message_bytes;
-    let grpc_tls = core.tls.as_ref().map(|tls| tls.grpc().clone());
+    let grpc_tls = core.tls.clone().map(|tls| (tls, TlsPort::Grpc));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<RegistryServer<RegistryApi>>().await;
     health_reporter.set_serving::<ClusterServer<ClusterApi>>().await;

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::node::NodeCore;
 use crate::status::NodeStatus;
-use crate::tls::HttpListener;
+use crate::tls::{HttpListener, TlsPort};
 
 /// Largest HTTP request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -24,7 +24,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Serves HTTP on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let app = router(core.clone());
-    let listener = match HttpListener::new(listener, core.tls.as_ref().map(|tls| tls.http().clone())) {
+    let listener = match HttpListener::new(listener, core.tls.clone().map(|tls| (tls, TlsPort::Http))) {
         Ok(listener) => listener,
         Err(e) => {
             tracing::error!(error = %e, "HTTP listener unusable");

@@ -161,6 +161,11 @@ pub struct Metrics {
     /// Elections this node started itself because openraft's timer had not run out
     /// when it normally would (`crate::pre_vote`).
     pub elections_started_here: Counter,
+    /// TLS configurations made again from changed (or, on request, unchanged)
+    /// files (`crate::tls`).
+    pub tls_reloads: Counter,
+    /// Attempts to reload TLS files that failed (the configuration in use stayed).
+    pub tls_reload_failures: Counter,
     /// Raft term.
     pub raft_term: Gauge,
     /// Known leader id (0: none).
@@ -338,6 +343,16 @@ impl Metrics {
             elections_started_here: reg!(
                 "elections_started_here",
                 "Elections started by the pre-vote loop because openraft's timer had not run out when it normally would",
+                Counter::default()
+            ),
+            tls_reloads: reg!(
+                "tls_reloads",
+                "TLS configurations made again from the certificate, key and CA files",
+                Counter::default()
+            ),
+            tls_reload_failures: reg!(
+                "tls_reload_failures",
+                "Reloads of the TLS files that failed; the configuration in use stayed",
                 Counter::default()
             ),
             raft_term: reg!("raft_term", "Current Raft term", Gauge::default()),

@@ -97,6 +97,8 @@ pub struct NodeCore {
     pub config: NodeConfig,
     /// TLS for the node's ports and the connections it opens, when configured.
     pub tls: Option<crate::tls::NodeTls>,
+    /// Wakes [`crate::tls::run_reloader`] to read the TLS files again.
+    pub tls_reload_requested: tokio::sync::Notify,
     /// The Raft instance.
     pub raft: Raft<TypeConfig>,
     /// The registry as applied on this node.
@@ -176,6 +178,12 @@ impl NodeCore {
     /// Whether a leader reached this node (append or snapshot) within `within`.
     pub fn heard_from_leader_within(&self, within: Duration) -> bool {
         self.leader_contacted() && self.ms_since_leader_append() < within.as_millis() as u64
+    }
+
+    /// Asks the node to read its TLS files again now (see
+    /// [`crate::tls::run_reloader`]); nothing happens on a node without TLS.
+    pub fn request_tls_reload(&self) {
+        self.tls_reload_requested.notify_one();
     }
 
     /// How long since a leader's append or snapshot last reached this node (since its
@@ -809,6 +817,7 @@ impl Node {
             channels,
             cluster,
             tls,
+            tls_reload_requested: tokio::sync::Notify::new(),
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),
@@ -832,6 +841,7 @@ impl Node {
             tokio::spawn(crate::peer::serve(core.clone(), listeners.peer)),
             tokio::spawn(crate::grpc::serve(core.clone(), listeners.grpc)),
             tokio::spawn(crate::http::serve(core.clone(), listeners.http)),
+            tokio::spawn(crate::tls::run_reloader(core.clone())),
             tokio::spawn(crate::leases::run(core.clone())),
             tokio::spawn(crate::replication::run(core.clone())),
             tokio::spawn(crate::read_index::run(core.clone())),

@@ -20,6 +20,7 @@ use crate::identity::{ForeignPeer, CLUSTER_ID_HEADER};
 use crate::member_levels::{level_of, COMMAND_LEVEL_HEADER};
 use crate::network::MAX_PEER_MESSAGE_BYTES;
 use crate::node::NodeCore;
+use crate::tls::TlsPort;
 
 /// Serves the peer API on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
@@ -30,7 +31,7 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
         .tcp_nodelay(true)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            incoming(listener, core.tls.as_ref().map(|tls| tls.peer().clone())),
+            incoming(listener, core.tls.clone().map(|tls| (tls, TlsPort::Peer))),
             core.shutdown.clone().cancelled_owned(),
         )
         .await;

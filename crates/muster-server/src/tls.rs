@@ -19,7 +19,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -93,10 +93,19 @@ pub enum TlsError {
     Unusable(String),
 }
 
-/// A node's loaded TLS configuration: acceptors for its ports and a connector for
-/// its peers.
+/// A node's TLS configuration: acceptors for its ports and a connector for its
+/// peers, made from the files of its [`TlsSettings`] and made again from them by
+/// [`NodeTls::reload`] (certificates are rotated without a restart). Clones share
+/// the configuration; connections opened after a reload use the new one, those
+/// open keep theirs.
 #[derive(Clone)]
 pub struct NodeTls {
+    settings: Arc<TlsSettings>,
+    current: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// One loading of the files.
+struct Loaded {
     grpc: TlsAcceptor,
     http: TlsAcceptor,
     peer: TlsAcceptor,
@@ -106,6 +115,40 @@ pub struct NodeTls {
     ca_pem: Vec<u8>,
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
+    /// The files' modification times and sizes when they were read.
+    stamps: Vec<FileStamp>,
+}
+
+/// A port of a node that serves TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPort {
+    /// The client gRPC port.
+    Grpc,
+    /// The HTTP port.
+    Http,
+    /// The peer port (peers must present a certificate).
+    Peer,
+}
+
+/// What a file looked like: changed files are read again by
+/// [`NodeTls::reload_if_changed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+}
+
+fn stamps_of(settings: &TlsSettings) -> Vec<FileStamp> {
+    [&settings.cert, &settings.key, &settings.ca]
+        .iter()
+        .map(|path| match std::fs::metadata(path) {
+            Ok(meta) => FileStamp {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+            },
+            Err(_) => FileStamp { modified: None, len: 0 },
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -121,6 +164,72 @@ const ALPN_HTTP1: &[u8] = b"http/1.1";
 impl NodeTls {
     /// Reads and checks the files `settings` names.
     pub fn load(settings: &TlsSettings) -> Result<NodeTls, TlsError> {
+        let loaded = Loaded::read(settings)?;
+        Ok(NodeTls {
+            settings: Arc::new(settings.clone()),
+            current: Arc::new(RwLock::new(Arc::new(loaded))),
+        })
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the files again and, when they make a usable configuration, uses it
+    /// for every connection opened from now on. On an error the configuration in
+    /// use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let loaded = Loaded::read(&self.settings)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        Ok(())
+    }
+
+    /// [`NodeTls::reload`] when a file's modification time or size changed since
+    /// it was last read; whether it reloaded.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        if stamps_of(&self.settings) == self.current().stamps {
+            return Ok(false);
+        }
+        self.reload().map(|()| true)
+    }
+
+    /// The acceptor of `port`, as of now.
+    pub fn acceptor(&self, port: TlsPort) -> TlsAcceptor {
+        let current = self.current();
+        match port {
+            TlsPort::Grpc => current.grpc.clone(),
+            TlsPort::Http => current.http.clone(),
+            TlsPort::Peer => current.peer.clone(),
+        }
+    }
+
+    /// Opens TLS to a peer at `addr` (`host:port`) over `stream`, checking that its
+    /// certificate names `host`.
+    pub async fn connect_peer(
+        &self,
+        addr: &str,
+        stream: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = server_name(addr)?;
+        let connector = self.current().connector.clone();
+        connector.connect(name, stream).await
+    }
+
+    /// tonic's client configuration for calls to another node's gRPC port.
+    pub fn tonic_client(&self) -> tonic::transport::ClientTlsConfig {
+        let current = self.current();
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&current.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &current.cert_pem,
+                &current.key_pem,
+            ))
+    }
+}
+
+impl Loaded {
+    fn read(settings: &TlsSettings) -> Result<Loaded, TlsError> {
+        let stamps = stamps_of(settings);
         let identity = Identity::load(&settings.cert, &settings.key)?;
         let (ca_pem, roots) = load_roots(&settings.ca)?;
         let provider = provider();
@@ -150,7 +259,7 @@ impl NodeTls {
         let http = server(client_verifier, ALPN_HTTP1)?;
         let peer = server(Some(peer_verifier), ALPN_H2)?;
         let connector = connector(roots, Some(&identity), ALPN_H2)?;
-        Ok(NodeTls {
+        Ok(Loaded {
             grpc,
             http,
             peer,
@@ -158,40 +267,45 @@ impl NodeTls {
             ca_pem,
             cert_pem: identity.cert_pem,
             key_pem: identity.key_pem,
+            stamps,
         })
     }
+}
 
-    /// The acceptor of the client gRPC port.
-    pub fn grpc(&self) -> &TlsAcceptor {
-        &self.grpc
-    }
+/// How often a node looks at its TLS files for changes.
+pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
-    /// The acceptor of the HTTP port.
-    pub fn http(&self) -> &TlsAcceptor {
-        &self.http
-    }
-
-    /// The acceptor of the peer port (peers must present a certificate).
-    pub fn peer(&self) -> &TlsAcceptor {
-        &self.peer
-    }
-
-    /// Opens TLS to a peer at `addr` (`host:port`) over `stream`, checking that its
-    /// certificate names `host`.
-    pub async fn connect_peer(
-        &self,
-        addr: &str,
-        stream: TcpStream,
-    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let name = server_name(addr)?;
-        self.connector.connect(name, stream).await
-    }
-
-    /// tonic's client configuration for calls to another node's gRPC port.
-    pub fn tonic_client(&self) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+/// Reloads the node's TLS files when they change (checked every
+/// [`RELOAD_CHECK_INTERVAL`]) and, even unchanged, when
+/// [`crate::node::NodeCore::request_tls_reload`] asks (`muster server` does on
+/// SIGHUP). A file that cannot be used leaves the configuration in use, logged and
+/// counted.
+pub async fn run_reloader(core: Arc<crate::node::NodeCore>) {
+    let Some(tls) = core.tls.clone() else {
+        return;
+    };
+    loop {
+        let forced = tokio::select! {
+            _ = core.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RELOAD_CHECK_INTERVAL) => false,
+            _ = core.tls_reload_requested.notified() => true,
+        };
+        let outcome = if forced {
+            tls.reload().map(|()| true)
+        } else {
+            tls.reload_if_changed()
+        };
+        match outcome {
+            Ok(false) => {}
+            Ok(true) => {
+                core.metrics.tls_reloads.inc();
+                tracing::info!(cert = %tls.settings.cert.display(), "TLS certificate, key and CA reloaded");
+            }
+            Err(e) => {
+                core.metrics.tls_reload_failures.inc();
+                tracing::error!(error = %e, "TLS files not reloaded; the configuration in use stays");
+            }
+        }
     }
 }
 
@@ -327,9 +441,10 @@ pub fn tcp_of(conn: &Accepted) -> &TcpStream {
 }
 
 /// Connections accepted on `listener`, with Nagle's algorithm off and TCP
-/// keep-alive on, and after a TLS handshake when `tls` is given. Connections whose
-/// handshake fails or times out are dropped (logged at debug level).
-pub fn accept(listener: TcpListener, tls: Option<TlsAcceptor>) -> BoxStream<'static, Accepted> {
+/// keep-alive on, and after a TLS handshake with the configuration of the port
+/// when `tls` is given. Connections whose handshake fails or times out are dropped
+/// (logged at debug level).
+pub fn accept(listener: TcpListener, tls: Option<(NodeTls, TlsPort)>) -> BoxStream<'static, Accepted> {
     let tcp = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
@@ -338,10 +453,10 @@ pub fn accept(listener: TcpListener, tls: Option<TlsAcceptor>) -> BoxStream<'sta
                 .inspect_err(|e| tracing::debug!(error = %e, "accept failed"))
                 .ok()
         });
-    let Some(acceptor) = tls else {
+    let Some((tls, port)) = tls else {
         return tcp.map(Either::Left).boxed();
     };
-    tcp.map(move |stream| handshake(acceptor.clone(), stream))
+    tcp.map(move |stream| handshake(tls.acceptor(port), stream))
         .buffer_unordered(MAX_CONCURRENT_HANDSHAKES)
         .filter_map(|done| async move { done.map(Either::Right) })
         .boxed()
@@ -370,7 +485,7 @@ pub struct HttpListener {
 
 impl HttpListener {
     /// Accepts on `listener`, with TLS when `tls` is given.
-    pub fn new(listener: TcpListener, tls: Option<TlsAcceptor>) -> io::Result<Self> {
+    pub fn new(listener: TcpListener, tls: Option<(NodeTls, TlsPort)>) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(HttpListener {
             accepted: accept(listener, tls),

@@ -148,9 +148,14 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     let handle = Node::start(config, listeners).await.context("starting the node")?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            // SIGHUP: read the TLS files again (certificate rotation).
+            _ = hup.recv() => handle.core().request_tls_reload(),
+        }
     };
     tracing::info!(signal = which, "stopping");
     handle.shutdown().await;

@@ -44,6 +44,9 @@ fn a_tls_node_serves_the_cli_with_the_ca_and_a_client_certificate() {
     let ops = pki.client("ops").expect("a client certificate");
     let data = tempfile::tempdir().expect("a data dir");
     let [grpc, peer, http] = free_ports();
+    // Beside the data directory: a node refuses a directory with files it did not write.
+    let logs = tempfile::tempdir().expect("a log dir");
+    let log = logs.path().join("server.log");
     let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
     let (ca, cert, key) = (path(&pki.ca_file), path(&ops.cert), path(&ops.key));
     let server = Command::new(bin())
@@ -55,10 +58,12 @@ fn a_tls_node_serves_the_cli_with_the_ca_and_a_client_certificate() {
         .args(["--initial-cluster", &format!("1=127.0.0.1:{peer}")])
         .args(["--tls-cert", &path(&node.cert), "--tls-key", &path(&node.key)])
         .args(["--tls-ca", &ca, "--tls-client-auth"])
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log file"))
         .spawn()
         .expect("starting muster server");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).expect("a pid"));
     let _server = Killed(server);
     let addr = format!("127.0.0.1:{grpc}");
     let tls = ["--addr", &addr, "--cacert", &ca, "--cert", &cert, "--key", &key];
@@ -108,6 +113,31 @@ fn a_tls_node_serves_the_cli_with_the_ca_and_a_client_certificate() {
     let probe = muster(&["healthcheck", "--url", &url]);
     assert!(!probe.status.success());
     assert!(String::from_utf8_lossy(&probe.stderr).contains("--cacert"));
+
+    // SIGHUP reads the files again: a renewed certificate is served without a restart.
+    let renewed = pki.node("node-1-renewed").expect("a renewed certificate");
+    std::fs::copy(&renewed.cert, &node.cert).expect("the certificate replaced");
+    std::fs::copy(&renewed.key, &node.key).expect("the key replaced");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("TLS certificate, key and CA reloaded")
+    {
+        assert!(Instant::now() < deadline, "no reload logged after SIGHUP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = with_tls(&[
+        "register",
+        "web",
+        "--id",
+        "web-2",
+        "--address",
+        "10.0.0.2",
+        "--port",
+        "80",
+    ]);
+    assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
 
     // Without a client certificate, or without TLS, the node serves nothing.
     let no_cert = muster(&["--addr", &addr, "--cacert", &ca, "discover", "web"]);
