@@ -19,10 +19,10 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::tls::{accept, tcp_of, Accepted, NodeTls, TlsPort};
+use crate::tls::{accept_tls, tcp_incoming, NodeTls, TlsAccepted, TlsPort};
 
 /// Bytes gathered between two flushes before they are written through. Larger writes
 /// go straight to the socket. Allocated once per connection.
@@ -73,22 +73,38 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
     }
 }
 
-impl Connected for CoalescedWrites<Accepted> {
+impl Connected for CoalescedWrites<TcpStream> {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        tcp_of(self.get_ref()).connect_info()
+        self.get_ref().connect_info()
     }
 }
 
-/// Connections accepted on `listener` (see [`crate::tls::accept`]: Nagle's algorithm
-/// off, which tonic applies only to listeners it binds itself, TCP keep-alive on,
-/// TLS when `tls` is given), with coalesced writes.
+impl Connected for CoalescedWrites<TlsAccepted> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.get_ref().get_ref().0.connect_info()
+    }
+}
+
+/// Connections accepted on `listener` ([`tcp_incoming`]), with coalesced writes.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<(NodeTls, TlsPort)>,
-) -> impl Stream<Item = Result<CoalescedWrites<Accepted>, io::Error>> + Send + 'static {
-    accept(listener, tls).map(|conn| Ok(CoalescedWrites::new(conn)))
+) -> impl Stream<Item = Result<CoalescedWrites<TcpStream>, io::Error>> + Send + 'static {
+    tcp_incoming(listener).map(|accepted| accepted.map(CoalescedWrites::new))
+}
+
+/// Connections accepted on `listener` after a TLS handshake with the configuration
+/// of `port` ([`accept_tls`]), with coalesced writes under TLS (each flush is one
+/// write of whole records).
+pub fn incoming_tls(
+    listener: TcpListener,
+    tls: NodeTls,
+    port: TlsPort,
+) -> impl Stream<Item = Result<CoalescedWrites<TlsAccepted>, io::Error>> + Send + 'static {
+    accept_tls(listener, tls, port).map(|conn| Ok(CoalescedWrites::new(conn)))
 }
 
 #[cfg(test)]

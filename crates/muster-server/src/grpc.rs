@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::api::ReadConsistency;
-use crate::coalesced_writes::incoming;
+use crate::coalesced_writes::{incoming, incoming_tls};
 use crate::error::ApiError;
 use crate::forward::MembershipChange;
 use crate::node::NodeCore;
@@ -31,7 +31,6 @@ const KEEPALIVE_BATCH: usize = 256;
 /// Serves the client API on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let max = core.config.max_message_bytes;
-    let grpc_tls = core.tls.clone().map(|tls| (tls, TlsPort::Grpc));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<RegistryServer<RegistryApi>>().await;
     health_reporter.set_serving::<ClusterServer<ClusterApi>>().await;
@@ -58,23 +57,17 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
         .add_service(health_service)
         .add_service(registry)
         .add_service(cluster);
-    let result = match reflection {
-        Ok(reflection) => {
+    let reflection = reflection
+        .inspect_err(|e| tracing::warn!(error = %e, "gRPC reflection unavailable"))
+        .ok();
+    let router = router.add_optional_service(reflection);
+    let shutdown = core.shutdown.clone().cancelled_owned();
+    // Plain TCP is served as it is, with nothing in between.
+    let result = match core.tls.clone() {
+        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+        Some(tls) => {
             router
-                .add_service(reflection)
-                .serve_with_incoming_shutdown(
-                    incoming(listener, grpc_tls.clone()),
-                    core.shutdown.clone().cancelled_owned(),
-                )
-                .await
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "gRPC reflection unavailable");
-            router
-                .serve_with_incoming_shutdown(
-                    incoming(listener, grpc_tls.clone()),
-                    core.shutdown.clone().cancelled_owned(),
-                )
+                .serve_with_incoming_shutdown(incoming_tls(listener, tls, TlsPort::Grpc), shutdown)
                 .await
         }
     };

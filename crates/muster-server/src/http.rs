@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::node::NodeCore;
 use crate::status::NodeStatus;
-use crate::tls::{HttpListener, TlsPort};
+use crate::tls::HttpsListener;
 
 /// Largest HTTP request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -24,16 +24,14 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Serves HTTP on `listener` until the node shuts down.
 pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let app = router(core.clone());
-    let listener = match HttpListener::new(listener, core.tls.clone().map(|tls| (tls, TlsPort::Http))) {
-        Ok(listener) => listener,
-        Err(e) => {
-            tracing::error!(error = %e, "HTTP listener unusable");
-            return;
-        }
+    let shutdown = core.shutdown.clone().cancelled_owned();
+    let result = match core.tls.clone() {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(tls) => match HttpsListener::new(listener, tls) {
+            Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+            Err(e) => Err(e),
+        },
     };
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(core.shutdown.clone().cancelled_owned())
-        .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "HTTP server failed");
     }

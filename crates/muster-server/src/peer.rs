@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::coalesced_writes::incoming;
+use crate::coalesced_writes::{incoming, incoming_tls};
 use crate::error::ApiError;
 use crate::forward::{ForwardRequest, ForwardResponse};
 use crate::identity::{ForeignPeer, CLUSTER_ID_HEADER};
@@ -27,14 +27,18 @@ pub async fn serve(core: Arc<NodeCore>, listener: TcpListener) {
     let service = RaftPeerServer::new(PeerApi { core: core.clone() })
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            incoming(listener, core.tls.clone().map(|tls| (tls, TlsPort::Peer))),
-            core.shutdown.clone().cancelled_owned(),
-        )
-        .await;
+        .add_service(service);
+    let shutdown = core.shutdown.clone().cancelled_owned();
+    let result = match core.tls.clone() {
+        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(incoming_tls(listener, tls, TlsPort::Peer), shutdown)
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "peer gRPC server failed");
     }

@@ -19,15 +19,12 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http_body::Frame;
 use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
-use tokio_util::either::Either;
 
 use crate::identity::{ClusterIdentity, CLUSTER_ID_HEADER};
 use crate::tls::NodeTls;
-
-/// A connection to a peer: plain TCP, or TLS over it.
-type PeerIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// How long opening a connection to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -127,18 +124,26 @@ impl PeerTransport {
             .map_err(|_| self.unreachable(format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| self.unreachable(e))?;
         stream.set_nodelay(true).map_err(|e| self.unreachable(e))?;
-        let stream: PeerIo = match &self.tls {
-            None => Either::Left(stream),
+        // Plain TCP goes to h2 as it is, with nothing in between.
+        match &self.tls {
+            None => self.start(number, stream).await,
             Some(tls) => {
                 let handshake = tls.connect_peer(&self.addr, stream);
-                Either::Right(
-                    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-                        .await
-                        .map_err(|_| self.unreachable(format!("TLS handshake timed out after {CONNECT_TIMEOUT:?}")))?
-                        .map_err(|e| self.unreachable(format!("TLS: {e}")))?,
-                )
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+                    .await
+                    .map_err(|_| self.unreachable(format!("TLS handshake timed out after {CONNECT_TIMEOUT:?}")))?
+                    .map_err(|e| self.unreachable(format!("TLS: {e}")))?;
+                self.start(number, stream).await
             }
-        };
+        }
+    }
+
+    /// Opens HTTP/2 over `stream` as connection `number`, and starts the task that
+    /// drives it.
+    async fn start<T>(&self, number: u64, stream: T) -> Result<OpenConnection, tonic::Status>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)

@@ -30,7 +30,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_util::either::Either;
 
 /// Longest a TLS handshake on an accepted connection may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -429,40 +428,35 @@ fn certificates(setting: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<Ce
     Ok(certs)
 }
 
-/// A connection accepted on a node's port: plain TCP, or TLS over it.
-pub type Accepted = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
-
-/// The TCP connection under an accepted one.
-pub fn tcp_of(conn: &Accepted) -> &TcpStream {
-    match conn {
-        Either::Left(tcp) => tcp,
-        Either::Right(tls) => tls.get_ref().0,
-    }
-}
+/// A TLS connection accepted on a node's port.
+pub type TlsAccepted = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Connections accepted on `listener`, with Nagle's algorithm off and TCP
-/// keep-alive on, and after a TLS handshake with the configuration of the port
-/// when `tls` is given. Connections whose handshake fails or times out are dropped
-/// (logged at debug level).
-pub fn accept(listener: TcpListener, tls: Option<(NodeTls, TlsPort)>) -> BoxStream<'static, Accepted> {
-    let tcp = tonic::transport::server::TcpIncoming::from(listener)
+/// keep-alive on (tonic applies its own TCP settings only to listeners it binds
+/// itself).
+pub fn tcp_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// Connections accepted on `listener` as [`tcp_incoming`], after a TLS handshake
+/// with the configuration of `port` as of each connection. Connections whose
+/// handshake fails or times out are dropped (logged at debug level).
+pub fn accept_tls(listener: TcpListener, tls: NodeTls, port: TlsPort) -> BoxStream<'static, TlsAccepted> {
+    tcp_incoming(listener)
         .filter_map(|accepted| async move {
             accepted
                 .inspect_err(|e| tracing::debug!(error = %e, "accept failed"))
                 .ok()
-        });
-    let Some((tls, port)) = tls else {
-        return tcp.map(Either::Left).boxed();
-    };
-    tcp.map(move |stream| handshake(tls.acceptor(port), stream))
+        })
+        .map(move |stream| handshake(tls.acceptor(port), stream))
         .buffer_unordered(MAX_CONCURRENT_HANDSHAKES)
-        .filter_map(|done| async move { done.map(Either::Right) })
+        .filter_map(std::future::ready)
         .boxed()
 }
 
-async fn handshake(acceptor: TlsAcceptor, stream: TcpStream) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+async fn handshake(acceptor: TlsAcceptor, stream: TcpStream) -> Option<TlsAccepted> {
     let remote: Option<SocketAddr> = stream.peer_addr().ok();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
@@ -477,32 +471,32 @@ async fn handshake(acceptor: TlsAcceptor, stream: TcpStream) -> Option<tokio_rus
     }
 }
 
-/// An HTTP listener over [`accept`], for `axum::serve`.
-pub struct HttpListener {
-    accepted: BoxStream<'static, Accepted>,
+/// An HTTPS listener over [`accept_tls`], for `axum::serve`.
+pub struct HttpsListener {
+    accepted: BoxStream<'static, TlsAccepted>,
     local: SocketAddr,
 }
 
-impl HttpListener {
-    /// Accepts on `listener`, with TLS when `tls` is given.
-    pub fn new(listener: TcpListener, tls: Option<(NodeTls, TlsPort)>) -> io::Result<Self> {
+impl HttpsListener {
+    /// Accepts on `listener` with the HTTP port's TLS configuration.
+    pub fn new(listener: TcpListener, tls: NodeTls) -> io::Result<Self> {
         let local = listener.local_addr()?;
-        Ok(HttpListener {
-            accepted: accept(listener, tls),
+        Ok(HttpsListener {
+            accepted: accept_tls(listener, tls, TlsPort::Http),
             local,
         })
     }
 }
 
-impl axum::serve::Listener for HttpListener {
-    type Io = Accepted;
+impl axum::serve::Listener for HttpsListener {
+    type Io = TlsAccepted;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Accepted, SocketAddr) {
+    async fn accept(&mut self) -> (TlsAccepted, SocketAddr) {
         loop {
             match self.accepted.next().await {
                 Some(conn) => {
-                    let remote = tcp_of(&conn).peer_addr().unwrap_or(self.local);
+                    let remote = conn.get_ref().0.peer_addr().unwrap_or(self.local);
                     return (conn, remote);
                 }
                 // The TCP listener never ends; wait for shutdown to drop this.
