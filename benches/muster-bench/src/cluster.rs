@@ -72,7 +72,44 @@ pub struct Cluster {
     /// Its nodes.
     pub nodes: Vec<Node>,
     program: PathBuf,
+    /// TLS to the nodes (Muster started with `--tls-cert`), else plain TCP.
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
     _dir: TempDir,
+}
+
+/// A CA and one certificate for every node (naming 127.0.0.1), written to `dir`:
+/// the `--tls-*` flags, and the client's configuration.
+fn node_certificates(dir: &Path) -> Result<(Vec<String>, tonic::transport::ClientTlsConfig)> {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("node.pem", cert.pem()),
+        ("node-key.pem", key.serialize_pem()),
+    ];
+    for (name, pem) in &files {
+        std::fs::write(dir.join(name), pem)?;
+    }
+    let path = |name: &str| dir.join(name).display().to_string();
+    let flags = vec![
+        "--tls-cert".into(),
+        path("node.pem"),
+        "--tls-key".into(),
+        path("node-key.pem"),
+        "--tls-ca".into(),
+        path("ca.pem"),
+    ];
+    let client =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()));
+    Ok((flags, client))
 }
 
 /// The directory of a cluster's data and logs: removed afterwards, unless
@@ -90,14 +127,26 @@ fn cluster_dir() -> Result<TempDir> {
 impl Cluster {
     /// Starts three Muster nodes of the binary `bin`.
     pub async fn muster(bin: &Path, base_port: u16) -> Result<Self> {
+        Self::muster_with(bin, base_port, false).await
+    }
+
+    /// Starts three Muster nodes of the binary `bin`, with TLS on every port when
+    /// `tls` (one certificate for all three, from a CA made here).
+    pub async fn muster_with(bin: &Path, base_port: u16, tls: bool) -> Result<Self> {
         let dir = cluster_dir()?;
+        let (tls_flags, client_tls) = if tls {
+            let (flags, client) = node_certificates(dir.path())?;
+            (flags, Some(client))
+        } else {
+            (Vec::new(), None)
+        };
         let peers: Vec<String> = (0..3)
             .map(|i| format!("{}=127.0.0.1:{}", i + 1, base_port + 200 + i))
             .collect();
         let mut nodes = Vec::new();
         for i in 0..3u16 {
             let data_dir = dir.path().join(format!("m{}", i + 1));
-            let args = vec![
+            let mut args: Vec<String> = vec![
                 "server".into(),
                 "--id".into(),
                 (i + 1).to_string(),
@@ -112,6 +161,7 @@ impl Cluster {
                 "--initial-cluster".into(),
                 peers.join(","),
             ];
+            args.extend(tls_flags.iter().cloned());
             nodes.push(Node {
                 id: u64::from(i) + 1,
                 client: format!("127.0.0.1:{}", base_port + i),
@@ -125,6 +175,7 @@ impl Cluster {
             kind: Kind::Muster,
             nodes,
             program: bin.to_path_buf(),
+            client_tls,
             _dir: dir,
         };
         for i in 0..3 {
@@ -187,6 +238,7 @@ impl Cluster {
             kind: Kind::Etcd,
             nodes,
             program,
+            client_tls: None,
             _dir: dir,
         };
         for i in 0..3 {
@@ -241,6 +293,25 @@ impl Cluster {
         self.spawn(index)
     }
 
+    /// A gRPC channel to the Muster node at `addr`, over TLS when the cluster has it.
+    pub async fn channel(&self, addr: &str) -> Result<tonic::transport::Channel> {
+        let scheme = if self.client_tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?.tcp_nodelay(true);
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint.connect().await?)
+    }
+
+    /// `n` channels to the Muster node at `addr` (see [`Cluster::channel`]).
+    pub async fn channels(&self, addr: &str, n: usize) -> Result<Vec<tonic::transport::Channel>> {
+        let mut out = Vec::new();
+        for _ in 0..n.max(1) {
+            out.push(self.channel(addr).await?);
+        }
+        Ok(out)
+    }
+
     /// Index of the leader node.
     pub async fn leader(&self) -> Result<usize> {
         match self.kind {
@@ -249,7 +320,7 @@ impl Cluster {
                     if n.child.is_none() {
                         continue;
                     }
-                    if let Ok(mut c) = ClusterClient::connect(format!("http://{}", n.client)).await {
+                    if let Ok(mut c) = self.channel(&n.client).await.map(ClusterClient::new) {
                         if let Ok(s) = c.status(pb::StatusRequest {}).await {
                             let s = s.into_inner();
                             if s.leader_known {

@@ -35,6 +35,8 @@ enum Workload {
     Memory,
     Failover,
     ColdStart,
+    /// Muster alone, plain and with TLS (not in the default set).
+    Tls,
 }
 
 /// Systems.
@@ -122,6 +124,7 @@ async fn main() -> Result<()> {
             Workload::Keepalive => workloads::keepalive(&args.bin, &kinds, &settings).await?,
             Workload::Watch => workloads::watch(&args.bin, &kinds, &settings).await?,
             Workload::Failover => workloads::failover(&args.bin, &kinds, &settings).await?,
+            Workload::Tls => workloads::tls_cost(&args.bin, &settings).await?,
             Workload::Memory | Workload::ColdStart => {
                 if tables.iter().any(|t| t.title.starts_with("Memory")) {
                     continue;

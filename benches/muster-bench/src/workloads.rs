@@ -1121,3 +1121,96 @@ async fn fill(kind: Kind, addr: &str, from: usize, to: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// What TLS costs: Discover (local read, a service of 10 instances, on a follower)
+/// and Register with a lease (on the leader), on a plain cluster and on one with
+/// TLS on every port, Muster alone.
+pub async fn tls_cost(bin: &Path, s: &Settings) -> Result<Table> {
+    let mut points: HashMap<(bool, &'static str, usize), Point> = HashMap::new();
+    for tls in [false, true] {
+        let cluster = Cluster::muster_with(bin, 17100, tls).await?;
+        let leader = cluster.leader().await?;
+        let follower = cluster.follower().await?;
+        let leader_addr = cluster.nodes[leader].client.clone();
+        let mut seeder = RegistryClient::new(cluster.channel(&leader_addr).await?);
+        for i in 0..10 {
+            seeder
+                .register(pb::RegisterRequest {
+                    instance: Some(instance("disc", &format!("d-{i}"), 0)),
+                    ttl_ms: 0,
+                })
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let follower_addr = cluster.nodes[follower].client.clone();
+        for &clients in &s.clients {
+            let n = connections_for(clients);
+            let chans = cluster.channels(&follower_addr, n).await?;
+            let point = measure(&cluster, clients, s.duration, move |c, _| {
+                muster_discover_once(
+                    RegistryClient::new(chans[c % chans.len()].clone()),
+                    "disc",
+                    pb::ReadMode::Local,
+                )
+            })
+            .await;
+            eprintln!(
+                "  TLS {tls}: discover {clients} clients: {:.0} ops/s",
+                point.result.rate()
+            );
+            points.insert((tls, "discover", clients), point);
+            let chans = cluster.channels(&leader_addr, n).await?;
+            let point = measure(&cluster, clients, s.duration, move |c, seq| {
+                let r = RegistryClient::new(chans[c % chans.len()].clone());
+                muster_register_once(r, format!("t{clients}-{c}-{seq}"))
+            })
+            .await;
+            eprintln!(
+                "  TLS {tls}: register {clients} clients: {:.0} ops/s",
+                point.result.rate()
+            );
+            points.insert((tls, "register", clients), point);
+        }
+    }
+    let mut table = Table::new(
+        "TLS: what it costs",
+        "Muster alone, the same cluster started plain and with `--tls-cert/--tls-key/--tls-ca` (TLS 1.3 on the client, HTTP and peer ports, peers mutually authenticated). Discover: local read of a service of 10 instances on a follower. Register: with a lease, on the leader. CPU is the servers' per operation.",
+        &[
+            "operation",
+            "clients",
+            "plain ops/s",
+            "TLS ops/s",
+            "TLS / plain",
+            "plain p50 ms",
+            "TLS p50 ms",
+            "plain p99 ms",
+            "TLS p99 ms",
+            "plain CPU µs/op",
+            "TLS CPU µs/op",
+        ],
+    );
+    for operation in ["discover", "register"] {
+        for &clients in &s.clients {
+            let (Some(plain), Some(tls)) = (
+                points.get(&(false, operation, clients)),
+                points.get(&(true, operation, clients)),
+            ) else {
+                continue;
+            };
+            table.row(vec![
+                operation.to_string(),
+                clients.to_string(),
+                num(plain.result.rate()),
+                num(tls.result.rate()),
+                ratio(Some(tls.result.rate()), Some(plain.result.rate())),
+                num(plain.result.ms(0.5)),
+                num(tls.result.ms(0.5)),
+                num(plain.result.ms(0.99)),
+                num(tls.result.ms(0.99)),
+                num(plain.cpu_per_op_us),
+                num(tls.cpu_per_op_us),
+            ]);
+        }
+    }
+    Ok(table)
+}
