@@ -1,7 +1,8 @@
 //! TLS: a cluster whose ports speak TLS only replicates over mutually authenticated
 //! peer connections, serves clients that trust its CA (and, when asked, only those
-//! with a certificate from it), lets a node join over TLS, and refuses peers and
-//! clients without the right certificate.
+//! with a certificate from it), lets a node join over TLS, refuses peers and
+//! clients without the right certificate, rotates its certificate without a
+//! restart, and serves third-party clients over TLS (py-consul over HTTPS, grpcio).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -268,11 +269,15 @@ fn unusable_tls_files_are_refused_naming_the_setting_and_file() -> Result<()> {
 
     let other = pki.node("node-2")?;
     let mismatched = TlsSettings {
-        key: other.key,
+        key: other.key.clone(),
         ..good.clone()
     };
     let e = NodeTls::load(&mismatched).unwrap_err();
     ensure!(matches!(e, TlsError::Unusable(_)), "a key of another certificate: {e}");
+    ensure!(
+        e.to_string().contains(&other.key.display().to_string()),
+        "names the key: {e}"
+    );
 
     let no_ca = TlsSettings {
         ca: good.key.clone(),
@@ -426,5 +431,37 @@ fn only_changed_files_are_read_again() -> Result<()> {
     std::fs::copy(&other.key, &settings.key)?;
     ensure!(tls.reload_if_changed()?, "the files changed");
     ensure!(!tls.reload_if_changed()?, "read already");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_speaks_tls_to_a_tls_cluster() -> Result<()> {
+    init_tracing();
+    if !muster_tests::python_has("grpc, grpc_tools.protoc") {
+        return muster_tests::missing("grpcio and grpcio-tools (PyPI)");
+    }
+    let mut pki = TestPki::new("muster test CA")?;
+    let cluster = tls_cluster(&mut pki, false).await?;
+    let follower = cluster.follower().await?;
+    let other = cluster
+        .running()
+        .into_iter()
+        .find(|id| *id != follower)
+        .context("another node")?;
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+    muster_tests::run_python_check(
+        "grpc/py_grpc_check.py",
+        &[
+            proto.to_string(),
+            cluster.grpc_addr(follower).to_string(),
+            cluster.grpc_addr(other).to_string(),
+            "-".into(),
+            "-".into(),
+            pki.ca_file.display().to_string(),
+        ],
+        "grpcio: all checks passed",
+    )
+    .await?;
+    cluster.shutdown().await;
     Ok(())
 }

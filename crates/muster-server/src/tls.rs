@@ -15,6 +15,11 @@
 //! Handshakes run concurrently, at most [`MAX_CONCURRENT_HANDSHAKES`] per port, each
 //! bounded by [`HANDSHAKE_TIMEOUT`]; a connection whose handshake fails is closed
 //! and logged, and the port keeps accepting.
+//!
+//! The files are read again when they change (looked at every
+//! [`RELOAD_CHECK_INTERVAL`]) or when the node is asked to (SIGHUP), so certificates
+//! rotate without a restart ([`run_reloader`]). Without TLS settings nothing here
+//! is on the path of a connection: plain TCP is served and dialled as it is.
 
 use std::io;
 use std::net::SocketAddr;
@@ -232,7 +237,13 @@ impl Loaded {
         let identity = Identity::load(&settings.cert, &settings.key)?;
         let (ca_pem, roots) = load_roots(&settings.ca)?;
         let provider = provider();
-        let unusable = |e: rustls::Error| TlsError::Unusable(e.to_string());
+        let unusable = |e: rustls::Error| {
+            TlsError::Unusable(format!(
+                "cert {} with key {}: {e}",
+                settings.cert.display(),
+                settings.key.display()
+            ))
+        };
 
         let peer_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
