@@ -97,8 +97,6 @@ pub struct NodeCore {
     pub config: NodeConfig,
     /// TLS for the node's ports and the connections it opens, when configured.
     pub tls: Option<crate::tls::NodeTls>,
-    /// Wakes [`crate::tls::run_reloader`] to read the TLS files again.
-    pub tls_reload_requested: tokio::sync::Notify,
     /// The Raft instance.
     pub raft: Raft<TypeConfig>,
     /// The registry as applied on this node.
@@ -183,7 +181,9 @@ impl NodeCore {
     /// Asks the node to read its TLS files again now (see
     /// [`crate::tls::run_reloader`]); nothing happens on a node without TLS.
     pub fn request_tls_reload(&self) {
-        self.tls_reload_requested.notify_one();
+        if let Some(tls) = &self.tls {
+            tls.request_reload();
+        }
     }
 
     /// How long since a leader's append or snapshot last reached this node (since its
@@ -817,7 +817,6 @@ impl Node {
             channels,
             cluster,
             tls,
-            tls_reload_requested: tokio::sync::Notify::new(),
             metrics,
             shutdown: CancellationToken::new(),
             read_index_batcher: Default::default(),

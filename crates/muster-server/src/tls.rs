@@ -106,6 +106,8 @@ pub enum TlsError {
 pub struct NodeTls {
     settings: Arc<TlsSettings>,
     current: Arc<RwLock<Arc<Loaded>>>,
+    /// Wakes [`run_reloader`] to read the files again.
+    reload_requested: Arc<tokio::sync::Notify>,
 }
 
 /// One loading of the files.
@@ -172,6 +174,7 @@ impl NodeTls {
         Ok(NodeTls {
             settings: Arc::new(settings.clone()),
             current: Arc::new(RwLock::new(Arc::new(loaded))),
+            reload_requested: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -186,6 +189,11 @@ impl NodeTls {
         let loaded = Loaded::read(&self.settings)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(())
+    }
+
+    /// Asks [`run_reloader`] to read the files again now, changed or not.
+    pub fn request_reload(&self) {
+        self.reload_requested.notify_one();
     }
 
     /// [`NodeTls::reload`] when a file's modification time or size changed since
@@ -298,7 +306,7 @@ pub async fn run_reloader(core: Arc<crate::node::NodeCore>) {
         let forced = tokio::select! {
             _ = core.shutdown.cancelled() => return,
             _ = tokio::time::sleep(RELOAD_CHECK_INTERVAL) => false,
-            _ = core.tls_reload_requested.notified() => true,
+            _ = tls.reload_requested.notified() => true,
         };
         let outcome = if forced {
             tls.reload().map(|()| true)
