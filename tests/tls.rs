@@ -289,16 +289,27 @@ fn unusable_tls_files_are_refused_naming_the_setting_and_file() -> Result<()> {
 }
 
 #[tokio::test]
-async fn the_gateway_follows_a_tls_registry() -> Result<()> {
+async fn the_gateway_follows_a_tls_registry_and_serves_https() -> Result<()> {
     init_tracing();
     let mut pki = TestPki::new("muster test CA")?;
     let cluster = tls_cluster(&mut pki, true).await?;
     let holder = pki.client("gateway")?;
     let tls = trusting(&pki, Some(&holder))?;
+    let gateway_cert = pki.node("gateway")?;
 
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let backend_port = backend.local_addr()?.port();
-    let app = axum::Router::new().route("/hello", axum::routing::get(|| async { "hello over a TLS registry" }));
+    // Answers with the scheme the gateway says its client used.
+    let app = axum::Router::new().route(
+        "/hello",
+        axum::routing::get(|headers: axum::http::HeaderMap| async move {
+            let proto = headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            format!("hello over {proto}")
+        }),
+    );
     let backend_task = tokio::spawn(async move { axum::serve(backend, app).await });
     let registry = client_of(&cluster, 1, Some(tls.clone())).await?;
     registry
@@ -320,18 +331,34 @@ async fn the_gateway_follows_a_tls_registry() -> Result<()> {
             .map(|id| cluster.grpc_addr(*id).to_string())
             .collect(),
         registry_tls: Some(tls),
+        listener_tls: Some(muster_gateway::ListenerTls {
+            cert: gateway_cert.cert.clone(),
+            key: gateway_cert.key.clone(),
+        }),
         ..muster_gateway::GatewayConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway = tokio::spawn(muster_gateway::serve(listener, config, async {
         let _ = stopped.await;
     }));
-    let url = format!("http://{gateway_addr}/web/hello");
+    let url = format!("https://127.0.0.1:{}/web/hello", gateway_addr.port());
+    let https = https_client(&pki, None)?;
     eventually(WAIT, "the gateway reaches the instance", || async {
-        let answer = reqwest::get(&url).await?;
-        Ok(answer.status().is_success() && answer.text().await? == "hello over a TLS registry")
+        let answer = https.get(&url).send().await?;
+        Ok(answer.status().is_success() && answer.text().await? == "hello over https")
     })
     .await?;
+    // HTTP/2 by ALPN, as gRPC clients speak it over TLS.
+    let answer = https_client(&pki, None)?
+        .get(&url)
+        .version(reqwest::Version::HTTP_2)
+        .send()
+        .await?;
+    ensure!(answer.version() == reqwest::Version::HTTP_2, "{:?}", answer.version());
+    ensure!(
+        reqwest::get(format!("http://{gateway_addr}/web/hello")).await.is_err(),
+        "plain HTTP was answered on the gateway's TLS listener"
+    );
     let _ = stop.send(());
     gateway.await??;
     backend_task.abort();

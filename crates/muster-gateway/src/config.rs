@@ -41,6 +41,18 @@ pub struct GatewayConfig {
     /// Most upgraded connections (WebSocket and other `Upgrade` protocols) relayed at
     /// once; an upgrade request beyond them gets 503.
     pub max_tunnels: usize,
+    /// TLS on the gateway's own listener (HTTPS, HTTP/2 by ALPN); plain HTTP and
+    /// h2c when `None`.
+    pub listener_tls: Option<ListenerTls>,
+}
+
+/// The certificate and key the gateway serves, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// The certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
 }
 
 impl Default for GatewayConfig {
@@ -58,6 +70,7 @@ impl Default for GatewayConfig {
             connect_timeout: Duration::from_secs(2),
             max_services: 1024,
             max_tunnels: 10_000,
+            listener_tls: None,
         }
     }
 }

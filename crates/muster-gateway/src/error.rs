@@ -185,6 +185,9 @@ pub enum ServeError {
     /// The listener failed.
     #[error("serving HTTP failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The listener's certificate or key could not be used.
+    #[error(transparent)]
+    Tls(#[from] muster_server::tls::TlsError),
 }
 
 #[cfg(test)]

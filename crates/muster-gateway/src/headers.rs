@@ -68,8 +68,9 @@ pub fn ask_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// Prepares a client's request headers for the instance: hop-by-hop headers and
 /// `Host` removed (the instance's address becomes the host), the client's
 /// address appended to `X-Forwarded-For`, and `X-Forwarded-Host` /
-/// `X-Forwarded-Proto` set from the request unless a proxy in front already set them.
-pub fn upstream_request_headers(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
+/// `X-Forwarded-Proto` (`scheme`, the gateway's own: `http` or `https`) set unless a
+/// proxy in front already set them.
+pub fn upstream_request_headers(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>, scheme: &'static str) {
     remove_hop_by_hop(headers);
     let original_host = headers.remove(header::HOST);
 
@@ -97,7 +98,7 @@ pub fn upstream_request_headers(headers: &mut HeaderMap, client: IpAddr, host: O
         }
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
 }
 
@@ -155,7 +156,7 @@ mod tests {
     #[test]
     fn forwarded_headers_are_added_and_an_existing_chain_is_appended_to() {
         let mut headers = map(&[("host", "api.example"), ("x-forwarded-for", "10.0.0.1")]);
-        upstream_request_headers(&mut headers, "192.0.2.7".parse().unwrap(), None);
+        upstream_request_headers(&mut headers, "192.0.2.7".parse().unwrap(), None, "http");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(headers["x-forwarded-host"], "api.example");
         assert_eq!(headers["x-forwarded-proto"], "http");
@@ -170,7 +171,12 @@ mod tests {
             ("x-forwarded-for", "203.0.113.1"),
             ("x-forwarded-for", "10.0.0.1"),
         ]);
-        upstream_request_headers(&mut headers, "::ffff:127.0.0.1".parse().unwrap(), Some("ignored"));
+        upstream_request_headers(
+            &mut headers,
+            "::ffff:127.0.0.1".parse().unwrap(),
+            Some("ignored"),
+            "http",
+        );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.1, 10.0.0.1, 127.0.0.1");
         assert_eq!(headers["x-forwarded-host"], "public.example");
         assert_eq!(headers["x-forwarded-proto"], "https");

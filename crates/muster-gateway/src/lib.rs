@@ -8,7 +8,8 @@
 //! with its whole path, which is how gRPC clients reach a service.
 //!
 //! - the gateway speaks HTTP/1.1 and HTTP/2 without TLS (h2c, as gRPC clients do
-//!   with a plain `http://` target); a gRPC call that came over HTTP/2 goes on to
+//!   with a plain `http://` target), or HTTPS with HTTP/2 by ALPN when
+//!   [`GatewayConfig::listener_tls`] is set; a gRPC call that came over HTTP/2 goes on to
 //!   the instance over HTTP/2, so it passes through (streaming too, with its
 //!   trailers and `TE: trailers`), and every other request goes on over HTTP/1.1,
 //!   which every instance speaks; a gRPC call the gateway cannot serve is
@@ -60,7 +61,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-pub use config::{ConfigError, GatewayConfig, REPLAYABLE_BODY_BYTES};
+pub use config::{ConfigError, GatewayConfig, ListenerTls, REPLAYABLE_BODY_BYTES};
 pub use error::{ProxyError, ServeError};
 pub use proxy::{RESERVED_PREFIX, SERVICE_HEADER};
 
@@ -76,20 +77,33 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let acceptor = config.listener_tls.as_ref().map(listener_acceptor).transpose()?;
     let gateway = Arc::new(Gateway::new(config).await?);
     tracing::info!(
         addr = %listener.local_addr()?,
         nodes = ?gateway.registry.nodes(),
+        tls = acceptor.is_some(),
         "gateway listening"
     );
-    axum::serve(
-        listener,
-        router(gateway).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    let app = router(gateway).into_make_service_with_connect_info::<SocketAddr>();
+    match acceptor {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await?,
+        Some(acceptor) => {
+            use axum::serve::ListenerExt;
+            // `tap_io` gives the listener axum's client address (`ConnectInfo`).
+            let listener =
+                muster_server::tls::HttpsListener::with_acceptor(listener, move || acceptor.clone())?.tap_io(|_| {});
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await?
+        }
+    }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The TLS acceptor of the gateway's listener: HTTP/2 (for gRPC) and HTTP/1.1 by
+/// ALPN. Fails naming the file that cannot be used.
+pub fn listener_acceptor(tls: &ListenerTls) -> Result<tokio_rustls::TlsAcceptor, muster_server::tls::TlsError> {
+    muster_server::tls::server_acceptor(&tls.cert, &tls.key, &[b"h2", b"http/1.1"])
 }
 
 fn router(gateway: Arc<Gateway>) -> Router {

@@ -337,7 +337,12 @@ impl Gateway {
         let upstream_http2 = upstream_over_http2(parts.version, &parts.headers);
         let trailers = upstream_http2 && accepts_trailers(&parts.headers);
         parts.headers.remove(SERVICE_HEADER);
-        upstream_request_headers(&mut parts.headers, peer.ip(), host.as_deref());
+        let scheme = if self.config.listener_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        upstream_request_headers(&mut parts.headers, peer.ip(), host.as_deref(), scheme);
         if trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }

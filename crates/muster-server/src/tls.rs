@@ -393,6 +393,23 @@ fn connector(roots: Arc<RootCertStore>, identity: Option<&Identity>, alpn: &[u8]
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
+/// A server serving the certificate chain in `cert` with the key in `key`, asking
+/// clients for no certificate, offering the ALPN protocols `alpn` (for
+/// `muster gateway`'s listener).
+pub fn server_acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
+    let identity = Identity::load(cert, key)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(identity.chain, identity.key)
+        })
+        .map_err(|e| TlsError::Unusable(format!("cert {} with key {}: {e}", cert.display(), key.display())))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 /// An HTTPS (HTTP/1.1) client trusting the CA file `ca`, presenting the
 /// certificate and key `identity` if given: for probes of a node's HTTP port.
 pub fn https_connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
@@ -463,13 +480,22 @@ pub fn tcp_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncom
 /// with the configuration of `port` as of each connection. Connections whose
 /// handshake fails or times out are dropped (logged at debug level).
 pub fn accept_tls(listener: TcpListener, tls: NodeTls, port: TlsPort) -> BoxStream<'static, TlsAccepted> {
+    accept_tls_with(listener, move || tls.acceptor(port))
+}
+
+/// Connections accepted on `listener` as [`tcp_incoming`], after a TLS handshake
+/// with the acceptor `acceptor` gives for each connection.
+pub fn accept_tls_with(
+    listener: TcpListener,
+    acceptor: impl Fn() -> TlsAcceptor + Send + 'static,
+) -> BoxStream<'static, TlsAccepted> {
     tcp_incoming(listener)
         .filter_map(|accepted| async move {
             accepted
                 .inspect_err(|e| tracing::debug!(error = %e, "accept failed"))
                 .ok()
         })
-        .map(move |stream| handshake(tls.acceptor(port), stream))
+        .map(move |stream| handshake(acceptor(), stream))
         .buffer_unordered(MAX_CONCURRENT_HANDSHAKES)
         .filter_map(std::future::ready)
         .boxed()
@@ -499,9 +525,17 @@ pub struct HttpsListener {
 impl HttpsListener {
     /// Accepts on `listener` with the HTTP port's TLS configuration.
     pub fn new(listener: TcpListener, tls: NodeTls) -> io::Result<Self> {
+        Self::with_acceptor(listener, move || tls.acceptor(TlsPort::Http))
+    }
+
+    /// Accepts on `listener` with the acceptor `acceptor` gives for each connection.
+    pub fn with_acceptor(
+        listener: TcpListener,
+        acceptor: impl Fn() -> TlsAcceptor + Send + 'static,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(HttpsListener {
-            accepted: accept_tls(listener, tls, TlsPort::Http),
+            accepted: accept_tls_with(listener, acceptor),
             local,
         })
     }

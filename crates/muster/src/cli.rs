@@ -308,6 +308,15 @@ pub struct GatewayArgs {
     #[arg(long, env = "MUSTER_GATEWAY_MAX_TUNNELS", default_value_t = 10_000)]
     pub max_tunnels: usize,
 
+    /// PEM certificate chain the gateway serves: HTTPS (and HTTP/2 by ALPN) instead
+    /// of plain HTTP on --listen.
+    #[arg(long, env = "MUSTER_GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MUSTER_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
     #[arg(long, env = "MUSTER_GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use muster_client::{BreakerPolicy, ClientTls, StaticFallback};
-use muster_gateway::GatewayConfig;
+use muster_gateway::{GatewayConfig, ListenerTls};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
@@ -42,6 +42,11 @@ pub fn gateway_config(args: &GatewayArgs, registry_tls: Option<ClientTls>) -> Re
         connect_timeout: args.connect_timeout,
         max_services: args.max_services,
         max_tunnels: args.max_tunnels,
+        listener_tls: args
+            .tls_cert
+            .clone()
+            .zip(args.tls_key.clone())
+            .map(|(cert, key)| ListenerTls { cert, key }),
     })
 }
 
@@ -55,6 +60,11 @@ pub async fn run(args: &GatewayArgs, registry_tls: Option<ClientTls>) -> anyhow:
                 return Ok(ExitCode::from(EXIT_BAD_CONFIG));
             }
         };
+    // An unusable certificate or key is a configuration error, found before binding.
+    if let Some(Err(e)) = config.listener_tls.as_ref().map(muster_gateway::listener_acceptor) {
+        eprintln!("muster gateway: {e}");
+        return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 

@@ -50,6 +50,18 @@ fn bad_values_are_refused_naming_the_flag() {
 }
 
 #[test]
+fn an_unusable_tls_certificate_is_refused_naming_the_file() {
+    let missing = [
+        "--tls-cert",
+        "/nonexistent/gw.pem",
+        "--tls-key",
+        "/nonexistent/gw-key.pem",
+    ];
+    assert_refused(&missing, "tls cert");
+    assert_refused(&missing, "/nonexistent/gw.pem");
+}
+
+#[test]
 fn sigterm_stops_the_gateway_cleanly() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
