@@ -101,13 +101,17 @@ pub enum TlsError {
 /// peers, made from the files of its [`TlsSettings`] and made again from them by
 /// [`NodeTls::reload`] (certificates are rotated without a restart). Clones share
 /// the configuration; connections opened after a reload use the new one, those
-/// open keep theirs.
+/// open keep theirs. One shared allocation: a clone (one per peer call, inside the
+/// peer transport) costs one reference count.
 #[derive(Clone)]
-pub struct NodeTls {
-    settings: Arc<TlsSettings>,
-    current: Arc<RwLock<Arc<Loaded>>>,
+pub struct NodeTls(Arc<SharedTls>);
+
+/// What the clones of a [`NodeTls`] share.
+struct SharedTls {
+    settings: TlsSettings,
+    current: RwLock<Arc<Loaded>>,
     /// Wakes [`run_reloader`] to read the files again.
-    reload_requested: Arc<tokio::sync::Notify>,
+    reload_requested: tokio::sync::Notify,
 }
 
 /// One loading of the files.
@@ -171,35 +175,35 @@ impl NodeTls {
     /// Reads and checks the files `settings` names.
     pub fn load(settings: &TlsSettings) -> Result<NodeTls, TlsError> {
         let loaded = Loaded::read(settings)?;
-        Ok(NodeTls {
-            settings: Arc::new(settings.clone()),
-            current: Arc::new(RwLock::new(Arc::new(loaded))),
-            reload_requested: Arc::new(tokio::sync::Notify::new()),
-        })
+        Ok(NodeTls(Arc::new(SharedTls {
+            settings: settings.clone(),
+            current: RwLock::new(Arc::new(loaded)),
+            reload_requested: tokio::sync::Notify::new(),
+        })))
     }
 
     fn current(&self) -> Arc<Loaded> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Reads the files again and, when they make a usable configuration, uses it
     /// for every connection opened from now on. On an error the configuration in
     /// use stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let loaded = Loaded::read(&self.settings)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        let loaded = Loaded::read(&self.0.settings)?;
+        *self.0.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(())
     }
 
     /// Asks [`run_reloader`] to read the files again now, changed or not.
     pub fn request_reload(&self) {
-        self.reload_requested.notify_one();
+        self.0.reload_requested.notify_one();
     }
 
     /// [`NodeTls::reload`] when a file's modification time or size changed since
     /// it was last read; whether it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        if stamps_of(&self.settings) == self.current().stamps {
+        if stamps_of(&self.0.settings) == self.current().stamps {
             return Ok(false);
         }
         self.reload().map(|()| true)
@@ -244,38 +248,13 @@ impl Loaded {
         let stamps = stamps_of(settings);
         let identity = Identity::load(&settings.cert, &settings.key)?;
         let (ca_pem, roots) = load_roots(&settings.ca)?;
-        let provider = provider();
-        let unusable = |e: rustls::Error| {
-            TlsError::Unusable(format!(
-                "cert {} with key {}: {e}",
-                settings.cert.display(),
-                settings.key.display()
-            ))
-        };
-
-        let peer_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let peer_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Unusable(format!("peer verifier: {e}")))?;
-        let server = |verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
-                      alpn: &[u8]|
-         -> Result<TlsAcceptor, TlsError> {
-            let builder = ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(unusable)?;
-            let builder = match verifier {
-                Some(verifier) => builder.with_client_cert_verifier(verifier),
-                None => builder.with_no_client_auth(),
-            };
-            let mut config = builder
-                .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-                .map_err(unusable)?;
-            config.alpn_protocols = vec![alpn.to_vec()];
-            Ok(TlsAcceptor::from(Arc::new(config)))
-        };
         let client_verifier = settings.require_client_certs.then(|| peer_verifier.clone());
-        let grpc = server(client_verifier.clone(), ALPN_H2)?;
-        let http = server(client_verifier, ALPN_HTTP1)?;
-        let peer = server(Some(peer_verifier), ALPN_H2)?;
+        let grpc = acceptor(&identity, client_verifier.clone(), &[ALPN_H2])?;
+        let http = acceptor(&identity, client_verifier, &[ALPN_HTTP1])?;
+        let peer = acceptor(&identity, Some(peer_verifier), &[ALPN_H2])?;
         let connector = connector(roots, Some(&identity), ALPN_H2)?;
         Ok(Loaded {
             grpc,
@@ -306,7 +285,7 @@ pub async fn run_reloader(core: Arc<crate::node::NodeCore>) {
         let forced = tokio::select! {
             _ = core.shutdown.cancelled() => return,
             _ = tokio::time::sleep(RELOAD_CHECK_INTERVAL) => false,
-            _ = tls.reload_requested.notified() => true,
+            _ = tls.0.reload_requested.notified() => true,
         };
         let outcome = if forced {
             tls.reload().map(|()| true)
@@ -317,7 +296,7 @@ pub async fn run_reloader(core: Arc<crate::node::NodeCore>) {
             Ok(false) => {}
             Ok(true) => {
                 core.metrics.tls_reloads.inc();
-                tracing::info!(cert = %tls.settings.cert.display(), "TLS certificate, key and CA reloaded");
+                tracing::info!(cert = %tls.0.settings.cert.display(), "TLS certificate, key and CA reloaded");
             }
             Err(e) => {
                 core.metrics.tls_reload_failures.inc();
@@ -329,6 +308,9 @@ pub async fn run_reloader(core: Arc<crate::node::NodeCore>) {
 
 /// A certificate chain and its key, read from PEM files.
 struct Identity {
+    /// The files, for messages.
+    cert_path: PathBuf,
+    key_path: PathBuf,
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
     chain: Vec<CertificateDer<'static>>,
@@ -346,11 +328,23 @@ impl Identity {
             reason: format!("no usable PEM private key: {e}"),
         })?;
         Ok(Identity {
+            cert_path: cert.to_path_buf(),
+            key_path: key.to_path_buf(),
             cert_pem,
             key_pem,
             chain,
             key: key_der,
         })
+    }
+
+    /// rustls refused the pair (a key that does not match its certificate): the
+    /// error names both files.
+    fn mismatch(&self, e: rustls::Error) -> TlsError {
+        TlsError::Unusable(format!(
+            "cert {} with key {}: {e}",
+            self.cert_path.display(),
+            self.key_path.display()
+        ))
     }
 }
 
@@ -386,7 +380,7 @@ fn connector(roots: Arc<RootCertStore>, identity: Option<&Identity>, alpn: &[u8]
     let mut config = match identity {
         Some(identity) => builder
             .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-            .map_err(unusable)?,
+            .map_err(|e| identity.mismatch(e))?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
@@ -397,15 +391,27 @@ fn connector(roots: Arc<RootCertStore>, identity: Option<&Identity>, alpn: &[u8]
 /// clients for no certificate, offering the ALPN protocols `alpn` (for
 /// `muster gateway`'s listener).
 pub fn server_acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
-    let identity = Identity::load(cert, key)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    acceptor(&Identity::load(cert, key)?, None, alpn)
+}
+
+/// A server serving `identity`, checking client certificates with `verifier` (none
+/// asked for without one), offering the ALPN protocols `alpn`. A key that does not
+/// match its certificate is refused naming both files.
+fn acceptor(
+    identity: &Identity,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    alpn: &[&[u8]],
+) -> Result<TlsAcceptor, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .and_then(|builder| {
-            builder
-                .with_no_client_auth()
-                .with_single_cert(identity.chain, identity.key)
-        })
-        .map_err(|e| TlsError::Unusable(format!("cert {} with key {}: {e}", cert.display(), key.display())))?;
+        .map_err(|e| TlsError::Unusable(e.to_string()))?;
+    let builder = match verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| identity.mismatch(e))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
